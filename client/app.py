@@ -1,0 +1,123 @@
+"""The ClientApp: local DP-LoRA training and evaluation on data that never leaves the client.
+
+A train message carries the global adapter and the round; the reply carries the new
+adapter, the train loss, the example count and a privacy record. The client's own
+policy (node config in a deployment, run config in a simulation) decides the noise: the
+server's requested sigma is a floor, never a ceiling (privacy.policy).
+
+Node config keys honoured in deployments: ``data-path``, ``ledger-dir``, ``max-epsilon``,
+``delta``, ``model-dir``; in simulations Flower sets only ``partition-id`` and
+``num-partitions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import DataSpec, load_local_data
+from client.train import sample_rate, train_adapter
+from privacy.ledger import Entry, Ledger, fingerprint
+from privacy.policy import decide, default_delta
+from slm.config import from_run_config
+from slm.evaluate import evaluate
+from slm.quiet import quiet_libraries
+from slm.lora import LoraSpec, adapter_state, attach, from_arrays, set_adapter_state, to_arrays
+from slm.tasks import Task
+
+NODE_KEYS = {"data-path": "data.path", "ledger-dir": "dp.ledger-dir", "max-epsilon": "dp.max-epsilon",
+             "delta": "dp.delta", "model-dir": "model.name"}
+
+quiet_libraries()
+app = ClientApp()
+
+
+def local_config(context: Context) -> dict:
+    """Run config with the node's own settings on top: local policy wins."""
+    overrides = dict(context.run_config)
+    for node_key, run_key in NODE_KEYS.items():
+        if node_key in context.node_config:
+            overrides[run_key] = context.node_config[node_key]
+    return from_run_config(overrides)
+
+
+def _setup(msg: Message, context: Context):
+    config = local_config(context)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    num_partitions = int(context.node_config.get("num-partitions", 1))
+    if "data-path" in context.node_config:  # a deployment: the whole file is this client's
+        partition_id, num_partitions = 0, 1
+    round_cfg = msg.content["config"]
+    local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+    model, tokenizer = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
+    set_adapter_state(model, from_arrays(msg.content["arrays"]))
+    return config, round_cfg, local, model, tokenizer
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, round_cfg, local, model, tokenizer = _setup(msg, context)
+    server_round, num_rounds = int(round_cfg["server-round"]), int(round_cfg["num-rounds"])
+    run_id = str(round_cfg["run-id"])
+    steps, batch = config["train.local-steps"], config["train.batch-size"]
+    q = sample_rate(batch, len(local.train), where=f"client '{local.name}'")
+    started = time.time()
+    privacy = {"client": local.name, "dp": config["dp.enabled"]}
+    ledger = entry = None
+    sigma = None
+    if config["dp.enabled"]:
+        ledger_dir = Path(config["dp.ledger-dir"] or Path(str(round_cfg["run-dir"])) / "ledgers") / local.name
+        delta = config["dp.delta"] or default_delta(len(local.train))
+        ledger = Ledger.open(ledger_dir, fingerprint=fingerprint(local.train), records=len(local.train), delta=delta)
+        decision = decide(ledger, max_epsilon=config["dp.max-epsilon"], requested_sigma=config["dp.noise-multiplier"],
+                          target_epsilon=config["dp.target-epsilon"], sample_rate=q, steps=steps,
+                          rounds_left=num_rounds - server_round + 1)
+        entry = Entry(run_id=run_id, round=server_round, noise_multiplier=decision.noise_multiplier or 0.0,
+                      clip_norm=config["dp.clip-norm"], sample_rate=q, steps=steps, delta=ledger.delta,
+                      epsilon_after=0.0, epsilon_rdp_after=0.0, max_epsilon=config["dp.max-epsilon"], status="")
+        if decision.refused:
+            refused = ledger.refuse(entry, decision.reason)
+            content = RecordDict({"privacy": ConfigRecord({**privacy, **_privacy_fields(refused, ledger)}),
+                                  "metrics": MetricRecord({"num-examples": 0})})
+            return Message(content=content, reply_to=msg)
+        entry = ledger.reserve(entry)  # on disk before any record is touched
+        sigma = decision.noise_multiplier
+    result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps, batch_size=batch,
+                           lr=config["train.lr"], noise_multiplier=sigma, clip_norm=config["dp.clip-norm"],
+                           seed=round_seed(config["server.seed"], local.name, run_id, server_round))
+    if ledger is not None:
+        entry = ledger.commit(entry)
+        privacy.update(_privacy_fields(entry, ledger))
+    else:
+        privacy.update({"status": "no-dp", "sample_rate": q, "steps": steps})
+    metrics = {"train_loss": result.loss, "num-examples": len(local.train), "steps": result.steps,
+               "seconds": time.time() - started}
+    content = RecordDict({"arrays": to_arrays(adapter_state(model)), "metrics": MetricRecord(metrics),
+                          "privacy": ConfigRecord(privacy)})
+    return Message(content=content, reply_to=msg)
+
+
+def round_seed(*parts) -> int:
+    """A seed that is the same in every process (Python's hash() is salted per process)."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
+def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
+    return {"status": entry.status, "noise_multiplier": entry.noise_multiplier, "clip_norm": entry.clip_norm,
+            "sample_rate": entry.sample_rate, "steps": entry.steps, "delta": entry.delta,
+            "epsilon": entry.epsilon_after, "epsilon_rdp": entry.epsilon_rdp_after,
+            "max_epsilon": entry.max_epsilon, "accountant": entry.accountant, "sampling": entry.sampling,
+            "records": ledger.records, "reason": entry.reason}
+
+
+@app.evaluate()
+def evaluate_adapter(msg: Message, context: Context) -> Message:
+    config, _, local, model, tokenizer = _setup(msg, context)
+    metrics = evaluate(model, tokenizer, Task.from_config(config), local.test)
+    content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
+                          "info": ConfigRecord({"client": local.name})})
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,188 @@
+"""A client's local records: read from a file, checked against the field mapping, split.
+
+Files are read through ``datasets`` (JSONL, CSV/TSV, Parquet). In a simulation every
+client reads the same file and keeps its own partition (flwr-datasets partitioners:
+iid, dirichlet by a label column, natural by an id column); in a deployment the file is
+the client's own and the partition is all of it. Each client then holds out a
+deterministic test split for federated evaluation. Nothing here leaves the client.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from slm.errors import UserError
+
+EXAMPLE_DATA = Path(__file__).parent / "examples" / "medquad_4_institutes.jsonl"
+SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    path: str
+    task: str
+    prompt_field: str
+    response_field: str
+    text_field: str
+    label_field: str
+    verbalizers: str
+    partition: str
+    partition_by: str
+    dirichlet_alpha: float
+    test_fraction: float
+    max_train: int
+    max_eval: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DataSpec":
+        """An empty ``data.path`` means the packaged MedQuAD excerpt (4 institutes)."""
+        return cls(
+            path=config["data.path"] or str(EXAMPLE_DATA),
+            task=config["data.task"],
+            prompt_field=config["data.prompt-field"],
+            response_field=config["data.response-field"],
+            text_field=config["data.text-field"],
+            label_field=config["data.label-field"],
+            verbalizers=config["data.verbalizers"],
+            partition=config["data.partition"],
+            partition_by=config["data.partition-by"],
+            dirichlet_alpha=config["data.dirichlet-alpha"],
+            test_fraction=config["data.test-fraction"],
+            max_train=config["data.max-train-examples"],
+            max_eval=config["data.max-eval-examples"],
+            seed=config["data.seed"],
+        )
+
+    def required_fields(self) -> list[str]:
+        if self.task == "sft":
+            return [self.prompt_field, self.response_field]
+        if self.task == "label":
+            return [self.text_field, self.label_field]
+        return [self.text_field]
+
+
+def read_table(path: str):
+    """Read a whole file as a ``datasets.Dataset``, with one-line errors naming the file."""
+    import datasets
+
+    file = Path(path)
+    if not path:
+        raise UserError("config key 'data.path': no data file given")
+    if not file.is_file():
+        raise UserError(f"data file {path}: not found")
+    builder = SUFFIX_BUILDERS.get(file.suffix.lower())
+    if builder is None:
+        raise UserError(f"data file {path}: unsupported type {file.suffix!r} (use .jsonl, .csv, .tsv or .parquet)")
+    if builder == "json":
+        _check_jsonl(file)
+    kwargs = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
+    except Exception as err:  # datasets wraps parser errors in several types
+        raise UserError(f"data file {path}: cannot be read: {str(err).splitlines()[0]}") from err
+    if len(table) == 0:
+        raise UserError(f"data file {path}: holds no records")
+    return table
+
+
+def _check_jsonl(file: Path) -> None:
+    """Find the first malformed line ourselves: datasets' own error does not name it."""
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"data file {file}: line {number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"data file {file}: line {number} is not a JSON object")
+
+
+def check_fields(table, spec: DataSpec) -> None:
+    for field in spec.required_fields():
+        if field not in table.column_names:
+            key = {spec.prompt_field: "prompt-field", spec.response_field: "response-field",
+                   spec.text_field: "text-field", spec.label_field: "label-field"}[field]
+            raise UserError(
+                f"data file {spec.path}: field '{field}' (data.{key}) is missing; "
+                f"columns are {', '.join(table.column_names)}"
+            )
+
+
+def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
+    """This client's share of a shared file, using Flower's partitioners."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+
+    if num_partitions <= 1:
+        return table
+    if spec.partition in ("dirichlet", "natural") and spec.partition_by not in table.column_names:
+        raise UserError(f"data file {spec.path}: field '{spec.partition_by}' (data.partition-by) is missing")
+    if spec.partition == "iid":
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    elif spec.partition == "dirichlet":
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by=spec.partition_by,
+            alpha=spec.dirichlet_alpha, seed=spec.seed, min_partition_size=0,
+        )
+    else:
+        ids = sorted(set(table[spec.partition_by]), key=str)
+        if len(ids) != num_partitions:
+            raise UserError(
+                f"data file {spec.path}: natural partition by '{spec.partition_by}' has {len(ids)} "
+                f"groups but the federation has {num_partitions} clients"
+            )
+        partitioner = NaturalIdPartitioner(partition_by=spec.partition_by)
+    partitioner.dataset = table
+    try:
+        part = partitioner.load_partition(partition_id)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"data file {spec.path}: cannot make partition {partition_id}: {err}") from None
+    if len(part) == 0:
+        raise UserError(f"data file {spec.path}: partition {partition_id} of {num_partitions} is empty")
+    return part
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """What one client holds: its name, and its train and test records (lists of dicts)."""
+
+    name: str
+    train: list
+    test: list
+
+
+def split(records, spec: DataSpec, name: str) -> LocalData:
+    import random
+
+    rows = list(records)
+    order = list(range(len(rows)))
+    random.Random(spec.seed).shuffle(order)
+    n_test = max(1, round(len(rows) * spec.test_fraction)) if len(rows) > 1 else 0
+    test = [rows[i] for i in order[:n_test]]
+    train = [rows[i] for i in order[n_test:]]
+    if not train:
+        raise UserError(f"data file {spec.path}: client '{name}' has no training records after the test split")
+    if spec.max_train:
+        train = train[: spec.max_train]
+    if spec.max_eval:
+        test = test[: spec.max_eval]
+    return LocalData(name=name, train=train, test=test)
+
+
+@lru_cache(maxsize=4)
+def load_local_data(spec: DataSpec, partition_id: int, num_partitions: int) -> LocalData:
+    """Read, check, partition and split once per process (a worker serves many rounds)."""
+    table = read_table(spec.path)
+    check_fields(table, spec)
+    part = partition(table, spec, partition_id, num_partitions)
+    if spec.partition == "natural" and num_partitions > 1:
+        name = str(part[0][spec.partition_by])
+    else:
+        name = f"client-{partition_id}"
+    return split(part, spec, name)

@@ -1,0 +1,62 @@
+"""The client's budget policy: local rules win over what the server asks.
+
+The server may request a noise multiplier (or a target epsilon to calibrate for). The
+client computes the smallest sigma that lets every planned remaining round fit in what is
+left of its own ``max_epsilon`` and trains with max(requested, required). If no sigma
+fits, the round is refused ("budget exhausted"), which is a normal reply, not an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from privacy.calibrate import noise_for_budget, planned_epsilon
+from privacy.ledger import Ledger
+
+
+def default_delta(records: int) -> float:
+    """min(1e-5, 0.1 / records).
+
+    delta bounds the probability of a catastrophic leak; summed over all N records of the
+    client it stays <= 0.1, i.e. delta is at least 10x below 1/N, and never looser than the
+    customary 1e-5 (dp-notes: delta = 1/len(dataloader) as in Opacus' tutorial is far too large).
+    """
+    return min(1e-5, 0.1 / max(records, 1))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the client will do this round."""
+
+    noise_multiplier: float | None  # None = refused
+    required: float | None  # the least sigma the local budget allows (None if exhausted)
+    planned_epsilon: float  # epsilon after all planned rounds at this sigma
+    reason: str = ""
+
+    @property
+    def refused(self) -> bool:
+        return self.noise_multiplier is None
+
+
+def decide(ledger: Ledger, *, max_epsilon: float, requested_sigma: float, target_epsilon: float,
+           sample_rate: float, steps: int, rounds_left: int) -> Decision:
+    """Choose sigma for this round from the local budget and the server's request.
+
+    ``target_epsilon`` (the server's wish) is honoured only below ``max_epsilon``; the
+    noise is calibrated to the smaller of the two over ``rounds_left`` rounds (this one
+    included), assuming the client takes part in every remaining round.
+    """
+    past = ledger.spent_events()
+    spent = ledger.spent()
+    budget = min(max_epsilon, target_epsilon) if target_epsilon > 0 else max_epsilon
+    common = dict(sample_rate=sample_rate, steps_per_round=steps, delta=ledger.delta)
+    required = noise_for_budget(past, budget=budget, rounds_left=rounds_left, **common)
+    if required is None:
+        # The plan does not fit; can this single round still fit in the hard budget?
+        required = noise_for_budget(past, budget=max_epsilon, rounds_left=1, **common)
+        if required is None:
+            return Decision(None, None, spent, reason=f"budget exhausted: spent {spent:.3f} of {max_epsilon:g}")
+        rounds_left = 1
+    sigma = max(requested_sigma, required)
+    planned = planned_epsilon(past, sigma, rounds_left=rounds_left, **common)
+    return Decision(sigma, required, planned)

@@ -1,0 +1,48 @@
+"""The run directory: everything a user gets from a run, written as the run goes.
+
+    <run>/config.json          resolved configuration
+    <run>/metrics.jsonl        one JSON object per round (round 0 = the initial adapter)
+    <run>/privacy/ledger.json  the server's view of every client's privacy records
+    <run>/adapters/round-<k>/  the global adapter after round k, in PEFT format
+    <run>/ledgers/<client>/    (simulation) each client's own ledger
+
+JSON files are replaced atomically; metrics.jsonl is appended line by line and fsynced,
+so a crash loses at most the line being written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from privacy.ledger import write_json_atomic
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @classmethod
+    def create(cls, root: str, run_id: str) -> "RunDir":
+        run_id = run_id or time.strftime("%Y%m%d-%H%M%S", time.localtime())
+        path = Path(root).expanduser().resolve() / run_id
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    def write_config(self, config: dict) -> None:
+        write_json_atomic(self.path / "config.json", config)
+
+    def append_metrics(self, row: dict) -> None:
+        with (self.path / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(row, allow_nan=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def write_privacy_view(self, view: dict) -> None:
+        write_json_atomic(self.path / "privacy" / "ledger.json", view)
+
+    def adapter_dir(self, server_round: int) -> Path:
+        return self.path / "adapters" / f"round-{server_round}"

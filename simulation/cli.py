@@ -1,0 +1,84 @@
+"""The ``fedslm`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from slm.errors import UserError
+from slm.quiet import quiet_libraries
+
+
+def cmd_simulate(args) -> int:
+    from simulation.engine import run_in_simulation
+    from simulation.preflight import preflight
+    from simulation.scenarios import get_scenario
+    from slm.config import parse_assignment, resolve
+
+    scenario = get_scenario(args.scenario)
+    overrides = dict(parse_assignment(item) for item in args.set)
+    if args.rounds is not None:
+        overrides["server.rounds"] = args.rounds
+    clients = args.clients if args.clients is not None else scenario.clients
+    if args.out:
+        out = Path(args.out).expanduser().resolve()
+        overrides["run.root"], overrides["run.id"] = str(out.parent), out.name
+    overrides.setdefault("run.scenario", scenario.name)
+    config = resolve(overrides, base=scenario.overrides)
+    if not config["run.id"]:
+        config["run.id"] = f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config["run.root"] = str(Path(config["run.root"]).expanduser().resolve())
+    run_dir = Path(config["run.root"]) / config["run.id"]
+    print(f"[fedslm] scenario {scenario.name}: {scenario.about}", flush=True)
+    for line in preflight(config, clients):
+        print(f"[fedslm]   {line}", flush=True)
+    started = time.time()
+    run_in_simulation(config, clients, cpus_per_client=args.cpus_per_client)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise UserError(f"the simulation ended without writing {run_dir / 'metrics.jsonl'} (see the log above)")
+    print(f"[fedslm] finished in {time.time() - started:.0f}s; run directory: {run_dir}", flush=True)
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from slm.config import SCHEMA
+
+    for name, key in SCHEMA.items():
+        choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
+        print(f"{name} = {key.default!r}{choices}\n    {key.help}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedslm", description="Federated DP-LoRA fine-tuning of small LMs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a simulated federation on this machine")
+    sim.add_argument("--scenario", default="hospital", help="tiny | hospital (default: hospital)")
+    sim.add_argument("--rounds", type=int, help="federated rounds (overrides server.rounds)")
+    sim.add_argument("--clients", type=int, help="number of simulated clients")
+    sim.add_argument("--out", help="run directory (default: runs/<scenario>-<time>)")
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sim.add_argument("--cpus-per-client", type=int, help="cores per simulated client (default: all)")
+    sim.set_defaults(func=cmd_simulate)
+    keys = sub.add_parser("keys", help="list every config key with its default")
+    keys.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"fedslm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedslm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

