@@ -77,6 +77,8 @@ def read_table(path: str):
     builder = SUFFIX_BUILDERS.get(file.suffix.lower())
     if builder is None:
         raise UserError(f"data file {path}: unsupported type {file.suffix!r} (use .jsonl, .csv, .tsv or .parquet)")
+    if not file.read_bytes().strip():
+        raise UserError(f"data file {path}: holds no records")
     if builder == "json":
         _check_jsonl(file)
     kwargs = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
@@ -84,7 +86,8 @@ def read_table(path: str):
     try:
         table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several types
-        raise UserError(f"data file {path}: cannot be read: {str(err).splitlines()[0]}") from err
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"data file {path}: cannot be read: {first_line}") from err
     if len(table) == 0:
         raise UserError(f"data file {path}: holds no records")
     return table
@@ -141,6 +144,9 @@ def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
     partitioner.dataset = table
     try:
         part = partitioner.load_partition(partition_id)
+    except IndexError:
+        raise UserError(f"data file {spec.path}: partition {partition_id} of {num_partitions} is empty "
+                        f"({len(table)} records for {num_partitions} clients)") from None
     except (ValueError, KeyError) as err:
         raise UserError(f"data file {spec.path}: cannot make partition {partition_id}: {err}") from None
     if len(part) == 0:

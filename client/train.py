@@ -41,8 +41,13 @@ def sample_rate(batch_size: int, records: int, where: str = "client") -> float:
 
 
 def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: int, batch_size: int, lr: float,
-                  noise_multiplier: float | None, clip_norm: float, seed: int) -> TrainResult:
-    """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None."""
+                  noise_multiplier: float | None, clip_norm: float, seed: int,
+                  make_optimizer=None) -> TrainResult:
+    """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None.
+
+    ``make_optimizer(params)`` replaces the default Adam(lr) (tests use plain SGD to
+    compare an update with hand-computed clipped gradients).
+    """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -50,7 +55,7 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     q = sample_rate(batch_size, len(examples))
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=lr)
     private = noise_multiplier is not None
     forward = model
     if private:

@@ -70,9 +70,7 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32"):
     if key not in _attached:
         from peft import get_peft_model
 
-        if any(k[:2] == (model_ref, dtype) for k in _attached):
-            load_base.cache_clear()  # the cached base already carries another adapter
-        base = load_base(model_ref, dtype)
+        base = load_base.__wrapped__(model_ref, dtype)  # a private copy: PEFT mutates it
         names = {name.rsplit(".", 1)[-1] for name, _ in base.model.named_modules()}
         unknown = [t for t in spec.target_modules if t not in names]
         if unknown:

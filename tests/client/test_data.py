@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from client.data import DataSpec, check_fields, load_local_data, partition, read_table, split
+from slm.config import resolve
+from slm.errors import UserError
+
+
+def spec_for(path, **overrides):
+    return DataSpec.from_config(resolve({"data.path": str(path), **overrides}))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"question": f"q{i}", "answer": f"a{i}", "source": "AB"[i % 2], "label": i % 3} for i in range(60)]
+
+
+def test_reads_jsonl_csv_tsv_parquet(tmp_path):
+    import datasets
+
+    jsonl = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    table = datasets.Dataset.from_list(ROWS)
+    table.to_csv(tmp_path / "d.csv", index=False)
+    table.to_csv(tmp_path / "d.tsv", index=False, sep="\t")
+    table.to_parquet(tmp_path / "d.parquet")
+    for name in (jsonl, tmp_path / "d.csv", tmp_path / "d.tsv", tmp_path / "d.parquet"):
+        loaded = read_table(str(name))
+        assert len(loaded) == 60 and loaded[3]["question"] == "q3", name
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": }\n')
+    with pytest.raises(UserError, match=r"bad.jsonl: line 3 is not valid JSON"):
+        read_table(str(path))
+
+
+@pytest.mark.parametrize("content, message", [(None, "not found"), ("", "holds no records")])
+def test_missing_or_empty_file(tmp_path, content, message):
+    path = tmp_path / "x.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_table(str(path))
+
+
+def test_unsupported_suffix(tmp_path):
+    (tmp_path / "x.xlsx").write_text("x")
+    with pytest.raises(UserError, match="unsupported type '.xlsx'"):
+        read_table(str(tmp_path / "x.xlsx"))
+
+
+def test_missing_field_names_field_and_key(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    spec = spec_for(path, **{"data.response-field": "reply"})
+    with pytest.raises(UserError, match=r"field 'reply' \(data.response-field\) is missing"):
+        check_fields(read_table(str(path)), spec)
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "natural"])
+def test_partitions_are_disjoint_and_complete(tmp_path, scheme):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    spec = spec_for(path, **{"data.partition": scheme, "data.partition-by": "source" if scheme == "natural" else "label"})
+    table = read_table(str(path))
+    parts = [partition(table, spec, i, 2) for i in range(2)]
+    seen = [r["question"] for p in parts for r in p]
+    assert sorted(seen) == sorted(r["question"] for r in ROWS)
+    if scheme == "natural":
+        assert [set(p["source"]) for p in parts] in ([{"A"}, {"B"}], [{"B"}, {"A"}])
+
+
+def test_natural_partition_needs_one_client_per_group(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with pytest.raises(UserError, match="has 2 groups but the federation has 3 clients"):
+        partition(read_table(str(path)), spec_for(path, **{"data.partition-by": "source"}), 0, 3)
+
+
+def test_empty_partition_is_reported(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS[:3])
+    spec = spec_for(path, **{"data.partition": "iid"})
+    with pytest.raises(UserError, match="partition 4 of 5 is empty"):
+        partition(read_table(str(path)), spec, 4, 5)
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    spec = spec_for(path, **{"data.test-fraction": 0.25, "data.partition": "iid"})
+    a, b = split(ROWS, spec, "x"), split(ROWS, spec, "x")
+    assert a == b and len(a.test) == 15 and len(a.train) == 45
+    assert not {r["question"] for r in a.test} & {r["question"] for r in a.train}
+
+
+def test_local_data_is_named_after_its_natural_group(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    local = load_local_data(spec_for(path, **{"data.partition-by": "source"}), 1, 2)
+    assert local.name in {"A", "B"} and all(r["source"] == local.name for r in local.train + local.test)

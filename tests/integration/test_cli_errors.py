@@ -1,0 +1,63 @@
+"""Bad input: one clear line naming the file or field, non-zero exit, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def fedslm(*args):
+    return subprocess.run([sys.executable, "-m", "simulation.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedslm: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_unknown_scenario():
+    assert_one_line_error(fedslm("simulate", "--scenario", "moon"), "unknown scenario 'moon'", "tiny, hospital")
+
+
+def test_unknown_config_key():
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", "dp.epsilonn=3"),
+                          "unknown config key 'dp.epsilonn'")
+
+
+def test_missing_data_file(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", f"data.path={missing}"),
+                          str(missing), "not found")
+
+
+def test_malformed_jsonl_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" + "{oops\n")
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", f"data.path={path}"),
+                          "line 2 is not valid JSON")
+
+
+def test_missing_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": "a"}) + "\n" for i in range(20)))
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", f"data.path={path}"),
+                          "field 'question' (data.prompt-field) is missing")
+
+
+def test_batch_larger_than_client_data():
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", "train.batch-size=500"),
+                          "train.batch-size", "larger than client 'client-0'")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "data.partition=natural", "--clients", "3"], ["natural partition by 'source' has 4 groups"]),
+    (["--set", "model.name=/no/such/model"], ["model '/no/such/model'"]),
+])
+def test_inconsistent_setup(args, words):
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", *args), *words)

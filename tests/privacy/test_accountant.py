@@ -1,0 +1,99 @@
+"""The reported accountant against an independent one (Google's dp_accounting PLD)."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privacy.accountant import SgmEvent, epsilon
+from privacy.calibrate import noise_for_budget, planned_epsilon
+
+
+def pld_epsilon(events, delta):
+    from dp_accounting import dp_event, pld
+
+    accountant = pld.PLDAccountant(value_discretization_interval=1e-4)
+    for e in events:
+        accountant.compose(dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)),
+                           e.steps)
+    return accountant.get_epsilon(delta)
+
+
+GRID = [  # (sigma, q, steps, delta), spanning the regimes clients run in
+    (1.0, 0.01, 1000, 1e-5),
+    (0.6, 0.01, 3000, 1e-5),
+    (0.8, 1024 / 67349, 197, 1.48e-5),
+    (0.5, 0.0356, 15, 1e-5),
+    (1.0, 0.02, 500, 1e-6),
+    (2.0, 0.1, 100, 1e-5),
+    (0.7, 0.05, 60, 1e-4),
+    (1.5, 0.004, 5000, 1e-7),
+]
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta", GRID)
+def test_prv_within_tolerance_of_pld(sigma, q, steps, delta):
+    """Never more than 0.5% below the PLD value (under-reporting), at most 2% above."""
+    event = SgmEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    ours, reference = epsilon([event], delta=delta), pld_epsilon([event], delta)
+    assert reference * 0.995 <= ours <= reference * 1.02, (ours, reference)
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta", GRID[:4])
+def test_rdp_cross_check_is_an_upper_bound(sigma, q, steps, delta):
+    event = SgmEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert epsilon([event], delta=delta, accountant="rdp") >= pld_epsilon([event], delta) * 0.995
+
+
+def test_reference_numbers_from_dp_notes():
+    assert epsilon([SgmEvent(1.0, 0.01, 1000)], delta=1e-5) == pytest.approx(1.838, abs=0.01)
+    assert epsilon([SgmEvent(1.0, 0.01, 1000)], delta=1e-5, accountant="rdp") == pytest.approx(2.101, rel=0.01)
+    federated = [SgmEvent(1.0, 0.02, 50)] * 10  # 10 rounds of 50 local steps
+    assert epsilon(federated, delta=1e-5) == pytest.approx(2.77, rel=0.02)
+
+
+def test_contract_no_events_and_no_noise():
+    assert epsilon([], delta=1e-5) == 0.0
+    assert epsilon([SgmEvent(0.0, 0.1, 1)], delta=1e-5) == math.inf
+    with pytest.raises(ValueError):
+        SgmEvent(-1.0, 0.1, 1)
+
+
+def test_heterogeneous_history_matches_pld():
+    events = [SgmEvent(0.8, 0.04, 20), SgmEvent(1.3, 0.02, 50), SgmEvent(0.8, 0.04, 20)]
+    ours, reference = epsilon(events, delta=1e-5), pld_epsilon(events, 1e-5)
+    assert reference * 0.995 <= ours <= reference * 1.02
+
+
+@settings(max_examples=15, deadline=None)
+@given(sigma=st.floats(0.5, 3.0), q=st.floats(0.005, 0.2), steps=st.integers(1, 40), rounds=st.integers(2, 6))
+def test_round_by_round_equals_whole_history_and_grows(sigma, q, steps, rounds):
+    per_round = [SgmEvent(sigma, q, steps)] * rounds
+    whole = SgmEvent(sigma, q, steps * rounds)
+    assert epsilon(per_round, delta=1e-5) == pytest.approx(epsilon([whole], delta=1e-5), rel=1e-9)
+    curve = [epsilon(per_round[:k], delta=1e-5) for k in range(1, rounds + 1)]
+    assert all(a < b for a, b in zip(curve, curve[1:]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(budget=st.floats(0.5, 10.0), q=st.floats(0.01, 0.2), steps=st.integers(1, 20), rounds=st.integers(1, 5),
+       spent_sigma=st.floats(1.0, 4.0))
+def test_calibration_never_overshoots(budget, q, steps, rounds, spent_sigma):
+    past = [SgmEvent(spent_sigma, q, steps)]
+    sigma = noise_for_budget(past, budget=budget, sample_rate=q, steps_per_round=steps, rounds_left=rounds, delta=1e-5)
+    if sigma is None:
+        assert planned_epsilon(past, 64.0, sample_rate=q, steps_per_round=steps, rounds_left=rounds,
+                               delta=1e-5) > budget
+        return
+    assert planned_epsilon(past, sigma, sample_rate=q, steps_per_round=steps, rounds_left=rounds,
+                           delta=1e-5) <= budget
+    if sigma > 0.02:  # and it is tight: a little less noise would not fit
+        assert planned_epsilon(past, sigma - 0.02, sample_rate=q, steps_per_round=steps, rounds_left=rounds,
+                               delta=1e-5) > budget
+
+
+def test_calibration_matches_opacus_for_a_fresh_budget():
+    """dp-notes: q=0.01, 1000 steps, delta=1e-5, eps=8 -> PRV sigma 0.587."""
+    sigma = noise_for_budget([], budget=8.0, sample_rate=0.01, steps_per_round=1000, rounds_left=1, delta=1e-5)
+    assert sigma == pytest.approx(0.587, abs=0.015)
