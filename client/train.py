@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 
 from slm.errors import UserError
 from slm.tasks import Task, collate, encode, per_example_loss
@@ -48,9 +50,6 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     ``make_optimizer(params)`` replaces the default Adam(lr) (tests use plain SGD to
     compare an update with hand-computed clipped gradients).
     """
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(records)]
     q = sample_rate(batch_size, len(examples))
     generator = torch.Generator().manual_seed(seed)

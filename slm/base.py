@@ -13,6 +13,11 @@ Three kinds of reference are accepted:
 - any local HF causal-LM directory (``config.json`` + weights + tokenizer).
 
 Nothing is ever downloaded from a hub: every load passes ``local_files_only=True``.
+
+torch and transformers are imported at module import on purpose: Flower's simulation
+imports the ClientApp in one thread while the ServerApp runs in another, and a lazy
+first import of transformers from two threads at once fails ("partially initialized
+module"). Imports done while Flower loads an app are serialized by its import lock.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from slm.errors import UserError
 
@@ -100,9 +108,6 @@ def _publish_dir(target: Path, build) -> None:
 
 
 def _convert_gguf(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf_path()
     print(f"fedslm: converting {gguf.name} to an HF directory once (about half a minute) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
@@ -140,9 +145,6 @@ def load_base(ref: str, dtype: str = "float32") -> BaseModel:
     Cached per process because a Flower simulation reuses its worker processes for many
     client calls; reloading 540 MB every round would dominate the round time.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = resolve_model_dir(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

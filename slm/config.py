@@ -41,7 +41,7 @@ SCHEMA: dict[str, Key] = {
     "data.text-field": Key("text", "label / next-word: field holding the text"),
     "data.label-field": Key("label", "label: field holding the label"),
     "data.verbalizers": Key("", "label: 'value=word,...' (e.g. '0=negative,1=positive')"),
-    "data.partition": Key("natural", "how simulated clients split the file", ("iid", "dirichlet", "natural")),
+    "data.partition": Key("iid", "how simulated clients split the file", ("iid", "dirichlet", "natural")),
     "data.partition-by": Key("source", "dirichlet / natural: column that defines the split"),
     "data.dirichlet-alpha": Key(0.5, "dirichlet: concentration (smaller = more skewed)"),
     "data.test-fraction": Key(0.1, "share of each client's records held out for evaluation"),

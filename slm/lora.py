@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from slm.base import load_base
 from slm.errors import UserError
@@ -44,8 +45,6 @@ class LoraSpec:
         )
 
     def peft_config(self):
-        from peft import LoraConfig
-
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -68,8 +67,6 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32"):
     """
     key = (model_ref, dtype, spec)
     if key not in _attached:
-        from peft import get_peft_model
-
         base = load_base.__wrapped__(model_ref, dtype)  # a private copy: PEFT mutates it
         names = {name.rsplit(".", 1)[-1] for name, _ in base.model.named_modules()}
         unknown = [t for t in spec.target_modules if t not in names]
@@ -87,14 +84,10 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32"):
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """Only the trainable adapter tensors, under PEFT's saved names (no adapter name)."""
-    from peft import get_peft_model_state_dict
-
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
     expected = get_peft_model_state_dict(model)
     if set(state) != set(expected):
         missing, extra = set(expected) - set(state), set(state) - set(expected)
