@@ -75,7 +75,8 @@ def train(msg: Message, context: Context) -> Message:
         ledger = Ledger.open(ledger_dir, fingerprint=fingerprint(local.train), records=len(local.train), delta=delta)
         decision = decide(ledger, max_epsilon=config["dp.max-epsilon"], requested_sigma=config["dp.noise-multiplier"],
                           target_epsilon=config["dp.target-epsilon"], sample_rate=q, steps=steps,
-                          rounds_left=num_rounds - server_round + 1)
+                          rounds_left=num_rounds - server_round + 1,
+                          max_noise_multiplier=config["dp.max-noise-multiplier"])
         entry = Entry(run_id=run_id, round=server_round, noise_multiplier=decision.noise_multiplier or 0.0,
                       clip_norm=config["dp.clip-norm"], sample_rate=q, steps=steps, delta=ledger.delta,
                       epsilon_after=0.0, epsilon_rdp_after=0.0, max_epsilon=config["dp.max-epsilon"], status="")

@@ -29,10 +29,11 @@ def planned_epsilon(past: Sequence[SgmEvent], sigma: float, *, sample_rate: floa
 
 
 def noise_for_budget(past: Sequence[SgmEvent], *, budget: float, sample_rate: float, steps_per_round: int,
-                     rounds_left: int, delta: float, accountant: str = "prv") -> float | None:
+                     rounds_left: int, delta: float, accountant: str = "prv",
+                     sigma_max: float = SIGMA_MAX) -> float | None:
     """Smallest sigma (to within PRECISION, rounded up) that fits the plan in ``budget``.
 
-    Returns None when even SIGMA_MAX does not fit, i.e. the budget is exhausted.
+    Returns None when even ``sigma_max`` does not fit, i.e. the budget is exhausted.
     """
     if rounds_left < 1:
         raise ValueError("rounds_left must be at least 1")
@@ -41,11 +42,11 @@ def noise_for_budget(past: Sequence[SgmEvent], *, budget: float, sample_rate: fl
         return planned_epsilon(past, sigma, sample_rate=sample_rate, steps_per_round=steps_per_round,
                                rounds_left=rounds_left, delta=delta, accountant=accountant) <= budget
 
-    if not math.isfinite(budget) or not fits(SIGMA_MAX):
+    if not math.isfinite(budget) or not fits(sigma_max):
         return None
-    low, high = 0.0, 1.0
+    low, high = 0.0, min(1.0, sigma_max)
     while not fits(high):
-        low, high = high, min(2 * high, SIGMA_MAX)
+        low, high = high, min(2 * high, sigma_max)
     while high - low > PRECISION:
         mid = (low + high) / 2
         if fits(mid):

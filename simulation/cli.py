@@ -42,6 +42,20 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_budget(args) -> int:
+    import json
+
+    from privacy.ledger import Ledger
+    from privacy.statement import find_ledgers, render_table, statement
+
+    docs = [statement(Ledger.load(path)) for path in find_ledgers(args.ledger)]
+    if args.json:
+        print(json.dumps(docs if len(docs) > 1 else docs[0], indent=1))
+    else:
+        print("\n\n".join(render_table(doc) for doc in docs))
+    return 0
+
+
 def cmd_keys(args) -> int:
     from slm.config import SCHEMA
 
@@ -62,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     sim.add_argument("--cpus-per-client", type=int, help="cores per simulated client (default: all)")
     sim.set_defaults(func=cmd_simulate)
+    budget = sub.add_parser("budget", help="a client's privacy ledger: history, spent and remaining epsilon")
+    budget.add_argument("ledger", help="a ledger-*.json file or a directory holding ledgers")
+    budget.add_argument("--json", action="store_true", help="machine-readable output")
+    budget.set_defaults(func=cmd_budget)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser

@@ -35,7 +35,6 @@ SCENARIOS = {
             "data.max-eval-examples": 16,
             "train.local-steps": 3,
             "train.batch-size": 4,
-            "train.lr": 0.01,
             "server.rounds": 2,
             "server.min-clients": 1,
         },

@@ -102,3 +102,16 @@ def test_client_at_its_limit_refuses(tmp_path):
                       sample_rate=0.2, steps=200, rounds_left=1)
     assert decision.refused and "budget exhausted" in decision.reason
     assert not math.isnan(decision.planned_epsilon)
+
+
+def test_noise_cap_turns_crumbs_of_budget_into_a_refusal(tmp_path):
+    """eps 0.9995 of 1 still admits a sigma~15 round; above the client's cap it refuses."""
+    ledger = open_ledger(tmp_path)
+    ledger.commit(ledger.reserve(entry(sigma=1.2734375, q=0.0625, steps=6)))
+    assert 0.99 < ledger.spent() < 1.0
+    common = dict(max_epsilon=1.0, requested_sigma=0.0, target_epsilon=0.0, sample_rate=0.0625, steps=6,
+                  rounds_left=1)
+    lenient = decide(ledger, max_noise_multiplier=20.0, **common)
+    assert not lenient.refused and 5.0 < lenient.noise_multiplier <= 20.0 and lenient.planned_epsilon <= 1.0
+    strict = decide(ledger, max_noise_multiplier=5.0, **common)
+    assert strict.refused and "sigma > 5" in strict.reason

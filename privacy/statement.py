@@ -1,0 +1,66 @@
+"""A client's budget statement: its ledger as a table (people) or JSON (machines).
+
+Epsilon is recomputed from the ledger's events here, not copied from the entries, so
+the statement is reproducible from the stored history alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from privacy.accountant import epsilon
+from privacy.ledger import SPENDING, Ledger
+from slm.errors import UserError
+
+
+def find_ledgers(path: str) -> list[Path]:
+    """A ledger file, or every ledger-*.json below a directory."""
+    target = Path(path)
+    if target.is_file():
+        return [target]
+    if target.is_dir():
+        found = sorted(target.rglob("ledger-*.json"))
+        if found:
+            return found
+        raise UserError(f"ledger directory {path}: holds no ledger-*.json file")
+    raise UserError(f"ledger {path}: not found")
+
+
+def statement(ledger: Ledger) -> dict:
+    rows, events = [], []
+    for e in ledger.entries:
+        if e.status in SPENDING:
+            events.append(e.event())
+        rows.append({**e.__dict__, "epsilon_recomputed": epsilon(events, delta=ledger.delta),
+                     "epsilon_rdp_recomputed": epsilon(events, delta=ledger.delta, accountant="rdp")})
+    spent = epsilon(events, delta=ledger.delta)
+    budget = ledger.entries[-1].max_epsilon if ledger.entries else math.nan
+    return {
+        "ledger": str(ledger.path),
+        "dataset": {"fingerprint": ledger.fingerprint, "records": ledger.records},
+        "delta": ledger.delta,
+        "accountant": "prv",
+        "spent_epsilon": spent,
+        "spent_epsilon_rdp": epsilon(events, delta=ledger.delta, accountant="rdp"),
+        "max_epsilon": budget,
+        "remaining_epsilon": max(budget - spent, 0.0) if not math.isnan(budget) else math.nan,
+        "entries": rows,
+    }
+
+
+def render_table(doc: dict) -> str:
+    head = (f"ledger {doc['ledger']}\n"
+            f"dataset {doc['dataset']['fingerprint'][:16]}  records {doc['dataset']['records']}  "
+            f"delta {doc['delta']:.3g}  accountant PRV (RDP cross-check), Poisson sampling\n")
+    cols = f"{'run':<28} {'round':>5} {'status':<9} {'sigma':>7} {'C':>5} {'q':>8} {'steps':>5} {'eps':>8} {'eps rdp':>8} {'max':>6}"
+    lines = [head, cols, "-" * len(cols)]
+    for r in doc["entries"]:
+        lines.append(f"{r['run_id'][:28]:<28} {r['round']:>5} {r['status']:<9} {r['noise_multiplier']:>7.3f} "
+                     f"{r['clip_norm']:>5.2g} {r['sample_rate']:>8.4f} {r['steps']:>5} {r['epsilon_recomputed']:>8.3f} "
+                     f"{r['epsilon_rdp_recomputed']:>8.3f} {r['max_epsilon']:>6.3g}"
+                     + (f"  ({r['reason']})" if r["reason"] else ""))
+    lines.append("-" * len(cols))
+    lines.append(f"spent eps {doc['spent_epsilon']:.3f} (RDP {doc['spent_epsilon_rdp']:.3f})   "
+                 f"budget {doc['max_epsilon']:g}   remaining {doc['remaining_epsilon']:.3f}   at delta {doc['delta']:.3g}")
+    return "\n".join(lines)
