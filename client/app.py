@@ -13,6 +13,7 @@ Node config keys honoured in deployments: ``data-path``, ``ledger-dir``, ``max-e
 from __future__ import annotations
 
 import hashlib
+import secrets
 import time
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
     steps, batch = config["train.local-steps"], config["train.batch-size"]
     q = sample_rate(batch, len(local.train), where=f"client '{local.name}'")
     started = time.time()
-    privacy = {"client": local.name, "dp": config["dp.enabled"]}
+    privacy = {"client": local.name, "dp": config["dp.enabled"], "noise_seed": "os-entropy"
+               if config["dp.noise-seed"] < 0 else "fixed (not private against whoever knows it)"}
     ledger = entry = None
     sigma = None
     if config["dp.enabled"]:
@@ -89,7 +91,7 @@ def train(msg: Message, context: Context) -> Message:
         sigma = decision.noise_multiplier
     result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps, batch_size=batch,
                            lr=config["train.lr"], noise_multiplier=sigma, clip_norm=config["dp.clip-norm"],
-                           seed=round_seed(config["server.seed"], local.name, run_id, server_round))
+                           seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round))
     if ledger is not None:
         entry = ledger.commit(entry)
         privacy.update(_privacy_fields(entry, ledger))
@@ -102,9 +104,17 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def round_seed(*parts) -> int:
-    """A seed that is the same in every process (Python's hash() is salted per process)."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+def noise_seed(configured: int, *parts) -> int:
+    """Seed of this round's Poisson sampling and Gaussian noise.
+
+    By default fresh OS entropy: a seed derivable from what the server knows (run id,
+    round, client name, a config seed) would let it regenerate the noise and subtract it.
+    A configured seed >= 0 makes runs reproducible for debugging only, and is recorded
+    as such in the privacy record.
+    """
+    if configured < 0:
+        return secrets.randbits(63)
+    return int(hashlib.sha256("|".join(map(str, (configured, *parts))).encode()).hexdigest()[:15], 16)
 
 
 def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
