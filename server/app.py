@@ -22,5 +22,6 @@ def main(grid: Grid, context: Context) -> None:
     # The initial adapter: every party derives the same one from the shared seed (lora.seed).
     model, _ = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
     outcome = run_federation(grid, config, rundir, adapter_state(model), str(resolve_model_dir(config["model.name"])))
-    say(f"done: {outcome}")
+    stopped = f" (stopped early: {outcome['stopped']})" if "stopped" in outcome else ""
+    say(f"done: {outcome['rounds_completed']} of {config['server.rounds']} rounds completed{stopped}")
     say(f"run directory: {rundir.path}")

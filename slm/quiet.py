@@ -6,8 +6,13 @@ Silenced warnings, each understood:
   without grad; per-sample gradients of the adapter are still computed (tests check
   them against manual per-example clipping).
 - transformers' deprecation notices about gradient checkpointing, which we do not use.
+- Ray's notice about overriding accelerator env vars on a CPU-only run.
+Progress bars (tqdm: partitioners, GGUF dequantization) are off: our own per-round lines
+are the progress display. Flower's logger keeps its own console handler; it stops
+propagating to the root logger, whose handler would print Flower's DEBUG records twice.
 """
 
+import logging
 import os
 import warnings
 
@@ -15,6 +20,9 @@ import warnings
 def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("flwr").propagate = False
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
