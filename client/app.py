@@ -25,9 +25,20 @@ from client.train import sample_rate, train_adapter
 from privacy.ledger import Entry, Ledger, fingerprint
 from privacy.policy import decide, default_delta
 from slm.config import from_run_config
+from slm.errors import UserError
 from slm.evaluate import evaluate
+from slm.lora import (
+    LoraSpec,
+    a_factor_digest,
+    adapter_state,
+    attach,
+    from_arrays,
+    frozen_a_factors,
+    sent_tensors,
+    set_adapter_state,
+    to_arrays,
+)
 from slm.quiet import quiet_libraries
-from slm.lora import LoraSpec, adapter_state, attach, from_arrays, set_adapter_state, to_arrays
 from slm.tasks import Task
 
 NODE_KEYS = {"data-path": "data.path", "ledger-dir": "dp.ledger-dir", "max-epsilon": "dp.max-epsilon",
@@ -55,7 +66,13 @@ def _setup(msg: Message, context: Context):
     round_cfg = msg.content["config"]
     local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
     model, tokenizer = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
-    set_adapter_state(model, from_arrays(msg.content["arrays"]))
+    received = from_arrays(msg.content["arrays"])
+    if round_cfg["aggregation"] == "ffa":
+        # FFA-LoRA: only B travels; A is the shared seed's, frozen. Make sure ours is the same.
+        if a_factor_digest(adapter_state(model)) != round_cfg["lora-a-sha256"]:
+            raise UserError("FFA-LoRA: this client's A factors differ from the server's (model or lora.seed mismatch)")
+        received = {**adapter_state(model), **received}
+    set_adapter_state(model, received)
     return config, round_cfg, local, model, tokenizer
 
 
@@ -89,9 +106,11 @@ def train(msg: Message, context: Context) -> Message:
             return Message(content=content, reply_to=msg)
         entry = ledger.reserve(entry)  # on disk before any record is touched
         sigma = decision.noise_multiplier
-    result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps, batch_size=batch,
-                           lr=config["train.lr"], noise_multiplier=sigma, clip_norm=config["dp.clip-norm"],
-                           seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round))
+    aggregation = str(round_cfg["aggregation"])
+    with frozen_a_factors(model, freeze=aggregation == "ffa"):
+        result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps, batch_size=batch,
+                               lr=config["train.lr"], noise_multiplier=sigma, clip_norm=config["dp.clip-norm"],
+                               seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round))
     if ledger is not None:
         entry = ledger.commit(entry)
         privacy.update(_privacy_fields(entry, ledger))
@@ -99,7 +118,8 @@ def train(msg: Message, context: Context) -> Message:
         privacy.update({"status": "no-dp", "sample_rate": q, "steps": steps})
     metrics = {"train_loss": result.loss, "num-examples": len(local.train), "steps": result.steps,
                "seconds": time.time() - started}
-    content = RecordDict({"arrays": to_arrays(adapter_state(model)), "metrics": MetricRecord(metrics),
+    content = RecordDict({"arrays": to_arrays(sent_tensors(adapter_state(model), aggregation)),
+                          "metrics": MetricRecord(metrics),
                           "privacy": ConfigRecord(privacy)})
     return Message(content=content, reply_to=msg)
 

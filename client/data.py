@@ -120,7 +120,11 @@ def check_fields(table, spec: DataSpec) -> None:
 
 def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
     """This client's share of a shared file, using Flower's partitioners."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+    )
 
     if num_partitions <= 1:
         return table

@@ -1,11 +1,12 @@
-"""The ServerApp: reads the run config, prepares the run directory, runs the rounds."""
+"""The ServerApp: reads the run config, prepares (or resumes) the run directory, runs the rounds."""
 
 from __future__ import annotations
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from server.rounds import run_federation, say
+from server import checkpoint
+from server.rounds import Federation, initial_state, say
 from server.rundir import RunDir
 from slm.base import resolve_model_dir
 from slm.config import from_run_config
@@ -18,10 +19,16 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     config = from_run_config(context.run_config)
     rundir = RunDir.create(config["run.root"], config["run.id"])
-    rundir.write_config(config)
-    # The initial adapter: every party derives the same one from the shared seed (lora.seed).
-    model, _ = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
-    outcome = run_federation(grid, config, rundir, adapter_state(model), str(resolve_model_dir(config["model.name"])))
+    if config["run.resume"]:
+        state = checkpoint.load(rundir.path)
+        rundir.keep_metrics_through(state.round)
+    else:
+        rundir.write_config(config)
+        # The initial adapter: every party derives the same one from the shared seed (lora.seed).
+        model, _ = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
+        state = initial_state(adapter_state(model), config)
+    federation = Federation(grid, config, rundir, state, str(resolve_model_dir(config["model.name"])))
+    outcome = federation.run(resumed=config["run.resume"])
     stopped = f" (stopped early: {outcome['stopped']})" if "stopped" in outcome else ""
     say(f"done: {outcome['rounds_completed']} of {config['server.rounds']} rounds completed{stopped}")
     say(f"run directory: {rundir.path}")

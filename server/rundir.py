@@ -5,6 +5,8 @@
     <run>/privacy/ledger.json  the server's view of every client's privacy records
     <run>/adapters/round-<k>/  the global adapter after round k, in PEFT format
     <run>/ledgers/<client>/    (simulation) each client's own ledger
+    <run>/checkpoint.safetensors  the server state after the last completed round
+    <run>/events.jsonl         run-level events: finished, stopped early, resumed
 
 JSON files are replaced atomically; metrics.jsonl is appended line by line and fsynced,
 so a crash loses at most the line being written.
@@ -40,6 +42,22 @@ class RunDir:
             handle.write(json.dumps(row, allow_nan=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+    def log_event(self, event: dict) -> None:
+        """Run-level events (finished, stopped, resumed) in events.jsonl."""
+        with (self.path / "events.jsonl").open("a") as handle:
+            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def keep_metrics_through(self, last_round: int) -> None:
+        """On resume: drop rows of rounds after the checkpoint, so no round appears twice."""
+        path = self.path / "metrics.jsonl"
+        if path.is_file():
+            rows = [line for line in path.read_text().splitlines() if json.loads(line)["round"] <= last_round]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(row + "\n" for row in rows))
+            os.replace(tmp, path)
 
     def write_privacy_view(self, view: dict) -> None:
         write_json_atomic(self.path / "privacy" / "ledger.json", view)

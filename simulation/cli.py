@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -12,13 +13,16 @@ from slm.quiet import quiet_libraries
 
 
 def cmd_simulate(args) -> int:
-    from simulation.engine import run_in_simulation
     from simulation.preflight import preflight
     from simulation.scenarios import get_scenario
     from slm.config import parse_assignment, resolve
 
+    if args.resume:
+        return _resume(args)
     scenario = get_scenario(args.scenario)
     overrides = dict(parse_assignment(item) for item in args.set)
+    if args.model:
+        overrides["model.name"] = args.model
     if args.rounds is not None:
         overrides["server.rounds"] = args.rounds
     clients = args.clients if args.clients is not None else scenario.clients
@@ -34,17 +38,43 @@ def cmd_simulate(args) -> int:
     print(f"[fedslm] scenario {scenario.name}: {scenario.about}", flush=True)
     for line in preflight(config, clients):
         print(f"[fedslm]   {line}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "simulation.json").write_text(json.dumps({"clients": clients, "client_app": args.client_app}))
+    return _simulate(config, clients, args, run_dir)
+
+
+def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
+    from simulation.engine import run_in_simulation
+
     started = time.time()
-    run_in_simulation(config, clients, cpus_per_client=args.cpus_per_client)
+    run_in_simulation(config, clients, cpus_per_client=args.cpus_per_client, client_app=args.client_app)
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"the simulation ended without writing {run_dir / 'metrics.jsonl'} (see the log above)")
     print(f"[fedslm] finished in {time.time() - started:.0f}s; run directory: {run_dir}", flush=True)
     return 0
 
 
-def cmd_budget(args) -> int:
-    import json
+def _resume(args) -> int:
+    """Continue a run directory from its checkpoint, with the configuration it was started with."""
+    from slm.config import resolve
 
+    run_dir = Path(args.resume).expanduser().resolve()
+    try:
+        config = resolve(json.loads((run_dir / "config.json").read_text()))
+        setup = json.loads((run_dir / "simulation.json").read_text())
+    except FileNotFoundError as err:
+        raise UserError(f"--resume {run_dir}: {Path(err.filename).name} is missing (not a fedslm run directory)") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"--resume {run_dir}: corrupt JSON ({err})") from None
+    if args.set or args.rounds or args.clients or args.model or args.out:
+        raise UserError("--resume takes no other run options: a resumed run keeps its configuration")
+    config.update({"run.root": str(run_dir.parent), "run.id": run_dir.name, "run.resume": True})
+    args.client_app = setup.get("client_app") or args.client_app
+    print(f"[fedslm] resuming {run_dir}", flush=True)
+    return _simulate(config, setup["clients"], args, run_dir)
+
+
+def cmd_budget(args) -> int:
     from privacy.ledger import Ledger
     from privacy.statement import find_ledgers, render_table, statement
 
@@ -74,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--clients", type=int, help="number of simulated clients")
     sim.add_argument("--out", help="run directory (default: runs/<scenario>-<time>)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    sim.add_argument("--model", help="a local HF model directory (or 'smollm2', 'tiny'); same as --set model.name=")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
     sim.add_argument("--cpus-per-client", type=int, help="cores per simulated client (default: all)")
+    sim.add_argument("--client-app", default="client.app:app", metavar="MODULE:ATTR",
+                     help="ClientApp to simulate (default client.app:app; e.g. a wrapper that injects faults)")
     sim.set_defaults(func=cmd_simulate)
     budget = sub.add_parser("budget", help="a client's privacy ledger: history, spent and remaining epsilon")
     budget.add_argument("ledger", help="a ledger-*.json file or a directory holding ledgers")

@@ -31,16 +31,17 @@ def _toml_value(value: object) -> str:
     return f'"{escaped}"'
 
 
-def write_app_dir(directory: Path, config: dict) -> None:
+def write_app_dir(directory: Path, config: dict, client_app: str = CLIENT_APP) -> None:
     lines = ["[project]", 'name = "fedslm-run"', 'version = "0.0.0"', "",
              "[tool.flwr.app]", 'publisher = "fedslm"', "",
-             "[tool.flwr.app.components]", f'serverapp = "{SERVER_APP}"', f'clientapp = "{CLIENT_APP}"', "",
+             "[tool.flwr.app.components]", f'serverapp = "{SERVER_APP}"', f'clientapp = "{client_app}"', "",
              "[tool.flwr.app.config]"]
     lines += [f'"{key}" = {_toml_value(config[key])}' for key in SCHEMA]
     (directory / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 
-def run_in_simulation(config: dict, num_clients: int, cpus_per_client: int | None = None) -> None:
+def run_in_simulation(config: dict, num_clients: int, cpus_per_client: int | None = None,
+                      client_app: str = CLIENT_APP) -> None:
     """Run the ServerApp and ``num_clients`` simulated ClientApps with this config.
 
     By default one Ray worker gets all cores: on a small CPU machine a single client
@@ -54,14 +55,14 @@ def run_in_simulation(config: dict, num_clients: int, cpus_per_client: int | Non
     cpus = cpus_per_client or os.cpu_count() or 1
     app_dir = Path(tempfile.mkdtemp(prefix="fedslm-app-"))
     try:
-        write_app_dir(app_dir, config)
+        write_app_dir(app_dir, config, client_app)
         # The server's Context must carry the config itself (Flower builds an empty one otherwise).
         context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(config))
         _run_simulation(
             num_supernodes=num_clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             server_app_attr=SERVER_APP,
-            client_app_attr=CLIENT_APP,
+            client_app_attr=client_app,
             backend_name="ray",
             backend_config={
                 "client_resources": {"num_cpus": cpus, "num_gpus": 0.0},

@@ -68,9 +68,19 @@ SCHEMA: dict[str, Key] = {
     "server.fraction-train": Key(1.0, "share of available clients sampled per round"),
     "server.timeout": Key(3600.0, "seconds to wait for a round's replies"),
     "server.seed": Key(0, "seed of client sampling"),
+    "server.aggregation": Key("auto", "auto = ffa with DP, else fedavg; svd = rank-r SVD of the mean product",
+                              ("auto", "fedavg", "ffa", "svd")),
+    "server.max-update-norm": Key(1000.0, "replies whose update norm exceeds this are rejected (0 = no bound)"),
+    "server.noise-seed": Key(-1, "user-level DP noise seed; -1 = OS entropy (a known seed lets anyone remove the noise)"),
+    # user-level DP (DP-FedAvg on the server, whole-client privacy)
+    "user-dp.enabled": Key(False, "clip each client update and add noise to the mean (McMahan et al. 2018)"),
+    "user-dp.clip-norm": Key(1.0, "L2 bound S on each client's update"),
+    "user-dp.noise-multiplier": Key(1.0, "z: noise std = z * S / expected cohort"),
+    "user-dp.delta": Key(0.0, "user-level delta; 0 = min(1e-5, 0.1 / clients)"),
     "run.root": Key("runs", "directory under which each run gets its own directory"),
     "run.id": Key("", "run directory name; empty = timestamp"),
     "run.scenario": Key("custom", "scenario name recorded in the run directory"),
+    "run.resume": Key(False, "continue the run directory's last checkpoint (fedslm simulate --resume)"),
 }
 
 

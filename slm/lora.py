@@ -8,12 +8,19 @@ in PEFT's format and ``PeftModel.from_pretrained`` loads it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
 
 from slm.base import load_base
 from slm.errors import UserError
@@ -122,3 +129,32 @@ def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_model_path
     tmp_cfg = out / "adapter_config.json.tmp"
     tmp_cfg.write_text(json.dumps(config.to_dict(), indent=2, default=list))
     tmp_cfg.replace(out / "adapter_config.json")
+
+
+def sent_tensors(state: dict[str, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:
+    """What travels: with FFA-LoRA only the B factors (A is fixed and shared), else all."""
+    if aggregation == "ffa":
+        return {k: v for k, v in state.items() if ".lora_B." in k}
+    return dict(state)
+
+
+def a_factor_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the A factors: FFA clients check they froze the same A as the server."""
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state if ".lora_A." in k):
+        digest.update(name.encode())
+        digest.update(state[name].detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextmanager
+def frozen_a_factors(model, freeze: bool):
+    """Train only B (FFA-LoRA) for the duration; the cached model is restored afterwards."""
+    params = [p for n, p in model.named_parameters() if ".lora_A." in n] if freeze else []
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

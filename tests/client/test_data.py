@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from client.data import DataSpec, check_fields, load_local_data, partition, read_table, split
+from client.data import (
+    DataSpec,
+    check_fields,
+    load_local_data,
+    partition,
+    read_table,
+    split,
+)
 from slm.config import resolve
 from slm.errors import UserError
 
@@ -76,7 +83,8 @@ def test_partitions_are_disjoint_and_complete(tmp_path, scheme):
 def test_natural_partition_needs_one_client_per_group(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     with pytest.raises(UserError, match="has 2 groups but the federation has 3 clients"):
-        partition(read_table(str(path)), spec_for(path, **{"data.partition-by": "source"}), 0, 3)
+        partition(read_table(str(path)), spec_for(path, **{"data.partition": "natural", "data.partition-by": "source"}),
+                  0, 3)
 
 
 def test_empty_partition_is_reported(tmp_path):
@@ -96,5 +104,5 @@ def test_split_is_deterministic_and_disjoint(tmp_path):
 
 def test_local_data_is_named_after_its_natural_group(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
-    local = load_local_data(spec_for(path, **{"data.partition-by": "source"}), 1, 2)
+    local = load_local_data(spec_for(path, **{"data.partition": "natural", "data.partition-by": "source"}), 1, 2)
     assert local.name in {"A", "B"} and all(r["source"] == local.name for r in local.train + local.test)

@@ -5,7 +5,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from servers import BIN, free_port, running, tool_env
 
 pytestmark = pytest.mark.integration

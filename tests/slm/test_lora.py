@@ -3,7 +3,15 @@ import torch
 
 from slm.config import resolve
 from slm.errors import UserError
-from slm.lora import LoraSpec, adapter_state, attach, from_arrays, save_adapter, set_adapter_state, to_arrays
+from slm.lora import (
+    LoraSpec,
+    adapter_state,
+    attach,
+    from_arrays,
+    save_adapter,
+    set_adapter_state,
+    to_arrays,
+)
 
 
 def test_only_adapter_tensors_travel(tiny):
