@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start the fedslm SuperLink: Flower's flower-superlink with TLS and SuperNode authentication.
 #
-# Settings come from the environment (a systemd EnvironmentFile, or the shell):
+# Settings come from the environment, or from an env file (KEY=value lines, the format of a systemd
+# EnvironmentFile) given as the only argument: deploy/superlink.sh [ENV_FILE]
 #   FEDSLM_CREDENTIALS  directory from `python -m deploy.certs superlink DIR` (ca.crt, server.crt, server.key); required
 #   FEDSLM_HOST         address to listen on (default 127.0.0.1; a real federation sets the coordinator's
 #                       address, e.g. 0.0.0.0, and server.crt must name it: deploy.certs --san)
@@ -13,6 +14,7 @@
 # `exec` makes this script's PID the SuperLink's: systemd and the tests stop it by that PID.
 # Runtime dependency installation is off: a SuperLink must never `uv sync` what a submitted app asks for.
 set -euo pipefail
+if [[ $# -ge 1 ]]; then set -a; source "$1"; set +a; fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${FEDSLM_VENV:-$here/../.venv}"
 creds="${FEDSLM_CREDENTIALS:?set FEDSLM_CREDENTIALS to the directory holding ca.crt, server.crt and server.key}"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Start one fedslm SuperNode: Flower's flower-supernode, authenticated, over TLS, with this site's node config.
 #
-# Settings come from the environment (a systemd EnvironmentFile, or the shell):
+# Settings come from the environment, or from an env file (KEY=value lines, the format of a systemd
+# EnvironmentFile) given as the only argument: deploy/supernode.sh [ENV_FILE]
 #   FEDSLM_SUPERLINK     the SuperLink as host:port (its server.crt must name that host); required
 #   FEDSLM_CA            the federation's ca.crt; required
 #   FEDSLM_KEY           this node's private key from `python -m deploy.certs supernode`; required
-#   FEDSLM_NODE_CONFIG   this site's node config, a TOML file; required. The ClientApp reads
+#   FEDSLM_NODE_CONFIG   this site's node config, a TOML file; required, and checked by deploy/node_config.py
+#                        (the first three keys must be set, paths absolute). The ClientApp reads
 #                          data-path = "/srv/fedslm/records.jsonl"   # the local records (never leave the site)
 #                          ledger-dir = "/var/lib/fedslm/ledger"   # the local privacy ledger
 #                          max-epsilon = 8.0                       # the local budget, over all rounds and runs
@@ -20,6 +22,7 @@
 # `exec` makes this script's PID the SuperNode's; its flower-superexec and flwr-clientapp children share
 # its process group, so stopping the group stops them all.
 set -euo pipefail
+if [[ $# -ge 1 ]]; then set -a; source "$1"; set +a; fi
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${FEDSLM_VENV:-$here/../.venv}"
 superlink="${FEDSLM_SUPERLINK:?set FEDSLM_SUPERLINK to the SuperLink address host:port}"
@@ -31,6 +34,7 @@ for f in "$ca" "$key" "$node_config"; do
 done
 [[ "$node_config" == *.toml ]] || { echo "supernode.sh: error: FEDSLM_NODE_CONFIG must end in .toml (Flower reads it as a file only then)" >&2; exit 2; }
 [[ -x "$venv/bin/flower-supernode" ]] || { echo "supernode.sh: error: $venv/bin/flower-supernode not found (set FEDSLM_VENV)" >&2; exit 2; }
+PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m deploy.node_config "$node_config" || exit 2
 export PATH="$venv/bin:$PATH"  # the SuperNode starts flower-superexec, which starts flwr-clientapp, from PATH
 exec flower-supernode \
   --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \

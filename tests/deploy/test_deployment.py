@@ -13,9 +13,18 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-
-from harness import (CONNECTION, cli_home, certs, flwr, non_loopback_listeners, run_until_exit, superlink,
-                     supernode, supernode_env, write_node_config)
+from harness import (
+    CONNECTION,
+    certs,
+    cli_home,
+    flwr,
+    non_loopback_listeners,
+    run_until_exit,
+    superlink,
+    supernode,
+    supernode_env,
+    write_node_config,
+)
 from servers import free_port
 
 pytestmark = pytest.mark.integration
@@ -76,8 +85,7 @@ def ledger(work: Path, site: str) -> list[dict]:
 
 def test_an_unregistered_supernode_is_rejected(federation):
     fed = federation
-    config = write_node_config(fed["work"] / "intruder.toml", data_path=str(fed["work"] / "none.jsonl"),
-                               ledger_dir=str(fed["work"] / "intruder-ledger"), max_epsilon=8.0)
+    config = site_files(fed["work"], "intruder", [{"question": "q", "answer": "a"}], max_epsilon=8.0, tag="only")
     env = supernode_env(fed["work"], "intruder", fed["port"], fed["creds"] / "ca.crt",
                         fed["creds"] / "intruder.key", config, free_port())
     log = fed["work"] / "intruder.log"
