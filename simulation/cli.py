@@ -79,10 +79,24 @@ def cmd_budget(args) -> int:
     from privacy.statement import find_ledgers, render_table, statement
 
     docs = [statement(Ledger.load(path)) for path in find_ledgers(args.ledger)]
-    if args.json:
+    if args.html is not None:
+        from privacy.report_html import write_budget_html
+
+        target = Path(args.ledger)
+        out = Path(args.html) if args.html else (target if target.is_dir() else target.parent) / "budget.html"
+        print(f"[fedslm] budget page: {write_budget_html(docs, out)}")
+    elif args.json:
         print(json.dumps(docs if len(docs) > 1 else docs[0], indent=1))
     else:
         print("\n\n".join(render_table(doc) for doc in docs))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from privacy.report import write_report
+
+    html = write_report(args.run_dir)
+    print(f"[fedslm] privacy report: {html}  (and report.json, plots/ next to it)")
     return 0
 
 
@@ -113,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     budget = sub.add_parser("budget", help="a client's privacy ledger: history, spent and remaining epsilon")
     budget.add_argument("ledger", help="a ledger-*.json file or a directory holding ledgers")
     budget.add_argument("--json", action="store_true", help="machine-readable output")
+    budget.add_argument("--html", nargs="?", const="", metavar="OUT",
+                        help="write a self-contained HTML page instead (default OUT: budget.html next to the ledger)")
     budget.set_defaults(func=cmd_budget)
+    report = sub.add_parser("report", help="privacy budget report of a run: report.json, report.html, plots/")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
+    report.set_defaults(func=cmd_report)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser

@@ -1,0 +1,201 @@
+"""The privacy budget report of a run: report.json, report.html and plots/*.png in the run directory.
+
+Two readers: a compliance officer, who needs one page of plain words first (what was
+trained, on whose data, how well, and what each client's records are protected with),
+and a DP researcher, who needs every parameter and the evidence that the numbers hold.
+So the report recomputes every epsilon from the stored events (privacy.reconcile) and
+flags any disagreement with what the clients reported, and it states what is NOT
+protected as plainly as what is.
+
+report.json follows ``SCHEMA``; a field never changes meaning (add fields instead). Top
+level: run (what, how far, PARTIAL or not, config, events), summary (the plain-words
+page), utility (per round), clients (per client: parameters, recomputed epsilons, budget,
+refusals, every round), accounting (accountants, disagreements), user_level (null unless
+user-level DP ran), protection (what is and is not protected), audit (null: no empirical
+audit was run), plots (file names under plots/).
+Non-finite numbers are written as null: epsilon is null when a client trained without
+DP (no guarantee at all) or when it could not be recomputed (see "disagreements").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from privacy import plots
+from privacy.ledger import write_json_atomic
+from privacy.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
+from privacy.report_html import render_report
+from privacy.report_text import describe_run, protection_notes, summary_sentences
+from privacy.run_files import RunFiles
+
+SCHEMA = "fedslm-report/1"
+ACCURACY_KEYS = ("accuracy", "top1_accuracy", "top3_accuracy")
+FIGURES = ("epsilon", "noise", "utility", "privacy_utility")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write report.json, report.html and plots/*.png into ``run_dir``; return the HTML's path."""
+    doc, figures = build_report(run_dir)
+    path = Path(doc["run"]["dir"])
+    (path / "plots").mkdir(exist_ok=True)
+    for name in FIGURES:  # a figure a rerun no longer draws must not survive from an earlier report
+        (path / "plots" / f"{name}.png").unlink(missing_ok=True)
+    for name, png in figures.items():
+        (path / "plots" / f"{name}.png").write_bytes(png)
+    write_json_atomic(path / "report.json", doc)
+    html = path / "report.html"
+    tmp = html.with_suffix(".html.tmp")
+    tmp.write_text(render_report(doc, figures), encoding="utf-8")
+    os.replace(tmp, html)
+    return html
+
+
+def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
+    """(the report document, its figures as PNG bytes by name)."""
+    files = RunFiles.read(run_dir)
+    run = describe_run(files)
+    utility = _utility(files.rows)
+    accounts = {name: account_client(name, records, files.ledgers.get(name), files.run_id)
+                for name, records in sorted(files.view["clients"].items())}
+    user = account_user_level(files.rows)
+    eval_records = {n: m.get("num-examples") for n, m in files.rows[0].get("eval_clients", {}).items()}
+    idle = sorted(set(eval_records) - set(accounts))
+    clients = {name: _client_doc(a, eval_records.get(name)) for name, a in accounts.items()}
+    clients.update({name: {"trained": False, "eval_records": eval_records[name]} for name in idle})
+    disagreements = [d for a in accounts.values() for d in a.disagreements] + (user.disagreements if user else [])
+    doc = {
+        "schema": SCHEMA,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run": run,
+        "summary": summary_sentences(run, utility, accounts, idle, user, disagreements),
+        "utility": utility,
+        "clients": clients,
+        "accounting": {"accountant": "prv", "cross_check": "rdp", "sampling": "poisson",
+                       "sample_level_unit": "one training record of one client",
+                       "client_selection_amplification": False, "disagreements": disagreements},
+        "user_level": _user_doc(user),
+        "protection": protection_notes(seeds={r.get("noise_seed") for a in accounts.values() for r in a.rounds},
+                                       aggregation=run["aggregation"], user=user,
+                                       server_noise_seed=files.config["server.noise-seed"],
+                                       dp_enabled=run["dp_enabled"]),
+        "audit": None,  # filled by the empirical audit (canaries) when one was run
+    }
+    figures = _figures(utility, accounts, user, max(run["rounds_planned"], run["rounds_completed"]))
+    doc["plots"] = {name: f"plots/{name}.png" for name in figures}
+    return _finite(doc), figures
+
+
+def _utility(rows: list[dict]) -> dict:
+    rounds = []
+    for row in rows:
+        entry = {"round": row["round"], "skipped": bool(row.get("skipped")),
+                 "eval_loss": row.get("eval_loss"), "train_loss": row.get("train_loss"),
+                 "eval_clients": {n: m.get("eval_loss") for n, m in row.get("eval_clients", {}).items()}}
+        entry.update({k: row[k] for k in ACCURACY_KEYS if k in row})
+        rounds.append(entry)
+    evaluated = [r for r in rounds if _is_number(r["eval_loss"])]
+    first = evaluated[0] if evaluated and evaluated[0]["round"] == 0 else None
+    last = evaluated[-1] if evaluated and evaluated[-1]["round"] > 0 else None
+    return {"rounds": rounds, "metric": "eval_loss (token-weighted mean over the clients' held-out records)",
+            "round0": first, "final": last}
+
+
+def _client_doc(account: ClientAccount, eval_records: int | None) -> dict:
+    spending = [r for r in account.rounds if r["status"] in ("reserved", "committed")]
+    return {
+        "trained": True, "dp": account.dp, "records": account.records, "eval_records": eval_records,
+        "delta": account.delta, "clip_norm": _single([r["clip_norm"] for r in spending]),
+        "sample_rate": _single([r["sample_rate"] for r in spending]),
+        "noise_multipliers": {str(r["round"]): r["noise_multiplier"] for r in spending},
+        "steps": sum(r["steps"] for r in spending),
+        "epsilon": account.epsilon, "epsilon_rdp": account.epsilon_rdp,
+        "epsilon_run": account.epsilon_run, "epsilon_run_rdp": account.epsilon_run_rdp,
+        "epsilon_before": account.epsilon_before, "recomputed": account.recomputable,
+        "budget": account.budget, "remaining": account.remaining, "refused": account.refused,
+        "source": account.source, "disagreements": account.disagreements, "rounds": account.rounds,
+    }
+
+
+def _user_doc(user: UserLevelAccount | None) -> dict | None:
+    if user is None:
+        return None
+    return {"mechanism": "DP-FedAvg, fixed clipping, Poisson client sampling (McMahan et al. 2018)",
+            "clip_norm": user.clip_norm, "noise_multiplier": user.noise_multiplier, "sample_rate": user.sample_rate,
+            "delta": user.delta, "epsilon": user.epsilon, "rounds": user.rounds}
+
+
+def _figures(utility: dict, accounts: dict[str, ClientAccount], user: UserLevelAccount | None,
+             rounds: int) -> dict[str, bytes]:
+    """The figures that have something to show; ``rounds`` (planned) fixes the x axis, so a partial run looks short."""
+    figures = {}
+    dp_accounts = {n: a for n, a in accounts.items() if a.dp and a.rounds}
+    if dp_accounts:
+        series = {n: [(k, _epsilon_after(a, k)) for k in range(rounds + 1) if k <= a.rounds[-1]["round"]]
+                  for n, a in dp_accounts.items()}
+        user_points = [(0, 0.0)] + [(r["round"], r["epsilon"]) for r in user.rounds] if user else None
+        figures["epsilon"] = plots.epsilon_plot(series, {n: a.budget for n, a in dp_accounts.items()}, rounds,
+                                                user_points)
+        sigmas = {n: [(r["round"], r["noise_multiplier"]) for r in a.rounds if r["status"] != "refused"]
+                  for n, a in dp_accounts.items()}
+        refused = {n: [r["round"] for r in a.refused] for n, a in dp_accounts.items()}
+        figures["noise"] = plots.noise_plot(sigmas, refused, rounds)
+    evaluated = [r for r in utility["rounds"] if _is_number(r["eval_loss"])]
+    if utility["final"] is None:  # nothing trained was evaluated: a lone round-0 point would only puzzle
+        return figures
+    per_client = {}
+    for r in evaluated:
+        for name, loss in r["eval_clients"].items():
+            if _is_number(loss):
+                per_client.setdefault(name, []).append((r["round"], loss))
+    accuracy = {k: [(r["round"], r[k]) for r in evaluated if k in r] for k in ACCURACY_KEYS}
+    figures["utility"] = plots.utility_plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated],
+                                            per_client, {k: v for k, v in accuracy.items() if v}, rounds)
+    if dp_accounts:
+        points = [(max(_epsilon_after(a, r["round"]) for a in dp_accounts.values()), r["eval_loss"], r["round"])
+                  for r in evaluated]
+        points = [p for p in points if math.isfinite(p[0])]
+        if points:
+            figures["privacy_utility"] = plots.privacy_utility_plot(points)
+    return figures
+
+
+def _epsilon_after(account: ClientAccount, round_: int) -> float:
+    """A client's cumulative epsilon after ``round_``: unchanged through rounds it did not train in."""
+    done = [_cumulative(account, r) for r in account.rounds if r["round"] <= round_]
+    return done[-1] if done else _known(account.epsilon_before)
+
+
+def _cumulative(account: ClientAccount, row: dict) -> float:
+    """The epsilon the report stands by after a round: the reported one where it exceeds what this run's files give."""
+    if account.recomputable:
+        return row["epsilon"]
+    return max(row["epsilon"], row["epsilon_reported"] or 0.0)
+
+
+def _known(epsilon_before: float) -> float:
+    """Spend before the run, 0 where only the client's ledger knows it (the plot starts where the run starts)."""
+    return 0.0 if math.isnan(epsilon_before) else epsilon_before
+
+
+def _single(values: list):
+    """The value when all rounds used the same one, else the list (a reader must see that it varied)."""
+    distinct = sorted(set(values))
+    return distinct[0] if len(distinct) == 1 else (distinct or None)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _finite(value):
+    """JSON has no inf/nan: write null (the schema says what null means where it can occur)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

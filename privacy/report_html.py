@@ -1,0 +1,288 @@
+"""HTML for people: the run report and a client's own budget page, from the same building blocks.
+
+Self-contained on purpose: a compliance officer gets one file by mail and opens it on a
+machine without network access. CSS is inline, figures are PNG data URIs, and nothing
+refers to any URL. Every value from a run directory is escaped (client names and
+reasons come from the clients).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+from privacy import plots
+from privacy.report_text import EPSILON_HELP, fmt_budget, fmt_delta, protection_notes
+
+CSS = """
+body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1d232b;
+       max-width: 1120px; margin: 24px auto; padding: 0 20px; }
+h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 20px; margin: 30px 0 10px; border-bottom: 2px solid #dde3ea; }
+.meta { color: #5b6673; font-size: 13px; }
+.banner { padding: 12px 16px; border-radius: 6px; margin: 14px 0; font-weight: 600; }
+.partial { background: #fde8e8; border: 2px solid #c0392b; color: #7b1f16; font-size: 17px; }
+.ok { background: #e8f6ec; border: 1px solid #58a86b; } .warn { background: #fff4d6; border: 1px solid #d9a400; }
+.summary { background: #f5f8fb; border: 1px solid #dde3ea; border-radius: 8px; padding: 6px 20px 12px; }
+.summary li { margin: 6px 0; } .help { color: #4a5561; font-size: 14px; }
+table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13.5px; }
+th, td { border: 1px solid #d4dbe3; padding: 5px 8px; text-align: left; vertical-align: top; }
+th { background: #eef2f6; } tr:nth-child(even) td { background: #fafbfc; }
+td:first-child { white-space: nowrap; }
+td.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.bad { color: #b3261e; font-weight: 600; }
+.figs { display: grid; grid-template-columns: repeat(auto-fit, minmax(500px, 1fr)); gap: 12px; }
+figure { margin: 0; } figure.single { max-width: 660px; } figure img { width: 100%; border: 1px solid #e3e7ec; }
+figcaption { font-size: 13px; color: #4a5561; }
+dl dt { font-weight: 600; margin-top: 10px; } dl dd { margin: 2px 0 0 0; }
+details pre { font-size: 12px; background: #f5f7f9; padding: 10px; overflow-x: auto; }
+"""
+
+
+# ---- building blocks -----------------------------------------------------------------
+def esc(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def page(title: str, subtitle: str, parts: list[str]) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1><div class=\"meta\">{esc(subtitle)}</div>"
+            + "".join(parts) + "</body></html>\n")
+
+
+def section(title: str, *parts: str) -> str:
+    return f"<h2>{esc(title)}</h2>" + "".join(parts)
+
+
+def banner(text: str, kind: str) -> str:
+    return f'<div class="banner {kind}">{esc(text)}</div>'
+
+
+def paragraphs(texts: list[str], css: str = "") -> str:
+    return "".join(f'<p class="{css}">{esc(t)}</p>' if css else f"<p>{esc(t)}</p>" for t in texts)
+
+
+def bullets(texts: list[str]) -> str:
+    return "<ul>" + "".join(f"<li>{esc(t)}</li>" for t in texts) + "</ul>"
+
+
+def table(head: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    """Cells are escaped; a cell given as ("bad", text) is shown as a warning."""
+    def cell(i, value):
+        css = " ".join(c for c in ("n" if i in numeric else "", "bad" if isinstance(value, tuple) else "") if c)
+        text = value[1] if isinstance(value, tuple) else value
+        return f'<td class="{css}">{esc(text)}</td>' if css else f"<td>{esc(text)}</td>"
+    return ("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(cell(i, v) for i, v in enumerate(row)) + "</tr>" for row in rows) + "</table>")
+
+
+def figure(png: bytes, alt: str, caption: str, css: str = "") -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return (f'<figure class="{css}"><img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def definitions(notes: list[dict]) -> str:
+    return "<dl>" + "".join(f"<dt>{esc(n['topic'])}</dt><dd>{esc(n['text'])}</dd>" for n in notes) + "</dl>"
+
+
+def collapsed(summary: str, text: str) -> str:
+    return f"<details><summary>{esc(summary)}</summary><pre>{esc(text)}</pre></details>"
+
+
+def eps(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def num(value, spec: str = "g") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+# ---- the run report ------------------------------------------------------------------
+CAPTIONS = {
+    "epsilon": "Cumulative sample-level epsilon of each client after each round (PRV accountant), with the "
+               "budgets as dashed lines. Round 0 shows what was spent before this run.",
+    "noise": "Noise multiplier sigma each client chose per round (the server's request is a floor; a client may "
+             "add more). An x on the axis marks a refused round.",
+    "utility": "Evaluation loss on held-out records after each round: the federation (bold) and each client; "
+               "round 0 is the untrained adapter.",
+    "privacy_utility": "This run in the privacy-utility plane: the weakest client guarantee (largest epsilon) "
+                       "against the evaluation loss, after each round; the star is the final model.",
+}
+
+
+def render_report(doc: dict, figures: dict[str, bytes]) -> str:
+    run, summary = doc["run"], doc["summary"]
+    parts = [banner(summary["partial"], "partial")] if summary["partial"] else []
+    parts.append('<div class="summary"><h2>Summary</h2>' + paragraphs(summary["what"])
+                 + "<p><b>Privacy guarantees</b></p>" + bullets(summary["guarantees"])
+                 + paragraphs([summary["check"]]) + paragraphs([summary["how_to_read"]], "help") + "</div>")
+    parts.append(section("Per-client privacy", _client_table(doc["clients"]), _round_table(doc["clients"])))
+    if figures:
+        parts.append(section("Plots", '<div class="figs">' + "".join(
+            figure(png, name, CAPTIONS[name]) for name, png in figures.items()) + "</div>"))
+    if doc["user_level"]:
+        parts.append(_user_section(doc["user_level"]))
+    parts.append(_accounting_section(doc))
+    parts.append(section("What is and is not protected", definitions(doc["protection"])))
+    parts.append(section("Empirical audit", paragraphs(
+        ["No empirical audit was run for this run: the epsilons above are proven upper bounds, not measurements."]
+        if doc["audit"] is None else [json.dumps(doc["audit"])])))
+    parts.append(section("Run details", _settings(run), _events(run), collapsed(
+        "report.json (every number in this page)", json.dumps({k: v for k, v in doc.items() if k != "summary"},
+                                                              indent=1))))
+    return page(f"Privacy report: run {run['id']}",
+                f"{run['dir']} · generated {doc['generated']} · {doc['schema']}", parts)
+
+
+def _client_table(clients: dict) -> str:
+    rows = []
+    for name, c in clients.items():
+        if not c["trained"]:
+            rows.append([name, "—", "—", "not trained in this run", "", "", "", "", "", "", "", ""])
+            continue
+        sigmas = " / ".join(f"{s:.3g}" for s in c["noise_multipliers"].values()) or "—"
+        refused = ", ".join(f"round {r['round']}" for r in c["refused"]) or "none"
+        if c["dp"]:
+            prv, rdp = eps(c["epsilon"]) + ("" if c["recomputed"] else " (reported)"), eps(c["epsilon_rdp"])
+        else:
+            prv, rdp = ("bad", "no DP"), ("bad", "no DP")
+        rows.append([name, num(c["records"]), fmt_delta(c["delta"]) if c["delta"] else "—", sigmas,
+                     num(c["clip_norm"]), _rate(c["sample_rate"]), c["steps"], prv, rdp, num(c["budget"]),
+                     num(c["remaining"], ".3f"), ("bad", refused) if c["refused"] else refused])
+    head = ["client", "records", "delta", "sigma per round", "clip C", "sample rate q", "steps", "eps (PRV)",
+            "eps (RDP)", "budget", "remaining", "refused"]
+    return table(head, rows, numeric={1, 2, 4, 5, 6, 7, 8, 9, 10})
+
+
+def _rate(value) -> str:
+    if value is None:
+        return "—"
+    return " / ".join(f"{v:.4f}" for v in value) if isinstance(value, list) else f"{value:.4f}"
+
+
+def _round_table(clients: dict) -> str:
+    rows = []
+    for name, c in clients.items():
+        for r in c.get("rounds", []):
+            if r.get("agrees"):
+                check = "yes"
+            elif r.get("epsilon_reported") is None:
+                check = "n/a"
+            else:
+                check = "includes earlier spend" if r.get("reported_outside_spend") else ("bad", "NO")
+            rows.append([name, r["round"], r["status"], f"{r['noise_multiplier']:.4g}", f"{r['clip_norm']:g}",
+                         f"{r['sample_rate']:.4f}", r["steps"], eps(r["epsilon"]), eps(r["epsilon_rdp"]),
+                         eps(r.get("epsilon_reported")), check, r.get("reason", "")])
+    if not rows:
+        return ""
+    head = ["client", "round", "status", "sigma", "C", "q", "steps", "eps PRV", "eps RDP", "reported", "agrees",
+            "reason"]
+    if not any(row[-1] for row in rows):
+        head, rows = head[:-1], [row[:-1] for row in rows]
+    return ("<p>Every round, recomputed from the events (cumulative epsilon after the round) next to what the "
+            "client reported:</p>" + table(head, rows, numeric={1, 3, 4, 5, 6, 7, 8, 9}))
+
+
+def _user_section(user: dict) -> str:
+    rows = [[r["round"], r.get("eligible", "—"), r.get("cohort", "—"), f"{r.get('clipped_fraction', 0):.0%}",
+             eps(r["epsilon"]), eps(r.get("epsilon_reported"))] for r in user["rounds"]]
+    return section(
+        "User-level DP (whole clients, on the server)",
+        paragraphs([f"{user['mechanism']}: each client's update is clipped to L2 norm S = {user['clip_norm']:g}, "
+                    f"each client is sampled independently with probability q = {user['sample_rate']:g} per round, "
+                    f"and Gaussian noise with multiplier z = {user['noise_multiplier']:g} is added to the mean "
+                    f"(std z·S / expected cohort). User-level (ε, δ) = ({eps(user['epsilon'])}, "
+                    f"{fmt_delta(user['delta'])}) after {len(user['rounds'])} round(s), PRV accountant."]),
+        table(["round", "eligible clients", "cohort", "updates clipped", "user-level eps", "reported"], rows,
+              numeric={0, 1, 2, 3, 4, 5}))
+
+
+def _accounting_section(doc: dict) -> str:
+    acc = doc["accounting"]
+    status = (banner("Every epsilon recomputed from the stored events agrees with the reported one.", "ok")
+              if not acc["disagreements"] else banner(f"{len(acc['disagreements'])} disagreement(s):", "warn")
+              + bullets(acc["disagreements"]))
+    sources = [f"{name}: events from {c['source']}" for name, c in doc["clients"].items() if c.get("trained")]
+    return section("Accounting check", status, paragraphs([
+        "Accountant: PRV (Gopi et al. 2021, through Opacus), the reported numbers; RDP (Mironov et al. 2019) as a "
+        "looser cross-check. Each DP-SGD step is a Poisson-subsampled Gaussian mechanism; a client's epsilon "
+        "composes every step of every round and run on the same data. No amplification from client selection."]),
+        bullets(sources))
+
+
+def _settings(run: dict) -> str:
+    config = run["config"]
+    rows = [["model", run["model"]], ["task", run["task"]], ["data", f"{run['data']}, {run['partition']}"],
+            ["LoRA", f"rank {run['lora']['r']}, alpha {run['lora']['alpha']}, on {run['lora']['target_modules']}"],
+            ["aggregation", run["aggregation"] or "not recorded (the run predates server.aggregation)"],
+            ["rounds", f"{run['rounds_completed']} of {run['rounds_planned']} planned"],
+            ["local training", f"{config['train.local-steps']} DP-SGD steps per round, expected batch "
+                               f"{config['train.batch-size']}, learning rate {config['train.lr']:g}"],
+            ["DP asked by the server", f"target epsilon {config['dp.target-epsilon']:g} over the planned rounds, "
+                                       f"sigma floor {config['dp.noise-multiplier']:g}, clip {config['dp.clip-norm']:g}"
+             if run["dp_enabled"] else "off"]]
+    return table(["setting", "value"], rows)
+
+
+def _events(run: dict) -> str:
+    if not run["events"]:
+        return paragraphs(["events.jsonl: none recorded."])
+    rows = [[e.get("time", ""), e.get("event", ""),
+             ", ".join(f"{k} {v}" for k, v in e.items() if k not in ("time", "event"))] for e in run["events"]]
+    return table(["time", "event", "details"], rows)
+
+
+# ---- a client's own ledger -----------------------------------------------------------
+def write_budget_html(statements: list[dict], out: Path) -> Path:
+    """Write the budget page atomically (a half-written page must never look complete)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(render_budget(statements), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def render_budget(statements: list[dict]) -> str:
+    """One page for one or more ledgers (privacy.statement.statement documents)."""
+    parts = [paragraphs([EPSILON_HELP], "help")] + [_ledger_section(doc) for doc in statements]
+    parts.append(section("What is and is not protected",
+                         definitions(protection_notes(seeds=None, aggregation=None, user=None))))
+    return page("Privacy budget of a client's data", "generated by fedslm budget --html from the local ledger; "
+                "nothing in it was sent to the server", parts)
+
+
+def _ledger_section(doc: dict) -> str:
+    spent, budget, remaining = doc["spent_epsilon"], doc["max_epsilon"], doc["remaining_epsilon"]
+    sentence = (f"Each of the {doc['dataset']['records']} records of this dataset is protected with (ε, δ) = "
+                f"({spent:.2f}, {fmt_delta(doc['delta'])}) over everything recorded in this ledger; "
+                f"{fmt_budget(budget, remaining)}.")
+    rows, mismatches = [], 0
+    for r in doc["entries"]:
+        stored, recomputed = r["epsilon_after"], r["epsilon_recomputed"]
+        differs = r["status"] != "refused" and abs(stored - recomputed) > 1e-3
+        mismatches += differs
+        rows.append([r["run_id"], r["round"], r["status"], f"{r['noise_multiplier']:.4g}", f"{r['clip_norm']:g}",
+                     f"{r['sample_rate']:.4f}", r["steps"], f"{recomputed:.3f}", f"{r['epsilon_rdp_recomputed']:.3f}",
+                     ("bad", f"{stored:.3f}") if differs else f"{stored:.3f}", f"{r['max_epsilon']:g}", r["reason"]])
+    check = (banner("Every stored epsilon agrees with the one recomputed from the ledger's events.", "ok")
+             if not mismatches else banner(f"{mismatches} stored epsilon(s) differ from the recomputed ones.", "warn"))
+    ledger = Path(doc["ledger"])
+    return section(
+        f"{ledger.parent.name}: dataset {doc['dataset']['fingerprint'][:16]}",
+        paragraphs([f"Ledger file {ledger}"], "meta"),
+        '<div class="summary">' + paragraphs([sentence]) + "</div>",
+        check,
+        figure(_ledger_plot(doc), "epsilon", "Cumulative epsilon after each ledger entry (PRV), with the budget "
+               "dashed; entry 0 is the empty ledger.", "single"),
+        table(["run", "round", "status", "sigma", "C", "q", "steps", "eps PRV", "eps RDP", "stored", "budget",
+               "reason"], rows, numeric={1, 3, 4, 5, 6, 7, 8, 9, 10}))
+
+
+def _ledger_plot(doc: dict) -> bytes:
+    points = [(0, 0.0)] + [(i, r["epsilon_recomputed"]) for i, r in enumerate(doc["entries"], 1)]
+    return plots.epsilon_plot({"this dataset": points}, {"this dataset": doc["max_epsilon"]}, len(points) - 1,
+                              xlabel="ledger entry")

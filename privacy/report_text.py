@@ -1,0 +1,217 @@
+"""The report's plain words: what the run did, what each guarantee means, what is not protected.
+
+Written for a reader who is not a DP expert (a hospital's compliance officer): whole
+sentences with the numbers in them, no symbol left unexplained. The same sentences go
+into report.json, so a machine reading the report and a person reading the page see the
+same claims.
+"""
+
+from __future__ import annotations
+
+import math
+
+from privacy.reconcile import ClientAccount, UserLevelAccount
+from privacy.run_files import RunFiles
+from server.aggregate import resolve_aggregation
+
+MODELS = {"smollm2": "SmolLM2-135M-Instruct (a 135-million-parameter language model)",
+          "tiny": "a tiny 1.2M-parameter test Llama (a smoke test, not a useful language model)"}
+TASKS = {"sft": "instruction fine-tuning: answering a prompt, with the loss on the response tokens only",
+         "label": "classification: picking a label by its likelihood under the model",
+         "next-word": "next-word prediction"}
+EPSILON_HELP = ("How to read (ε, δ): smaller ε is stronger protection. Whatever anyone can learn from the trained "
+                "model is almost as likely whether or not one given record was in the training data: at most e^ε "
+                "times more likely, except with probability δ. ε ≤ 1 is strong; ε around 8 is what published DP "
+                "fine-tuning of language models typically reports.")
+
+
+def fmt_delta(delta: float) -> str:
+    """1e-05 -> 1e-5, 0.00015625 -> 1.56e-4."""
+    return f"{delta:.3g}".replace("e-0", "e-")
+
+
+def fmt_budget(budget: float, remaining: float) -> str:
+    return f"budget {budget:g}, " + ("fully spent" if remaining < 0.005 else f"{remaining:.2f} left")
+
+
+def describe_run(files: RunFiles) -> dict:
+    """What was trained, on what, and how far the run got (PARTIAL when it stopped short)."""
+    config, rows = files.config, files.rows
+    model = config["model.name"]
+    planned, completed = config["server.rounds"], rows[-1]["round"]
+    last = files.events[-1] if files.events else None
+    partial, reason = completed < planned, None
+    if last and last.get("event") == "stopped":
+        partial, reason = True, f"stopped early: {last.get('stopped', 'no reason recorded')}"
+    elif partial:
+        reason = (f"metrics.jsonl ends at round {completed} of {planned} and events.jsonl records no end "
+                  "of the run: it crashed, was interrupted, or is still running")
+    data = config["data.path"] or "the packaged MedQuAD excerpt of medical questions and answers"
+    partition = {"natural": f"one client per value of '{config['data.partition-by']}'",
+                 "dirichlet": f"a skewed split by '{config['data.partition-by']}' "
+                              f"(Dirichlet alpha {config['data.dirichlet-alpha']:g})",
+                 "iid": "split at random"}.get(config["data.partition"], config["data.partition"])
+    return {
+        "id": files.run_id, "dir": str(files.path), "scenario": config.get("run.scenario"),
+        "model": MODELS.get(model, model), "model_name": model,
+        "task": TASKS.get(config["data.task"], config["data.task"]),
+        "data": data, "partition": partition,
+        "lora": {"r": config["lora.r"], "alpha": config["lora.alpha"], "target_modules": config["lora.target-modules"]},
+        "aggregation": resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
+        if "server.aggregation" in files.recorded else None,
+        "dp_enabled": config["dp.enabled"], "user_dp_enabled": config["user-dp.enabled"],
+        "rounds_planned": planned, "rounds_completed": completed,
+        "rounds_skipped": [r["round"] for r in rows if r.get("skipped")],
+        "partial": partial, "partial_reason": reason,
+        "events": files.events, "config": config,
+    }
+
+
+def summary_sentences(run: dict, utility: dict, accounts: dict[str, ClientAccount], idle: list[str],
+                      user: UserLevelAccount | None, disagreements: list[str]) -> dict:
+    """The one-page summary: {"partial", "what", "guarantees", "check", "how_to_read"}.
+
+    ``idle``: clients that only evaluated (never selected for training in this run).
+    """
+    partial = (f"PARTIAL RUN: only {run['rounds_completed']} of {run['rounds_planned']} planned rounds; "
+               f"{run['partial_reason']}.") if run["partial"] else None
+    records = [a.records for a in accounts.values() if a.records]
+    total = f"{sum(records)} training records in all" if len(records) == len(accounts) and records else ""
+    held = (f"{len(accounts)} of them trained, on {total or 'their records'}" if idle
+            else f"holding {total}" if total else "")
+    skipped = run["rounds_skipped"]
+    what = [
+        f"This run fine-tuned {run['model']} with LoRA adapters (rank {run['lora']['r']} on "
+        f"{run['lora']['target_modules'].replace(',', ', ')}) for {run['task']}.",
+        f"The data: {run['data']}, {run['partition']} ({len(accounts) + len(idle)} clients"
+        + (f"; {held}" if held else "") + "). The data never left the clients; only adapter updates did.",
+        f"{run['rounds_completed']} of {run['rounds_planned']} planned rounds ran"
+        + (f"; round(s) {', '.join(map(str, skipped))} left the model unchanged (too few valid client updates)"
+           if skipped else "") + ". " + _utility_sentence(utility),
+    ]
+    guarantees = [_client_sentence(a) for a in accounts.values()]
+    guarantees += [f"Client {name} was not selected for training in this run: its training records were not used "
+                   "(nothing spent here)." for name in idle]
+    if user is not None:
+        guarantees.append(f"In addition, the server protected each WHOLE client's data in the model it released "
+                          f"(user-level DP): (ε, δ) = ({user.epsilon:.2f}, {fmt_delta(user.delta)}) over "
+                          f"{len(user.rounds)} round(s).")
+    unverifiable = [a.name for a in accounts.values() if a.dp and not a.recomputable]
+    if disagreements:
+        check = (f"WARNING: {len(disagreements)} recomputed epsilon(s) disagree with what was reported; see "
+                 "'Accounting check'.")
+    elif unverifiable:
+        check = (f"Every epsilon this run's files allow to recompute agrees with what the clients reported. The totals "
+                 f"of {', '.join(unverifiable)} include earlier spend (other runs on the same data) that the clients "
+                 "reported and only their own ledgers hold.")
+    else:
+        check = ("All epsilons were recomputed from the recorded training events and agree with what the clients "
+                 "reported.")
+    return {"partial": partial, "what": what, "guarantees": guarantees, "check": check, "how_to_read": EPSILON_HELP}
+
+
+def _utility_sentence(utility: dict) -> str:
+    first, last = utility["round0"], utility["final"]
+    if first is None or last is None:
+        return "No evaluation after training was recorded, so the utility of the trained adapter is unknown."
+    change = (last["eval_loss"] / first["eval_loss"] - 1) * 100
+    text = (f"On held-out records the clients never trained on, the evaluation loss went from "
+            f"{first['eval_loss']:.3f} before training (round 0) to {last['eval_loss']:.3f} after round "
+            f"{last['round']} ({change:+.1f}%; lower is better")
+    text += f"; perplexity {math.exp(first['eval_loss']):.1f} → {math.exp(last['eval_loss']):.1f})" \
+        if last["eval_loss"] < 50 else ")"
+    for key in ("accuracy", "top1_accuracy"):
+        if key in first and key in last:
+            text += f"; {key.replace('_', ' ')} {first[key]:.1%} → {last[key]:.1%}"
+    return text + "."
+
+
+def _client_sentence(a: ClientAccount) -> str:
+    records = f" ({a.records} records)" if a.records else ""
+    if not a.dp:
+        return f"Client {a.name}{records} trained WITHOUT differential privacy: its records have no formal protection."
+    if math.isnan(a.epsilon):
+        return f"Client {a.name}: its privacy records could not be read, so no guarantee can be stated."
+    text = (f"Each record of client {a.name}{records} is protected with (ε, δ) = "
+            f"({a.epsilon:.2f}, {fmt_delta(a.delta)}) over all training on these records so far")
+    if not a.recomputable:
+        text += (f" (this run: ε = {a.epsilon_run:.2f}; the total includes earlier spend that the client "
+                 "reported and only its own ledger holds)")
+    elif a.epsilon_before > 0:
+        text += f" (this run: ε = {a.epsilon_run:.2f}; before it: {a.epsilon_before:.2f})"
+    if a.budget is not None:
+        text += f"; {fmt_budget(a.budget, a.remaining)}"
+    if a.refused:
+        rounds = ", ".join(str(r["round"]) for r in a.refused)
+        text += f". It refused round(s) {rounds}: {a.refused[-1]['reason']}"
+    return text + "."
+
+
+def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLevelAccount | None,
+                     server_noise_seed: int | None = None, dp_enabled: bool = True) -> list[dict]:
+    """What is and is not protected, as {"topic", "text"} items.
+
+    ``seeds``: the noise_seed fields of the privacy records (None: a client ledger, which
+    does not record them); ``aggregation``: None when unknown (a client's own view).
+    """
+    update = ("its LoRA B factors; A is fixed by the shared seed, FFA-LoRA" if aggregation == "ffa"
+              else "its LoRA adapter factors")
+    notes = [
+        {"topic": "Unit of privacy",
+         "text": "One training record (one example, e.g. one question-answer pair) of one client. A person with k "
+                 "records in a client's data is protected roughly k times more weakly (group privacy)."},
+        {"topic": "Sample-level DP (on each client)",
+         "text": "Each client trains with DP-SGD (Opacus): every example's gradient is clipped to the clip norm C "
+                 "and Gaussian noise of standard deviation sigma·C is added to each step. Epsilon composes every "
+                 "step of every round and run the client took part in (PRV accountant; RDP as a cross-check)."},
+        {"topic": "User-level DP (on the server)",
+         "text": ("ON: the server clips each client's whole update, samples clients at random (Poisson) and adds "
+                  "noise to their mean (DP-FedAvg), so the released adapter also protects each whole client. It "
+                  "protects what the server releases, not what the server sees, and is weak when few clients take "
+                  "part in every round.") if user else
+                 "OFF: a whole client's data set is not protected as a unit; only each record is (sample-level)."},
+        {"topic": "Poisson sampling",
+         "text": "Each DP-SGD step includes every record independently with probability q (the sample rate). This "
+                 "is what the accountant assumes; shuffled fixed-size batches would make the stated epsilon "
+                 "invalid (Chua et al. 2024), and fedslm never uses them under DP."},
+        {"topic": "No amplification from client selection",
+         "text": "When the server picks only some clients for a round, no privacy gain is claimed for it: a client "
+                 "knows when it was picked, so its epsilon counts every round it actually trained in."},
+        {"topic": "Opacus secure_mode is OFF",
+         "text": "secure_mode needs torchcsprng, whose last release (2021) cannot be installed with this torch. The "
+                 "noise comes from torch's Mersenne Twister generator (fast, not cryptographically secure), "
+                 + _seed_text(seeds) + " Floating-point attacks on the noise sampler are not mitigated."},
+        {"topic": "What the server still sees",
+         "text": f"Each client's adapter update ({update}), in clear: there is no secure aggregation. The update is "
+                 "the output of DP-SGD, so it is covered by the client's sample-level guarantee. Not covered: "
+                 "each client's record count, its train loss per round (computed on the training records without "
+                 "noise), and its privacy record (sigma, sample rate, steps, epsilon)."},
+        {"topic": "Metrics reported in clear",
+         "text": "Evaluation loss and accuracy are computed on each client's held-out records, which are never "
+                 "trained on and are NOT protected by DP; they are sent to the server and written to this report "
+                 "in clear."},
+    ]
+    if not dp_enabled:
+        notes.insert(0, {"topic": "Sample-level DP is OFF in this run",
+                         "text": "The clients trained without DP-SGD: their updates carry no privacy guarantee, and "
+                                 "the notes below on sample-level DP do not apply to this run."})
+    if user is not None and server_noise_seed is not None:
+        notes.append({"topic": "Server noise seed",
+                      "text": "The server's user-level noise is seeded from OS entropy." if server_noise_seed < 0 else
+                              f"The server's user-level noise used a FIXED seed ({server_noise_seed}): anyone who "
+                              "knows it and the clean mean can remove the noise. Not private against them."})
+    return notes
+
+
+def _seed_text(seeds: set | None) -> str:
+    if seeds is None:
+        return ("seeded from OS entropy by default, or from a fixed seed when dp.noise-seed >= 0; the ledger does not "
+                "record which (the server's privacy/ledger.json does, as noise_seed).")
+    if any(str(seed).startswith("fixed") for seed in seeds):
+        return ("seeded from a FIXED seed (dp.noise-seed >= 0) in at least one round: anyone who knows the seed can "
+                "regenerate and subtract the noise, so there is no guarantee against them.")
+    if seeds == {"os-entropy"}:
+        return "seeded afresh from OS entropy for every round (the server cannot derive the seed)."
+    return ("seeded from OS entropy by default, or from a fixed seed when dp.noise-seed >= 0; these privacy records "
+            "carry no noise_seed field (written before fedslm recorded it), so which one was used cannot be "
+            "confirmed from the files.")

@@ -1,0 +1,115 @@
+"""A finished (or stopped, or crashed) run directory, read for reporting.
+
+The report must be reproducible from the files alone, and a reader who gets an error
+must know which file to look at: every missing or unreadable file is one
+``UserError`` naming it. What is required depends on how far the run got:
+
+- ``config.json`` and ``metrics.jsonl`` (with at least round 0): always;
+- ``privacy/ledger.json`` (the server's view of the clients' privacy records): once a
+  round after round 0 is in metrics.jsonl, since the server writes it every round;
+- ``events.jsonl``: optional (runs written before it existed, or a crashed run); read
+  when present;
+- the clients' own ledgers: optional (a deployment's server never sees them); read when
+  a simulation left them on this machine, under ``<run>/ledgers/<client>/`` or
+  ``dp.ledger-dir/<client>/``.
+
+Old configurations lack keys added later; the current defaults fill them in, and
+``recorded`` says which keys the run really had (a default for a setting that did not
+exist yet may not describe what the run did).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from privacy.ledger import Ledger
+from slm.config import defaults
+from slm.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    path: Path
+    config: dict  # config.json over the current defaults
+    recorded: frozenset[str]  # the keys config.json itself holds (a key added later was not a setting then)
+    rows: list[dict]  # metrics.jsonl, one per round, round 0 first
+    view: dict  # privacy/ledger.json: {"clients": {name: [record...]}, "user_level": [...], "exhausted": [...]}
+    events: list[dict]  # events.jsonl
+    ledgers: dict[str, Ledger] = field(default_factory=dict)  # client name -> its own ledger, when found
+
+    @property
+    def run_id(self) -> str:
+        return self.config.get("run.id") or self.path.name
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> "RunFiles":
+        path = Path(run_dir).expanduser().resolve()
+        if not path.is_dir():
+            raise UserError(f"run directory {path}: not found")
+        stored = _json(path / "config.json", dict)
+        rows = _jsonl(path / "metrics.jsonl", required=True)
+        if not rows or rows[0].get("round") != 0:
+            raise UserError(f"{path / 'metrics.jsonl'}: no round 0 row (the run stopped before its first evaluation)")
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row.get("round"), int):
+                raise UserError(f"{path / 'metrics.jsonl'}: line {number} has no integer 'round'")
+        view_path = path / "privacy" / "ledger.json"
+        if view_path.exists() or len(rows) > 1:
+            view = _json(view_path, dict)
+            if not isinstance(view.get("clients"), dict):
+                raise UserError(f"{view_path}: missing field 'clients'")
+        else:
+            view = {"clients": {}}
+        files = cls(path=path, config={**defaults(), **stored}, recorded=frozenset(stored), rows=rows, view=view,
+                    events=_jsonl(path / "events.jsonl", required=False))
+        names = set(view["clients"]) | {n for r in rows for n in r.get("eval_clients", {})}
+        files.ledgers.update(_client_ledgers(files, sorted(names)))
+        return files
+
+
+def _json(path: Path, kind: type):
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: corrupt JSON ({err})") from None
+    if not isinstance(data, kind):
+        raise UserError(f"{path}: expected a JSON {kind.__name__}")
+    return data
+
+
+def _jsonl(path: Path, *, required: bool) -> list[dict]:
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path}: missing")
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {number} is corrupt JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _client_ledgers(files: RunFiles, names: list[str]) -> dict[str, Ledger]:
+    """Each client's ledger holding this run's entries (a client may have one per dataset)."""
+    roots = [files.path / "ledgers"]
+    if files.config.get("dp.ledger-dir"):
+        roots.append(Path(files.config["dp.ledger-dir"]).expanduser())
+    found = {}
+    for name in names:
+        for root in roots:
+            for candidate in sorted((root / name).glob("ledger-*.json")):
+                ledger = Ledger.load(candidate)
+                if any(e.run_id == files.run_id for e in ledger.entries):
+                    found[name] = ledger
+    return found

@@ -1,0 +1,224 @@
+"""The privacy report of a synthetic run directory: schema, recomputed epsilons, self-contained HTML, bad input.
+
+The run directory is written by hand (config.json, metrics.jsonl, privacy/ledger.json,
+events.jsonl) next to real client ledgers (privacy.ledger.Ledger), so no training runs.
+"""
+
+import base64
+import functools
+import json
+import re
+import shutil
+
+import pytest
+
+from privacy.accountant import SgmEvent, epsilon
+from privacy.ledger import Entry, Ledger, fingerprint
+from privacy.report import SCHEMA, build_report, write_report
+from simulation.cli import main
+from slm.config import resolve
+from slm.errors import UserError
+
+SIGMA = {"alpha": 1.0, "beta": 1.3}
+RATE, STEPS, DELTA, RECORDS = 0.1, 2, 1e-5, 40
+
+
+def _client_events(name: str, rounds: int) -> list[SgmEvent]:
+    return [SgmEvent(noise_multiplier=SIGMA[name], sample_rate=RATE, steps=STEPS)] * rounds
+
+
+@functools.cache
+def _epsilon(name: str, rounds: int, accountant: str) -> float:
+    return epsilon(_client_events(name, rounds), delta=DELTA, accountant=accountant)
+
+
+def _write_run(run, *, rounds: int = 2, planned: int = 2, user_dp: bool = False):
+    """A run of ``rounds`` completed rounds with two DP clients whose ledgers live in the run directory."""
+    run.mkdir(parents=True)
+    config = resolve({"run.id": run.name, "run.root": str(run.parent), "server.rounds": planned,
+                      "user-dp.enabled": user_dp, "dp.max-epsilon": 20.0})
+    (run / "config.json").write_text(json.dumps(config))
+    view = {"clients": {}, "user_level": [], "exhausted": []}
+    for name in SIGMA:
+        ledger = Ledger.open(run / "ledgers" / name, fingerprint=fingerprint([{"client": name}]), records=RECORDS,
+                             delta=DELTA)
+        for rnd in range(1, rounds + 1):
+            # what Ledger.reserve + commit write, with the epsilons computed once per test session
+            entry = Entry(run_id=run.name, round=rnd, noise_multiplier=SIGMA[name], clip_norm=1.0, sample_rate=RATE,
+                          steps=STEPS, delta=DELTA, epsilon_after=_epsilon(name, rnd, "prv"),
+                          epsilon_rdp_after=_epsilon(name, rnd, "rdp"), max_epsilon=20.0, status="committed")
+            ledger.entries.append(entry)
+            view["clients"].setdefault(name, []).append({
+                "round": rnd, "client": name, "dp": True, "noise_seed": "os-entropy", "status": entry.status,
+                "noise_multiplier": entry.noise_multiplier, "clip_norm": entry.clip_norm,
+                "sample_rate": entry.sample_rate, "steps": entry.steps, "delta": entry.delta,
+                "epsilon": entry.epsilon_after, "epsilon_rdp": entry.epsilon_rdp_after, "max_epsilon": 20.0,
+                "accountant": "prv", "sampling": "poisson", "records": RECORDS, "reason": ""})
+        ledger.save()
+    (run / "privacy").mkdir()
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    rows = [{"round": 0, "eval_loss": 3.0, "eval_clients": _evals(3.0)}]
+    for rnd in range(1, rounds + 1):
+        row = {"round": rnd, "sampled": 2, "participants": [
+            {"client": n, "train_loss": 3.0, "num-examples": RECORDS, "steps": STEPS, "seconds": 1.0,
+             "update_norm": 0.5} for n in SIGMA], "refused": [], "failed": [], "rejected": [],
+            "bytes_up": 10, "bytes_down": 10, "eval_loss": 3.0 - 0.1 * rnd, "eval_clients": _evals(3.0 - 0.1 * rnd)}
+        if user_dp:
+            row["user_dp"] = {"round": rnd, "clip_norm": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5,
+                              "eligible": 2, "cohort": 1, "clipped_fraction": 1.0, "delta": DELTA,
+                              "epsilon": epsilon([SgmEvent(1.0, 0.5, 1)] * rnd, delta=DELTA), "accountant": "prv",
+                              "sampling": "poisson"}
+        rows.append(row)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    event = {"event": "finished", "rounds": rounds} if rounds == planned else \
+        {"event": "stopped", "rounds": rounds, "stopped": "only 0 clients still have budget (min-clients 2)"}
+    (run / "events.jsonl").write_text(json.dumps({"time": "2026-01-01T00:00:00Z", **event}) + "\n")
+    return run
+
+
+def _evals(loss: float) -> dict:
+    return {n: {"eval_loss": loss, "eval_tokens": 100.0, "eval_examples": 4.0, "num-examples": 4} for n in SIGMA}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    return _write_run(tmp_path_factory.mktemp("runs") / "finished")
+
+
+@pytest.fixture
+def run(finished, tmp_path):
+    """A private copy of the finished run, free to damage."""
+    return shutil.copytree(finished, tmp_path / "finished")
+
+
+def test_report_json_has_the_schema_and_epsilons_recomputed_from_the_events(run):
+    html = write_report(run)
+    doc = json.loads((run / "report.json").read_text())
+    assert html == run / "report.html" and doc["schema"] == SCHEMA
+    assert doc["audit"] is None and doc["user_level"] is None and not doc["run"]["partial"]
+    assert doc["accounting"]["disagreements"] == []
+    for name in SIGMA:
+        client = doc["clients"][name]
+        assert client["epsilon"] == pytest.approx(epsilon(_client_events(name, 2), delta=DELTA), rel=1e-9)
+        assert client["epsilon_rdp"] == pytest.approx(
+            epsilon(_client_events(name, 2), delta=DELTA, accountant="rdp"), rel=1e-9)
+        assert [r["epsilon"] for r in client["rounds"]] == pytest.approx(
+            [epsilon(_client_events(name, k), delta=DELTA) for k in (1, 2)], rel=1e-9)
+        assert client["records"] == RECORDS and client["delta"] == DELTA and client["budget"] == 20.0
+        assert client["remaining"] == pytest.approx(20.0 - client["epsilon"])
+        assert any(f"client {name} ({RECORDS} records) is protected with (ε, δ) = ({client['epsilon']:.2f}, 1e-5)"
+                   in s for s in doc["summary"]["guarantees"])
+    assert set(doc["plots"]) == {"epsilon", "noise", "utility", "privacy_utility"}
+    for relative in doc["plots"].values():
+        assert (run / relative).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_html_is_self_contained_with_png_data_uris(run):
+    page = write_report(run).read_text()
+    assert "<style>" in page and "<link" not in page and "<script" not in page and "url(" not in page
+    references = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)', page)
+    assert references and all(ref.startswith("data:image/png;base64,") for ref in references)
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?https?://", page)
+    for ref in references:
+        assert base64.b64decode(ref.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "no empirical audit was run for this run" in page.lower()
+
+
+def test_a_stopped_run_is_reported_as_partial(tmp_path):
+    run = _write_run(tmp_path / "stopped", rounds=1, planned=3)
+    doc, _ = build_report(run)
+    assert doc["run"]["partial"] and "stopped early: only 0 clients still have budget" in doc["run"]["partial_reason"]
+    assert doc["summary"]["partial"].startswith("PARTIAL RUN: only 1 of 3 planned rounds")
+    assert "PARTIAL RUN" in write_report(run).read_text()
+
+
+def test_a_run_without_an_end_event_and_missing_rounds_is_partial(run):
+    (run / "events.jsonl").unlink()
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(rows[:-1]) + "\n")  # crashed during round 2
+    doc, _ = build_report(run)
+    assert doc["run"]["partial"] and "no end of the run" in doc["run"]["partial_reason"]
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda run: (run / "config.json").unlink(), "config.json"),
+    (lambda run: (run / "metrics.jsonl").write_text('{"round": 0}\n{"round": 1, "eval\n'), "metrics.jsonl: line 2"),
+    (lambda run: (run / "privacy" / "ledger.json").write_text("{not json"), "ledger.json"),
+    (lambda run: (run / "privacy" / "ledger.json").unlink(), "ledger.json"),
+    (lambda run: (run / "events.jsonl").write_text("[1, 2]\n"), "events.jsonl"),
+    (lambda run: next((run / "ledgers" / "beta").glob("ledger-*.json")).write_text("{}"), "ledgers/beta/ledger-"),
+])
+def test_missing_or_corrupt_files_give_one_line_naming_the_file(run, damage, named):
+    damage(run)
+    with pytest.raises(UserError) as err:
+        build_report(run)
+    assert named in str(err.value) and "\n" not in str(err.value)
+    assert main(["report", str(run)]) == 2
+
+
+def test_user_level_section_appears_only_with_user_dp_rows(finished, tmp_path):
+    doc, _ = build_report(finished)
+    assert doc["user_level"] is None
+    run = _write_run(tmp_path / "user-dp", user_dp=True)
+    doc, _ = build_report(run)
+    assert doc["user_level"]["epsilon"] == pytest.approx(epsilon([SgmEvent(1.0, 0.5, 1)] * 2, delta=DELTA))
+    assert [r["cohort"] for r in doc["user_level"]["rounds"]] == [1, 1]
+    assert "User-level DP (whole clients" in write_report(run).read_text()
+    assert "User-level DP (whole clients" not in write_report(finished).read_text()
+
+
+def test_a_reported_epsilon_that_disagrees_with_the_events_is_flagged(run):
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    view["clients"]["alpha"][1]["epsilon"] = 0.5  # claims less than its events give
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    doc, _ = build_report(run)
+    assert len(doc["accounting"]["disagreements"]) == 1 and "alpha round 2" in doc["accounting"]["disagreements"][0]
+    assert doc["summary"]["check"].startswith("WARNING")
+
+
+def test_without_client_ledgers_the_server_view_is_recomputed_and_earlier_spend_kept(run):
+    shutil.rmtree(run / "ledgers")  # a deployment: the server never sees the clients' ledgers
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    for record in view["clients"]["beta"]:
+        record["epsilon"] += 1.0  # beta had spent on the same data in an earlier run
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    doc, _ = build_report(run)
+    alpha, beta = doc["clients"]["alpha"], doc["clients"]["beta"]
+    assert alpha["recomputed"] and alpha["source"].startswith("server view")
+    assert alpha["epsilon"] == pytest.approx(epsilon(_client_events("alpha", 2), delta=DELTA))
+    assert not beta["recomputed"] and beta["epsilon"] == pytest.approx(view["clients"]["beta"][-1]["epsilon"])
+    assert beta["epsilon_run"] == pytest.approx(epsilon(_client_events("beta", 2), delta=DELTA))
+    assert doc["accounting"]["disagreements"] == []
+
+
+def test_a_client_that_only_evaluated_is_listed_as_not_trained(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["eval_clients"]["gamma"] = {"eval_loss": 3.0, "eval_tokens": 10.0, "eval_examples": 4.0, "num-examples": 4}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc, _ = build_report(run)
+    assert doc["clients"]["gamma"] == {"trained": False, "eval_records": 4}
+    assert "3 clients; 2 of them trained" in doc["summary"]["what"][1]
+    assert any(s.startswith("Client gamma was not selected for training") for s in doc["summary"]["guarantees"])
+
+
+def test_a_client_without_dp_has_no_guarantee(run):
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    view["clients"]["beta"] = [{"round": r, "client": "beta", "dp": False, "status": "no-dp", "sample_rate": RATE,
+                                "steps": STEPS} for r in (1, 2)]
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    doc, _ = build_report(run)
+    assert doc["clients"]["beta"]["epsilon"] is None
+    assert any("beta" in s and "WITHOUT differential privacy" in s for s in doc["summary"]["guarantees"])
+
+
+def test_budget_html_renders_a_client_ledger_next_to_it(finished, tmp_path):
+    source = next((finished / "ledgers" / "alpha").glob("ledger-*.json"))
+    ledger = shutil.copy(source, tmp_path / source.name)
+    assert main(["budget", str(ledger), "--html"]) == 0
+    page = (tmp_path / "budget.html").read_text()
+    spent = epsilon(_client_events("alpha", 2), delta=DELTA)
+    assert f"(ε, δ) = ({spent:.2f}, 1e-5)" in page
+    references = re.findall(r'(?:src|href)\s*=\s*["\']([^"\']*)', page)
+    assert references and all(ref.startswith("data:image/png;base64,") for ref in references)
+    assert main(["budget", str(ledger), "--html", str(tmp_path / "out" / "page.html")]) == 0
+    assert (tmp_path / "out" / "page.html").is_file()
