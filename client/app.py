@@ -6,7 +6,7 @@ policy (node config in a deployment, run config in a simulation) decides the noi
 server's requested sigma is a floor, never a ceiling (privacy.policy).
 
 Node config keys honoured in deployments: ``data-path``, ``ledger-dir``, ``max-epsilon``,
-``delta``, ``model-dir``; in simulations Flower sets only ``partition-id`` and
+``delta``, ``model-dir``, ``shipped-dir``; in simulations Flower sets only ``partition-id`` and
 ``num-partitions``.
 """
 
@@ -19,11 +19,14 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from transformers import AutoTokenizer
 
 from client.data import DataSpec, load_local_data
+from client.shipment import load_shipped, verify_and_store
 from client.train import sample_rate, train_adapter
 from privacy.ledger import Entry, Ledger, fingerprint
 from privacy.policy import decide, default_delta
+from slm.base import resolve_model_dir
 from slm.config import from_run_config
 from slm.errors import UserError
 from slm.evaluate import evaluate
@@ -42,7 +45,7 @@ from slm.quiet import quiet_libraries
 from slm.tasks import Task
 
 NODE_KEYS = {"data-path": "data.path", "ledger-dir": "dp.ledger-dir", "max-epsilon": "dp.max-epsilon",
-             "delta": "dp.delta", "model-dir": "model.name"}
+             "delta": "dp.delta", "model-dir": "model.name", "shipped-dir": "ship.dir"}
 
 quiet_libraries()
 app = ClientApp()
@@ -57,14 +60,18 @@ def local_config(context: Context) -> dict:
     return from_run_config(overrides)
 
 
-def _setup(msg: Message, context: Context):
-    config = local_config(context)
+def _local_data(config: dict, context: Context):
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
     if "data-path" in context.node_config:  # a deployment: the whole file is this client's
         partition_id, num_partitions = 0, 1
+    return load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+
+
+def _setup(msg: Message, context: Context):
+    config = local_config(context)
     round_cfg = msg.content["config"]
-    local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+    local = _local_data(config, context)
     model, tokenizer = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
     received = from_arrays(msg.content["arrays"])
     if round_cfg["aggregation"] == "ffa":
@@ -143,6 +150,23 @@ def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
             "epsilon": entry.epsilon_after, "epsilon_rdp": entry.epsilon_rdp_after,
             "max_epsilon": entry.max_epsilon, "accountant": entry.accountant, "sampling": entry.sampling,
             "records": ledger.records, "reason": entry.reason}
+
+
+@app.evaluate("ship")
+def evaluate_shipped(msg: Message, context: Context) -> Message:
+    """A shipped GGUF: verify its sha256, store it in the model dir, evaluate it here, reply metrics only."""
+    config = local_config(context)
+    cfg = msg.content["config"]
+    local = _local_data(config, context)
+    directory = Path(config["ship.dir"] or Path(str(cfg["run-dir"])) / "shipped") / local.name
+    path = verify_and_store(msg.content["artifact"]["file"].numpy(), expected_sha256=str(cfg["sha256"]),
+                            expected_bytes=int(cfg["bytes"]), directory=directory, name=str(cfg["file"]))
+    model = load_shipped(str(path), str(cfg["sha256"]))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config["model.name"]), local_files_only=True)
+    metrics = evaluate(model, tokenizer, Task.from_config(config), local.test)
+    content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
+                          "info": ConfigRecord({"client": local.name, "stored": str(path), "quant": str(cfg["quant"])})})
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

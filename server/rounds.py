@@ -27,8 +27,10 @@ from server import checkpoint
 from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState
 from server.rundir import RunDir
+from server.ship import build_artifacts, parse_quants, ship_messages
 from server.user_dp import UserDpSpec, clip_update, noisy_mean
 from server.validate import Rejected, validate_update
+from slm.errors import UserError
 from slm.lora import (
     LoraSpec,
     a_factor_digest,
@@ -72,9 +74,16 @@ class RoundSpec:
 
     @classmethod
     def from_config(cls, config: dict) -> "RoundSpec":
+        """Also rejects combinations that cannot work, before any client is contacted."""
+        aggregation = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
+        if config["user-dp.enabled"] and aggregation == "svd":
+            raise UserError("user-dp.enabled needs server.aggregation fedavg or ffa: svd re-factorizes each "
+                            "client's product, which a clipped, noised mean of updates does not provide")
+        if config["server.min-clients"] < 1 or config["server.rounds"] < 1:
+            raise UserError("server.rounds and server.min-clients must be at least 1")
         return cls(rounds=config["server.rounds"], min_clients=config["server.min-clients"],
                    fraction_train=config["server.fraction-train"], timeout=config["server.timeout"],
-                   aggregation=resolve_aggregation(config["server.aggregation"], config["dp.enabled"]),
+                   aggregation=aggregation,
                    max_update_norm=config["server.max-update-norm"])
 
 
@@ -93,6 +102,7 @@ class Federation:
         self.view = PrivacyView.from_dict(state.privacy_view)
         self.names: dict[int, str] = {}
         self.user_dp: UserDpSpec | None = None
+        self.last_trained, self.last_eval = 0, {}
         self.base_cfg = {"num-rounds": self.spec.rounds, "run-id": rundir.path.name, "run-dir": str(rundir.path),
                          "aggregation": self.spec.aggregation,
                          "lora-a-sha256": a_factor_digest(state.adapter)}
@@ -109,9 +119,12 @@ class Federation:
         return self.names.get(node_id, f"node-{node_id}")
 
     # ---- evaluation ----------------------------------------------------------------
-    def evaluate(self, server_round: int, nodes) -> dict:
+    def evaluate(self, server_round: int, nodes, replies=None, label: str = "eval") -> dict:
+        """Token-weighted federated eval loss (and accuracies) over the clients' held-out splits."""
         per_client, loss_sum, tokens, errors = {}, 0.0, 0.0, []
-        for reply in self._send(nodes, "evaluate", server_round):
+        if replies is None:
+            replies = self._send(nodes, "evaluate", server_round)
+        for reply in replies:
             if reply.has_error():
                 errors.append(f"{self._name(reply.metadata.src_node_id)}: {_last_line(reply.error.reason)}")
                 continue
@@ -129,10 +142,25 @@ class Federation:
         if errors:
             summary["eval_errors"] = errors
         clients = ", ".join(f"{n} {m['eval_loss']:.4f}" for n, m in sorted(per_client.items()))
-        say(f"round {server_round}: eval loss {summary['eval_loss']:.4f}  ({clients})")
+        say(f"round {server_round}: {label} loss {summary['eval_loss']:.4f}  ({clients})")
         for error in errors:
             say(f"round {server_round}: evaluation failed on {error}")
         return summary
+
+    # ---- shipping ------------------------------------------------------------------
+    def ship(self, server_round: int, nodes, fp32: dict) -> None:
+        """Export this round's model, ship each file to every client, record their evaluations."""
+        quants = parse_quants(self.config["ship.quantizations"])
+        artifacts = build_artifacts(self.rundir.path, self.config, server_round, quants,
+                                    eval_metrics={"eval_loss": fp32.get("eval_loss")})
+        results = {"fp32": {k: fp32[k] for k in ("eval_loss", "eval_clients", "accuracy") if k in fp32}}
+        for artifact in artifacts:
+            messages = ship_messages(artifact, nodes, {**self.base_cfg, "server-round": server_round})
+            replies = list(self.grid.send_and_receive(messages, timeout=self.spec.timeout))
+            summary = self.evaluate(server_round, nodes, replies=replies, label=f"shipped {artifact.quant} eval")
+            results[artifact.quant] = {**summary, "sha256": artifact.sha256, "bytes": artifact.bytes,
+                                       "file": artifact.path.name}
+        self.rundir.append_metrics({"round": server_round, "shipped": results})
 
     # ---- training ------------------------------------------------------------------
     def sample(self, available: list[int]) -> list[int]:
@@ -147,7 +175,11 @@ class Federation:
         sent = sent_tensors(self.state.adapter, self.spec.aggregation)
         states, weights, losses = [], [], []
         row = {"sampled": len(sampled), "participants": [], "refused": [], "failed": [], "rejected": []}
-        for reply in self._send(sampled, "train", server_round):
+        replies = self._send(sampled, "train", server_round)
+        for node in set(sampled) - {r.metadata.src_node_id for r in replies}:
+            row["failed"].append({"client": self._name(node), "reason": f"no reply within {self.spec.timeout:g}s"})
+            say(f"round {server_round}: {self._name(node)} did not reply within {self.spec.timeout:g}s")
+        for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 row["failed"].append({"client": self._name(node), "reason": _last_line(reply.error.reason)})
@@ -241,13 +273,23 @@ class Federation:
                 save_adapter(self.state.adapter, self.lora, self.base_model_path,
                              self.rundir.adapter_dir(server_round))
                 row.update(self.evaluate(server_round, nodes))
+                self.last_trained, self.last_eval = server_round, row
             self.state.round = server_round
             self.rundir.write_privacy_view(self.view.to_dict())
             self.rundir.append_metrics({"round": server_round, **row, "seconds": time.time() - t0})
+            every = self.config["ship.every"]
+            if new is not None and every and server_round % every == 0 and server_round < self.spec.rounds:
+                self._ship(server_round, nodes, row)
             self._checkpoint()
+        if self.last_trained:
+            self._ship(self.last_trained, nodes, self.last_eval)
         completed = self.state.round
         self.rundir.log_event({"event": "stopped" if outcome else "finished", "rounds": completed, **outcome})
         return {**outcome, "rounds_completed": completed}
+
+    def _ship(self, server_round: int, nodes, fp32: dict) -> None:
+        if parse_quants(self.config["ship.quantizations"]):
+            self.ship(server_round, nodes, fp32)
 
     def _checkpoint(self) -> None:
         self.state.privacy_view = self.view.to_dict()

@@ -92,11 +92,43 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from simulation.compare import render, summarize
+
+    summaries = [summarize(run) for run in args.runs]
+    print(json.dumps(summaries, indent=1) if args.json else render(summaries))
+    return 0
+
+
 def cmd_report(args) -> int:
     from privacy.report import write_report
 
     html = write_report(args.run_dir)
     print(f"[fedslm] privacy report: {html}  (and report.json, plots/ next to it)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from server.ship import build_artifacts, parse_quants
+    from slm.config import resolve
+
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    try:
+        config = resolve(json.loads((run_dir / "config.json").read_text()))
+    except FileNotFoundError:
+        raise UserError(f"run directory {run_dir}: config.json is missing") from None
+    rounds = sorted(int(p.name.split("-")[1]) for p in (run_dir / "adapters").glob("round-*"))
+    server_round = args.round if args.round is not None else (rounds[-1] if rounds else 0)
+    build_artifacts(run_dir, config, server_round, parse_quants(args.quant))
+    print(f"[fedslm] wrote {run_dir / 'model'}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from slm.chat import chat
+
+    chat(args.model, args.prompt, args.max_new_tokens)
+    print()
     return 0
 
 
@@ -133,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="privacy budget report of a run: report.json, report.html, plots/")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)
+    compare = sub.add_parser("compare", help="runs side by side: eval loss, bytes per client and round, epsilon")
+    compare.add_argument("runs", nargs="+", help="run directories")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.set_defaults(func=cmd_compare)
+    export = sub.add_parser("export", help="merge a run's adapter into the base; write GGUF files + manifests")
+    export.add_argument("run_dir")
+    export.add_argument("--quant", default="q8_0,q4_0", help="comma-separated: q8_0, q4_0, f16 ('' = merged dir only)")
+    export.add_argument("--round", type=int, help="adapter round to export (default: the last)")
+    export.set_defaults(func=cmd_export)
+    chat = sub.add_parser("chat", help="chat with a shipped GGUF or a merged model directory")
+    chat.add_argument("model", help="a .gguf file or an HF model directory")
+    chat.add_argument("--prompt", help="one-shot: answer this and exit (else read lines from stdin)")
+    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.set_defaults(func=cmd_chat)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser

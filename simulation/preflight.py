@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from client.data import DataSpec, load_local_data
 from client.train import sample_rate
+from server.rounds import RoundSpec
 from slm.base import resolve_model_dir
 from slm.lora import LoraSpec
 from slm.tasks import Task
@@ -21,6 +22,7 @@ def preflight(config: dict, num_clients: int) -> list[str]:
 
         raise UserError("--clients: must be at least 1")
     LoraSpec.from_config(config)
+    RoundSpec.from_config(config)
     Task.from_config(config)
     resolve_model_dir(config["model.name"])
     spec = DataSpec.from_config(config)

@@ -4,7 +4,8 @@
   with DP. Seconds per round; for smoke tests.
 - ``hospital`` (the demo): SmolLM2-135M-Instruct, 4 clients = 4 MedQuAD source
   institutes (natural partition by ``source``), instruction SFT, DP-SGD with a per-client
-  target epsilon of 8 over the planned rounds.
+  target epsilon of 8 over the planned rounds; at the end the merged model is exported as
+  Q8_0 and Q4_0 GGUF files, shipped to the 4 clients and evaluated there.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ SCENARIOS = {
             "dp.max-epsilon": 8.0,
             "server.rounds": 3,
             "server.min-clients": 2,
+            "ship.quantizations": "q8_0,q4_0",
         },
     ),
 }

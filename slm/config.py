@@ -77,6 +77,10 @@ SCHEMA: dict[str, Key] = {
     "user-dp.clip-norm": Key(1.0, "L2 bound S on each client's update"),
     "user-dp.noise-multiplier": Key(1.0, "z: noise std = z * S / expected cohort"),
     "user-dp.delta": Key(0.0, "user-level delta; 0 = min(1e-5, 0.1 / clients)"),
+    # shipping the merged, quantized model back to the clients
+    "ship.quantizations": Key("", "GGUF files to export and ship at the end ('q8_0,q4_0', 'f16'; '' = none)"),
+    "ship.every": Key(0, "also ship every k rounds (0 = only after the last round)"),
+    "ship.dir": Key("", "client directory for shipped models; empty = <run dir>/shipped (node config shipped-dir)"),
     "run.root": Key("runs", "directory under which each run gets its own directory"),
     "run.id": Key("", "run directory name; empty = timestamp"),
     "run.scenario": Key("custom", "scenario name recorded in the run directory"),
