@@ -89,8 +89,14 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
 
 
 def _utility(rows: list[dict]) -> dict:
-    rounds = []
+    """Per-round utility; rows with "shipped" are evaluations of the exported files, kept apart."""
+    rounds, shipped = [], []
     for row in rows:
+        if "shipped" in row:
+            shipped.append({"round": row["round"], **{name: {"eval_loss": m.get("eval_loss"), "bytes": m.get("bytes"),
+                                                             "sha256": m.get("sha256")}
+                                                      for name, m in row["shipped"].items()}})
+            continue
         entry = {"round": row["round"], "skipped": bool(row.get("skipped")),
                  "eval_loss": row.get("eval_loss"), "train_loss": row.get("train_loss"),
                  "eval_clients": {n: m.get("eval_loss") for n, m in row.get("eval_clients", {}).items()}}
@@ -100,7 +106,7 @@ def _utility(rows: list[dict]) -> dict:
     first = evaluated[0] if evaluated and evaluated[0]["round"] == 0 else None
     last = evaluated[-1] if evaluated and evaluated[-1]["round"] > 0 else None
     return {"rounds": rounds, "metric": "eval_loss (token-weighted mean over the clients' held-out records)",
-            "round0": first, "final": last}
+            "round0": first, "final": last, "shipped": shipped}
 
 
 def _client_doc(account: ClientAccount, eval_records: int | None) -> dict:

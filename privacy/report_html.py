@@ -123,6 +123,8 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
     if figures:
         parts.append(section("Plots", '<div class="figs">' + "".join(
             figure(png, name, CAPTIONS[name]) for name, png in figures.items()) + "</div>"))
+    if doc["utility"].get("shipped"):
+        parts.append(_shipped_section(doc["utility"]["shipped"]))
     if doc["user_level"]:
         parts.append(_user_section(doc["user_level"]))
     parts.append(_accounting_section(doc))
@@ -135,6 +137,24 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
                                                               indent=1))))
     return page(f"Privacy report: run {run['id']}",
                 f"{run['dir']} · generated {doc['generated']} · {doc['schema']}", parts)
+
+
+def _shipped_section(shipments: list[dict]) -> str:
+    """The exported files as the clients evaluated them on their own held-out records."""
+    rows = []
+    for ship in shipments:
+        reference = (ship.get("fp32") or {}).get("eval_loss")
+        for name, result in ship.items():
+            if name == "round":
+                continue
+            loss = result.get("eval_loss")
+            change = f"{(loss / reference - 1) * 100:+.2f}%" if reference and loss is not None else ""
+            size = f"{result['bytes'] / 1e6:.1f} MB" if result.get("bytes") else "(adapter on the fp32 base)"
+            rows.append([ship["round"], name, num(loss, ".4f"), change, size, (result.get("sha256") or "")[:16]])
+    return section("Shipped models", paragraphs([
+        "After training, the merged model was exported and sent to every client, which checked its sha256, stored "
+        "it and evaluated it on its own held-out records; only these metrics came back."]),
+        table(["round", "model", "eval loss", "vs fp32", "size", "sha256"], rows, numeric={0, 2, 3}))
 
 
 def _client_table(clients: dict) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.report import write_report
 from server import checkpoint
 from server.rounds import Federation, initial_state, say
 from server.rundir import RunDir
 from slm.base import resolve_model_dir
 from slm.config import from_run_config
+from slm.errors import UserError
 from slm.lora import LoraSpec, adapter_state, attach
 
 app = ServerApp()
@@ -32,3 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     stopped = f" (stopped early: {outcome['stopped']})" if "stopped" in outcome else ""
     say(f"done: {outcome['rounds_completed']} of {config['server.rounds']} rounds completed{stopped}")
     say(f"run directory: {rundir.path}")
+    try:
+        say(f"privacy report: {write_report(rundir.path)}")
+    except UserError as err:  # e.g. a run that stopped before round 0 wrote no metrics.jsonl
+        say(f"privacy report not written: {err}")

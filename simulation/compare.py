@@ -18,7 +18,7 @@ def summarize(run_dir: str) -> dict:
         raise UserError(f"run directory {run_dir}: {Path(err.filename).name} is missing") from None
     except json.JSONDecodeError as err:
         raise UserError(f"run directory {run_dir}: corrupt JSON ({err})") from None
-    trained = [r for r in rows if r["round"] > 0 and not r.get("skipped")]
+    trained = [r for r in rows if r["round"] > 0 and not r.get("skipped") and "shipped" not in r]
     eps = [p.get("epsilon") for r in _privacy_rows(path) for p in [r] if p.get("epsilon") is not None]
     return {
         "run": path.name,
