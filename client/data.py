@@ -9,12 +9,12 @@ deterministic test split for federated evaluation. Nothing here leaves the clien
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from slm.errors import UserError
+from slm.jsonfiles import iter_json_lines
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "medquad_4_institutes.jsonl"
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -95,16 +95,8 @@ def read_table(path: str):
 
 def _check_jsonl(file: Path) -> None:
     """Find the first malformed line ourselves: datasets' own error does not name it."""
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"data file {file}: line {number} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"data file {file}: line {number} is not a JSON object")
+    for _ in iter_json_lines(file, "data file"):
+        pass
 
 
 def check_fields(table, spec: DataSpec) -> None:

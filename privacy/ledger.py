@@ -22,6 +22,7 @@ from pathlib import Path
 
 from privacy.accountant import SgmEvent, epsilon
 from slm.errors import UserError
+from slm.jsonfiles import read_json
 
 FORMAT = "fedslm-ledger/1"
 SPENDING = ("reserved", "committed")
@@ -87,12 +88,7 @@ class Ledger:
     @classmethod
     def load(cls, path: Path) -> "Ledger":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"ledger {path}: not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise UserError(f"ledger {path}: corrupt JSON ({err})") from None
+        raw = read_json(path, "ledger")
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise UserError(f"ledger {path}: not a {FORMAT} file")
         try:

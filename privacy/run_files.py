@@ -20,13 +20,13 @@ exist yet may not describe what the run did).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from privacy.ledger import Ledger
 from slm.config import defaults
 from slm.errors import UserError
+from slm.jsonfiles import iter_json_lines, read_json
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,7 @@ class RunFiles:
 
 
 def _json(path: Path, kind: type):
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: corrupt JSON ({err})") from None
+    data = read_json(path)
     if not isinstance(data, kind):
         raise UserError(f"{path}: expected a JSON {kind.__name__}")
     return data
@@ -86,18 +81,7 @@ def _jsonl(path: Path, *, required: bool) -> list[dict]:
         if required:
             raise UserError(f"{path}: missing")
         return []
-    rows = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {number} is corrupt JSON ({err})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
+    return list(iter_json_lines(path))
 
 
 def _client_ledgers(files: RunFiles, names: list[str]) -> dict[str, Ledger]:

@@ -1,0 +1,39 @@
+"""Reading JSON and JSON Lines files with one-line errors that name the file (and line).
+
+Shared by everything that reads user- or run-produced JSON: data files, ledgers, run
+directories. A corrupt file is reported, never half-read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from slm.errors import UserError
+
+
+def read_json(path: Path, label: str = ""):
+    where = f"{label} {path}".strip()
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{where}: not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{where}: corrupt JSON ({err})") from None
+
+
+def iter_json_lines(path: Path, label: str = "") -> Iterator[dict]:
+    """Each non-blank line as a JSON object; the first bad line stops with its number."""
+    where = f"{label} {path}".strip()
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{where}: line {number} is not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: line {number} is not a JSON object")
+            yield record
