@@ -38,7 +38,7 @@ def test_second_run_on_the_same_data_continues_the_spend_and_refuses(tmp_path, m
     assert [r["round"] for r in rows] == [0, 1]  # round 0 eval kept, round 1 recorded as skipped
     assert rows[1]["skipped"] and {r["client"] for r in rows[1]["refused"]} == {"client-0", "client-1"}
     view = json.loads((tmp_path / "second" / "privacy" / "ledger.json").read_text())
-    assert len(view["exhausted_nodes"]) == 2
+    assert view["exhausted"] == ["client-0", "client-1"]
 
     budget = subprocess.run([sys.executable, "-m", "simulation.cli", "budget", str(files[0]), "--json"],
                             capture_output=True, text=True, timeout=120)
