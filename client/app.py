@@ -19,14 +19,12 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from transformers import AutoTokenizer
 
 from client.data import DataSpec, load_local_data
-from client.shipment import load_shipped, verify_and_store
+from client.shipment import receive_and_evaluate
 from client.train import sample_rate, train_adapter
 from privacy.ledger import Entry, Ledger, fingerprint
 from privacy.policy import decide, default_delta
-from slm.base import resolve_model_dir
 from slm.config import from_run_config
 from slm.errors import UserError
 from slm.evaluate import evaluate
@@ -156,16 +154,12 @@ def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
 def evaluate_shipped(msg: Message, context: Context) -> Message:
     """A shipped GGUF: verify its sha256, store it in the model dir, evaluate it here, reply metrics only."""
     config = local_config(context)
-    cfg = msg.content["config"]
+    announced = dict(msg.content["config"])
     local = _local_data(config, context)
-    directory = Path(config["ship.dir"] or Path(str(cfg["run-dir"])) / "shipped") / local.name
-    path = verify_and_store(msg.content["artifact"]["file"].numpy(), expected_sha256=str(cfg["sha256"]),
-                            expected_bytes=int(cfg["bytes"]), directory=directory, name=str(cfg["file"]))
-    model = load_shipped(str(path), str(cfg["sha256"]))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config["model.name"]), local_files_only=True)
-    metrics = evaluate(model, tokenizer, Task.from_config(config), local.test)
+    path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
-                          "info": ConfigRecord({"client": local.name, "stored": str(path), "quant": str(cfg["quant"])})})
+                          "info": ConfigRecord({"client": local.name, "stored": str(path),
+                                                "quant": str(announced["quant"])})})
     return Message(content=content, reply_to=msg)
 
 

@@ -40,6 +40,22 @@ def verify_and_store(payload: np.ndarray, *, expected_sha256: str, expected_byte
     return target
 
 
+def receive_and_evaluate(payload: np.ndarray, announced: dict, config: dict, local) -> tuple[Path, dict]:
+    """Verify and store a shipped file in this client's model directory, then evaluate it on its test split."""
+    from transformers import AutoTokenizer
+
+    from slm.base import resolve_model_dir
+    from slm.evaluate import evaluate
+    from slm.tasks import Task
+
+    directory = Path(config["ship.dir"] or Path(str(announced["run-dir"])) / "shipped") / local.name
+    path = verify_and_store(payload, expected_sha256=str(announced["sha256"]), expected_bytes=int(announced["bytes"]),
+                            directory=directory, name=str(announced["file"]))
+    model = load_shipped(str(path), str(announced["sha256"]))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config["model.name"]), local_files_only=True)
+    return path, evaluate(model, tokenizer, Task.from_config(config), local.test)
+
+
 @lru_cache(maxsize=2)
 def load_shipped(path: str, sha256: str):
     """The GGUF as a transformers model (dequantized weights), once per file and process."""

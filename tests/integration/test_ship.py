@@ -58,25 +58,22 @@ def test_gguf_carries_tokenizer_and_chat_template_and_matches_the_merged_model(e
 
 
 def test_client_verifies_stores_and_evaluates_a_shipment(exported, tmp_path):
-    from flwr.app import Context, RecordDict
+    import numpy as np
 
-    from client.app import evaluate_shipped
-    from server.ship import ship_messages
+    from client.data import DataSpec, load_local_data
+    from client.shipment import receive_and_evaluate
     from slm.errors import UserError
 
     run, config, artifacts = exported
     artifact = artifacts["q8_0"]
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(),
-                      run_config={**config, "ship.dir": str(tmp_path)})
-    message = ship_messages(artifact, [1], {"run-dir": str(run)})[0]
-    reply = evaluate_shipped(message, context)
-    stored = tmp_path / "GHR" / artifact.path.name
-    assert stored.read_bytes() == artifact.path.read_bytes()
-    assert 0 < reply.content["metrics"]["eval_loss"] < 10 and reply.content["info"]["client"] == "GHR"
-    assert "arrays" not in reply.content  # metrics only go back
+    config = {**config, "ship.dir": str(tmp_path)}
+    local = load_local_data(DataSpec.from_config(config), 1, 4)
+    announced = {"run-dir": str(run), "sha256": artifact.sha256, "bytes": artifact.bytes, "file": artifact.path.name}
+    payload = np.fromfile(artifact.path, dtype=np.uint8)  # what the server's ship message carries
+    path, metrics = receive_and_evaluate(payload, announced, config, local)
+    assert path == tmp_path / "GHR" / artifact.path.name and path.read_bytes() == artifact.path.read_bytes()
+    assert 0 < metrics["eval_loss"] < 10 and metrics["eval_examples"] == 4
 
-    tampered = ship_messages(artifact, [1], {"run-dir": str(run)})[0]
-    tampered.content["config"]["sha256"] = "0" * 64
     with pytest.raises(UserError, match="does not match"):
-        evaluate_shipped(tampered, context)
-    assert stored.read_bytes() == artifact.path.read_bytes()  # nothing replaced
+        receive_and_evaluate(payload, {**announced, "sha256": "0" * 64}, config, local)
+    assert path.read_bytes() == artifact.path.read_bytes()  # nothing replaced
