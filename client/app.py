@@ -6,15 +6,23 @@ policy (node config in a deployment, run config in a simulation) decides the noi
 server's requested sigma is a floor, never a ceiling (privacy.policy).
 
 Node config keys honoured in deployments: ``data-path``, ``ledger-dir``, ``max-epsilon``,
-``delta``, ``model-dir``, ``shipped-dir``; in simulations Flower sets only ``partition-id`` and
-``num-partitions``.
+``delta``, ``model-dir``, ``shipped-dir`` and ``name`` (how the site appears in the coordinator's
+metrics, privacy view and its own ledger directory); in simulations Flower sets only
+``partition-id`` and ``num-partitions``.
+
+A deployment (a node config with ``data-path``) also pins what the coordinator must not be
+able to switch off from its run config: DP stays on and the noise comes from OS entropy
+(``DEPLOYMENT_PINS``). Only the site's own node config could change them, and it has no key
+for that.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -44,14 +52,23 @@ from slm.tasks import Task
 
 NODE_KEYS = {"data-path": "data.path", "ledger-dir": "dp.ledger-dir", "max-epsilon": "dp.max-epsilon",
              "delta": "dp.delta", "model-dir": "model.name", "shipped-dir": "ship.dir"}
+SITE_NAME_KEY = "name"
+SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under the ledger dir
+DEPLOYMENT_PINS = {"dp.enabled": True, "dp.noise-seed": -1}
 
 quiet_libraries()
 app = ClientApp()
 
 
+def is_deployment(context: Context) -> bool:
+    return "data-path" in context.node_config
+
+
 def local_config(context: Context) -> dict:
     """Run config with the node's own settings on top: local policy wins."""
     overrides = dict(context.run_config)
+    if is_deployment(context):
+        overrides.update(DEPLOYMENT_PINS)
     for node_key, run_key in NODE_KEYS.items():
         if node_key in context.node_config:
             overrides[run_key] = context.node_config[node_key]
@@ -61,9 +78,20 @@ def local_config(context: Context) -> dict:
 def _local_data(config: dict, context: Context):
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
-    if "data-path" in context.node_config:  # a deployment: the whole file is this client's
+    if is_deployment(context):  # the whole file is this client's
         partition_id, num_partitions = 0, 1
-    return load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+    local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+    if SITE_NAME_KEY in context.node_config:
+        local = replace(local, name=site_name(context.node_config[SITE_NAME_KEY]))
+    return local
+
+
+def site_name(value) -> str:
+    """A node config's ``name``, checked: it becomes a directory under the ledger dir."""
+    if not isinstance(value, str) or not SITE_NAME.fullmatch(value):
+        raise UserError(f"node config key '{SITE_NAME_KEY}': {value!r} is not a site name "
+                        "(letters, digits, '.', '_', '-'; at most 64; not starting with '.', '_' or '-')")
+    return value
 
 
 def _setup(msg: Message, context: Context):
@@ -94,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
     ledger = entry = None
     sigma = None
     if config["dp.enabled"]:
-        ledger_dir = Path(config["dp.ledger-dir"] or Path(str(round_cfg["run-dir"])) / "ledgers") / local.name
+        ledger_dir = ledger_directory(config, round_cfg, local.name, context)
         delta = config["dp.delta"] or default_delta(len(local.train))
         ledger = Ledger.open(ledger_dir, fingerprint=fingerprint(local.train), records=len(local.train), delta=delta)
         decision = decide(ledger, max_epsilon=config["dp.max-epsilon"], requested_sigma=config["dp.noise-multiplier"],
@@ -127,6 +155,19 @@ def train(msg: Message, context: Context) -> Message:
                           "metrics": MetricRecord(metrics),
                           "privacy": ConfigRecord(privacy)})
     return Message(content=content, reply_to=msg)
+
+
+def ledger_directory(config: dict, round_cfg, name: str, context: Context) -> Path:
+    """A deployment's ledger lives in the site's own ``ledger-dir``, whatever the site is called.
+
+    Keying it by name there would hand a fresh, unspent ledger to a site that renames itself.
+    Simulated clients share one directory and are told apart by name.
+    """
+    if is_deployment(context):
+        if not config["dp.ledger-dir"]:
+            raise UserError("node config: 'ledger-dir' is required in a deployment (else each run resets the budget)")
+        return Path(config["dp.ledger-dir"])
+    return Path(config["dp.ledger-dir"] or Path(str(round_cfg["run-dir"])) / "ledgers") / name
 
 
 def noise_seed(configured: int, *parts) -> int:

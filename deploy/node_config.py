@@ -20,7 +20,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from client.app import NODE_KEYS  # the ClientApp's own mapping (imports torch: a few seconds per node start)
+from client.app import NODE_KEYS, SITE_NAME_KEY, site_name  # the ClientApp's own mapping (imports torch: a few seconds per node start)
 from slm.config import resolve
 from slm.errors import UserError
 
@@ -36,14 +36,20 @@ def check(path: Path) -> dict:
         raise UserError(f"node config {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"node config {path}: not valid TOML ({err})") from None
-    unknown = sorted(set(config) - set(NODE_KEYS))
+    known = [*NODE_KEYS, SITE_NAME_KEY]
+    unknown = sorted(set(config) - set(known))
     if unknown:
-        raise UserError(f"node config {path}: unknown key '{unknown[0]}' (known: {', '.join(NODE_KEYS)})")
+        raise UserError(f"node config {path}: unknown key '{unknown[0]}' (known: {', '.join(known)})")
+    if SITE_NAME_KEY in config:
+        try:
+            site_name(config[SITE_NAME_KEY])
+        except UserError as err:
+            raise UserError(f"node config {path}: {err}") from None
     for key, why in WHY.items():
         if key not in config:
             raise UserError(f"node config {path}: '{key}' is required in a deployment ({why})")
     try:  # the types the ClientApp will accept
-        resolved = resolve({NODE_KEYS[key]: value for key, value in config.items()})
+        resolved = resolve({NODE_KEYS[key]: value for key, value in config.items() if key in NODE_KEYS})
     except UserError as err:
         raise UserError(f"node config {path}: {err}") from None
     for key in ("data-path", "ledger-dir"):

@@ -9,6 +9,7 @@ budget is spent refuses; an unregistered key is turned away; nothing listens bey
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -61,13 +62,21 @@ def site_files(work: Path, site: str, records: list[dict], max_epsilon: float, t
     data = folder / "records.jsonl"
     data.write_text("".join(json.dumps({**r, "question": f"{site}: {r['question']}"}) + "\n" for r in records))
     return write_node_config(folder / f"node-{tag}.toml", data_path=str(data), ledger_dir=str(folder / "ledger"),
-                             max_epsilon=max_epsilon, model_dir="tiny")
+                             max_epsilon=max_epsilon, model_dir="tiny", name=site)
 
 
-def start_sites(fed: dict, stack, configs: dict[str, Path], tag: str) -> list:
-    return [stack.enter_context(supernode(fed["work"], site, fed["port"], fed["creds"] / "ca.crt",
-                                         fed["creds"] / f"{site}.key", config, fed["work"] / site / f"{tag}.log"))
-            for site, config in configs.items()]
+def start_sites(fed: dict, stack: ExitStack, configs: dict[str, Path], tag: str) -> list:
+    """Start the sites' SuperNodes side by side: each start spends seconds checking its node config.
+
+    Every started node is on ``stack`` before anything can fail, so it is stopped with the rest.
+    """
+    def start(site: str):
+        return stack.enter_context(supernode(fed["work"], site, fed["port"], fed["creds"] / "ca.crt",
+                                             fed["creds"] / f"{site}.key", configs[site],
+                                             fed["work"] / site / f"{tag}.log"))
+
+    with ThreadPoolExecutor(len(configs)) as pool:
+        return list(pool.map(start, configs))
 
 
 def run_app(fed: dict, run_id: str, extra: str) -> list[dict]:
@@ -79,7 +88,7 @@ def run_app(fed: dict, run_id: str, extra: str) -> list[dict]:
 
 
 def ledger(work: Path, site: str) -> list[dict]:
-    (path,) = (work / site / "ledger").glob("*/ledger-*.json")
+    (path,) = (work / site / "ledger").glob("ledger-*.json")
     return json.loads(path.read_text())["entries"]
 
 
@@ -100,12 +109,17 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
         nodes = start_sites(fed, stack, first, "first")
         groups = {fed["superlink"].pid, *(node.pid for node in nodes)}
         assert non_loopback_listeners(groups) == []
-        # Spend about 3 of each site's 8: the next run still has budget.
-        rows = run_app(fed, "first", "dp.target-epsilon=3.0")
+        # Spend about 3 of each site's 8: the next run still has budget. The coordinator's attempt to switch
+        # DP off and fix the noise seed is overruled by the sites.
+        rows = run_app(fed, "first", "dp.target-epsilon=3.0 dp.enabled=false dp.noise-seed=7")
         assert non_loopback_listeners(groups) == []
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert all(len(r["participants"]) == 2 and not r["refused"] for r in rows[1:])
+    assert all({p["client"] for p in r["participants"]} == set(SITES) and not r["refused"] for r in rows[1:])
     run_dir = work / "runs" / "first"
+    view = json.loads((run_dir / "privacy" / "ledger.json").read_text())["clients"]
+    assert set(view) == set(SITES)
+    assert all(r["dp"] and r["noise_seed"] == "os-entropy" and r["noise_multiplier"] > 0
+               for records in view.values() for r in records)
     for k in (0, 1, 2):
         assert {p.name for p in (run_dir / "adapters" / f"round-{k}").iterdir()} >= {
             "adapter_config.json", "adapter_model.safetensors"}

@@ -18,7 +18,7 @@ def records(tmp_path):
 
 def test_a_complete_config_passes(tmp_path, records):
     config = write_node_config(tmp_path / "node.toml", data_path=str(records), ledger_dir=str(tmp_path / "l"),
-                               max_epsilon=8, delta=1e-6, model_dir="tiny")
+                               max_epsilon=8, delta=1e-6, model_dir="tiny", name="st-mary.oncology")
     assert check(config)["max-epsilon"] == 8
 
 
@@ -29,6 +29,7 @@ def test_a_complete_config_passes(tmp_path, records):
     ({"ledger_dir": "ledger", "max_epsilon": 8.0}, "ledger-dir must be an absolute path"),
     ({"ledger_dir": "{tmp}/l", "max_epsilon": "eight"}, "config key 'dp.max-epsilon': expected a number, got 'eight'"),
     ({"ledger_dir": "{tmp}/l", "max_epsilon": 0}, "max-epsilon must be positive"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "name": "../a"}, "node config key 'name': '../a' is not a site name"),
 ])
 def test_what_would_leave_privacy_to_the_server_is_refused(tmp_path, records, values, message):
     values = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}
