@@ -13,6 +13,8 @@
 #                          max-epsilon = 8.0                       # the local budget, over all rounds and runs
 #                          delta = 1e-6                            # optional (default min(1e-5, 0.1/records))
 #                          model-dir = "smollm2"                   # optional: 'smollm2', 'tiny' or an HF directory
+#                          name = "hospital-a"                     # optional: the site's name in the coordinator's view
+#                          shipped-dir = "/var/lib/fedslm/models"  # optional: where verified shipped GGUF files go
 #   FEDSLM_RUNTIME_PORT  port of the node's own Runtime API on 127.0.0.1, where its ClientApp processes
 #                        connect (default 9094; one per SuperNode on a machine)
 #   FEDSLM_VENV          virtualenv holding Flower and fedslm (default: the repository's .venv)
