@@ -143,7 +143,8 @@ def train(msg: Message, context: Context) -> Message:
     with frozen_a_factors(model, freeze=aggregation == "ffa"):
         result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps, batch_size=batch,
                                lr=config["train.lr"], noise_multiplier=sigma, clip_norm=config["dp.clip-norm"],
-                               seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round))
+                               seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round),
+                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"])
     if ledger is not None:
         entry = ledger.commit(entry)
         privacy.update(_privacy_fields(entry, ledger))
@@ -151,7 +152,8 @@ def train(msg: Message, context: Context) -> Message:
         privacy.update({"status": "no-dp", "sample_rate": q, "steps": steps})
     metrics = {"train_loss": result.loss, "num-examples": len(local.train), "steps": result.steps,
                "seconds": time.time() - started}
-    content = RecordDict({"arrays": to_arrays(sent_tensors(adapter_state(model), aggregation)),
+    content = RecordDict({"arrays": to_arrays(sent_tensors(adapter_state(model), aggregation),
+                                                    config["server.wire-dtype"]),
                           "metrics": MetricRecord(metrics),
                           "privacy": ConfigRecord(privacy)})
     return Message(content=content, reply_to=msg)

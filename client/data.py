@@ -67,13 +67,21 @@ class DataSpec:
 
 def read_table(path: str):
     """Read a whole file as a ``datasets.Dataset``, with one-line errors naming the file."""
-    import datasets
-
     file = Path(path)
     if not path:
         raise UserError("config key 'data.path': no data file given")
     if not file.is_file():
         raise UserError(f"data file {path}: not found")
+    stat = file.stat()
+    return _read_file(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=2)
+def _read_file(path: str, mtime_ns: int, size: int):
+    """Once per process and file version: a worker serving a thousand phone clients reads the file once."""
+    import datasets
+
+    file = Path(path)
     builder = SUFFIX_BUILDERS.get(file.suffix.lower())
     if builder is None:
         raise UserError(f"data file {path}: unsupported type {file.suffix!r} (use .jsonl, .csv, .tsv or .parquet)")
@@ -112,16 +120,32 @@ def check_fields(table, spec: DataSpec) -> None:
 
 def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
     """This client's share of a shared file, using Flower's partitioners."""
+    if num_partitions <= 1:
+        return table
+    if spec.partition in ("dirichlet", "natural") and spec.partition_by not in table.column_names:
+        raise UserError(f"data file {spec.path}: field '{spec.partition_by}' (data.partition-by) is missing")
+    partitioner = _partitioner(table, spec, num_partitions)
+    try:
+        part = partitioner.load_partition(partition_id)
+    except IndexError:
+        raise UserError(f"data file {spec.path}: partition {partition_id} of {num_partitions} is empty "
+                        f"({len(table)} records for {num_partitions} clients)") from None
+    except (ValueError, KeyError) as err:
+        raise UserError(f"data file {spec.path}: cannot make partition {partition_id}: {err}") from None
+    if len(part) == 0:
+        raise UserError(f"data file {spec.path}: partition {partition_id} of {num_partitions} is empty")
+    return part
+
+
+@lru_cache(maxsize=2)
+def _partitioner(table, spec: DataSpec, num_partitions: int):
+    """One partitioner per (cached) table: it indexes the whole table once, then serves every client."""
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
         IidPartitioner,
         NaturalIdPartitioner,
     )
 
-    if num_partitions <= 1:
-        return table
-    if spec.partition in ("dirichlet", "natural") and spec.partition_by not in table.column_names:
-        raise UserError(f"data file {spec.path}: field '{spec.partition_by}' (data.partition-by) is missing")
     if spec.partition == "iid":
         partitioner = IidPartitioner(num_partitions=num_partitions)
     elif spec.partition == "dirichlet":
@@ -138,16 +162,7 @@ def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
             )
         partitioner = NaturalIdPartitioner(partition_by=spec.partition_by)
     partitioner.dataset = table
-    try:
-        part = partitioner.load_partition(partition_id)
-    except IndexError:
-        raise UserError(f"data file {spec.path}: partition {partition_id} of {num_partitions} is empty "
-                        f"({len(table)} records for {num_partitions} clients)") from None
-    except (ValueError, KeyError) as err:
-        raise UserError(f"data file {spec.path}: cannot make partition {partition_id}: {err}") from None
-    if len(part) == 0:
-        raise UserError(f"data file {spec.path}: partition {partition_id} of {num_partitions} is empty")
-    return part
+    return partitioner
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ q = expected_batch / records (Poisson sampling, which is what the accountants as
 never replaced by shuffling). Opacus computes per-example gradients of the adapter
 (hooks mode), clips each to ``clip_norm``, sums, adds N(0, (sigma * C)^2) and divides by
 the EXPECTED batch size. An empty Poisson batch still takes a step: the released noise
-is part of the mechanism.
+is part of the mechanism. ``train.grad-sample-mode`` and ``train.autocast`` choose how
+(defaults: the fastest measured, BENCHMARKS.md).
 
 Randomness (sampling and noise) comes from an explicit generator seeded per client and
 round. secure_mode is off: Opacus' cryptographically secure RNG needs torchcsprng, which
@@ -14,14 +15,24 @@ is not installable here; reports say so.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from slm.errors import UserError
 from slm.tasks import Task, collate, encode, per_example_loss
+
+# How Opacus gets each example's clipped gradient (BENCHMARKS.md, "DP overhead"):
+# hooks = per-example gradients from captured activations and backprops (one backward);
+# functorch = the same via torch.func vmap; ghost = per-example gradient NORMS only, then a
+# second backward on the clip-weighted loss (saves memory, costs a second backward).
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+AUTOCAST = ("none", "bf16")
 
 
 @dataclass(frozen=True)
@@ -42,9 +53,63 @@ def sample_rate(batch_size: int, records: int, where: str = "client") -> float:
     return batch_size / records
 
 
+def autocast_context(autocast: str):
+    """bf16 autocast of the forward pass on CPU (matmuls in bf16, losses and LoRA factors in fp32)."""
+    if autocast == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if autocast != "none":
+        raise UserError(f"config key 'train.autocast': {autocast!r} is not one of {', '.join(AUTOCAST)}")
+    return contextlib.nullcontext()
+
+
+def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_norm: float, batch_size: int,
+                 generator: torch.Generator):
+    """(forward module, DP optimizer) for a grad-sample mode; ``forward._close()`` undoes it."""
+    if mode not in GRAD_SAMPLE_MODES:
+        raise UserError(f"config key 'train.grad-sample-mode': {mode!r} is not one of {', '.join(GRAD_SAMPLE_MODES)}")
+    if mode == "ghost":
+        forward = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
+                                                       max_grad_norm=clip_norm, use_ghost_clipping=True)
+        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier,
+                                                    max_grad_norm=clip_norm, expected_batch_size=batch_size,
+                                                    loss_reduction="mean", generator=generator)
+        return forward, optimizer
+    forward = GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
+    optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+                            expected_batch_size=batch_size, generator=generator)
+    return forward, optimizer
+
+
+def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: str = "none") -> float:
+    """One optimizer step on one batch; ``mode`` None = non-private. Returns the batch loss.
+
+    Shared by training and the DP-overhead benchmark, so the benchmark times exactly this.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_context(autocast):
+        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = per_example_loss(logits, batch["labels"])
+    if mode == "ghost":
+        DPTensorFastGradientClipping(forward, optimizer, losses, "mean").backward()
+    else:
+        losses.mean().backward()
+    optimizer.step()
+    return float(losses.detach().mean())
+
+
+def _empty_step(optimizer, params, mode: str) -> None:
+    """An empty Poisson batch: zero clipped sum, noise only."""
+    for p in params:
+        if mode == "ghost":
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
+
+
 def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: int, batch_size: int, lr: float,
                   noise_multiplier: float | None, clip_norm: float, seed: int,
-                  make_optimizer=None) -> TrainResult:
+                  make_optimizer=None, grad_sample_mode: str = "hooks", autocast: str = "none") -> TrainResult:
     """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None.
 
     ``make_optimizer(params)`` replaces the default Adam(lr) (tests use plain SGD to
@@ -52,33 +117,28 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     """
     examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(records)]
     q = sample_rate(batch_size, len(examples))
+    autocast_context(autocast)  # reject a bad value before any step
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=lr)
     private = noise_multiplier is not None
     forward = model
     if private:
-        forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
-                                expected_batch_size=batch_size, generator=generator)
+        forward, optimizer = make_private(model, optimizer, mode=grad_sample_mode, noise_multiplier=noise_multiplier,
+                                          clip_norm=clip_norm, batch_size=batch_size, generator=generator)
+    mode = grad_sample_mode if private else None
     model.train()
     losses, seen = [], 0
     try:
         for _ in range(steps):
             chosen = (torch.rand(len(examples), generator=generator) < q).nonzero().flatten().tolist()
-            optimizer.zero_grad(set_to_none=True)
             if not chosen:
+                optimizer.zero_grad(set_to_none=True)
                 if private:
-                    for p in params:  # an empty batch: zero per-example grads, noise only
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                    optimizer.step()
+                    _empty_step(optimizer, params, grad_sample_mode)
                 continue
             batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id)
-            logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = per_example_loss(logits, batch["labels"]).mean()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(take_step(forward, optimizer, batch, mode=mode, autocast=autocast))
             seen += len(chosen)
     finally:
         optimizer.zero_grad(set_to_none=True)

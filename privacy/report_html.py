@@ -186,6 +186,8 @@ def _rate(value) -> str:
 def _round_table(clients: dict) -> str:
     rows = []
     for name, c in clients.items():
+        if not c.get("dp", True):  # no sample-level DP: nothing per round to recompute (the client table says so)
+            continue
         for r in c.get("rounds", []):
             if r.get("agrees"):
                 check = "yes"

@@ -37,6 +37,7 @@ from slm.lora import (
     from_arrays,
     save_adapter,
     sent_tensors,
+    through_wire,
     to_arrays,
 )
 
@@ -110,7 +111,7 @@ class Federation:
     # ---- messaging -----------------------------------------------------------------
     def _send(self, node_ids, message_type: str, server_round: int) -> list[Message]:
         sent = sent_tensors(self.state.adapter, self.spec.aggregation)
-        content = RecordDict({"arrays": to_arrays(sent),
+        content = RecordDict({"arrays": to_arrays(sent, self.config["server.wire-dtype"]),
                               "config": ConfigRecord({**self.base_cfg, "server-round": server_round})})
         messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
         return list(self.grid.send_and_receive(messages, timeout=self.spec.timeout))
@@ -142,6 +143,9 @@ class Federation:
         if errors:
             summary["eval_errors"] = errors
         clients = ", ".join(f"{n} {m['eval_loss']:.4f}" for n, m in sorted(per_client.items()))
+        if len(per_client) > 8:  # phones: a range, not a thousand names
+            losses = sorted(m["eval_loss"] for m in per_client.values())
+            clients = f"{len(per_client)} clients, {losses[0]:.4f} to {losses[-1]:.4f}"
         say(f"round {server_round}: {label} loss {summary['eval_loss']:.4f}  ({clients})")
         for error in errors:
             say(f"round {server_round}: evaluation failed on {error}")
@@ -172,7 +176,8 @@ class Federation:
 
     def train(self, server_round: int, sampled: list[int], eligible: int) -> tuple[dict | None, dict]:
         """Send the adapter to the sampled clients; return (new sent tensors or None, metrics row)."""
-        sent = sent_tensors(self.state.adapter, self.spec.aggregation)
+        wire = self.config["server.wire-dtype"]
+        sent = through_wire(sent_tensors(self.state.adapter, self.spec.aggregation), wire)  # what clients get
         states, weights, losses = [], [], []
         row = {"sampled": len(sampled), "participants": [], "refused": [], "failed": [], "rejected": []}
         replies = self._send(sampled, "train", server_round)
@@ -209,8 +214,8 @@ class Federation:
             say(f"round {server_round}: {name} train loss {metrics['train_loss']:.4f} on "
                 f"{int(metrics['num-examples'])} records in {metrics['seconds']:.1f}s{eps}")
             row["participants"].append({"client": name, "update_norm": norm, **metrics})
-        row["bytes_up"] = sum(to_arrays(s).count_bytes() for s in states)
-        row["bytes_down"] = to_arrays(sent).count_bytes() * len(sampled)
+        row["bytes_up"] = sum(to_arrays(s, wire).count_bytes() for s in states)
+        row["bytes_down"] = to_arrays(sent, wire).count_bytes() * len(sampled)
         if len(states) < self.spec.min_clients and self.user_dp is None:
             say(f"round {server_round}: {len(states)} valid replies < min-clients {self.spec.min_clients}; "
                 "round skipped")
@@ -248,6 +253,7 @@ class Federation:
         self.user_dp = UserDpSpec.from_config(self.config, len(nodes))
         say(f"run directory {self.rundir.path}  ({len(nodes)} clients, {self.spec.rounds} rounds, "
             f"aggregation {self.spec.aggregation}{', user-level DP' if self.user_dp else ''})")
+        nodes = evaluation_sample(nodes, self.config["server.fraction-evaluate"], self.config["server.seed"])
         started = time.time()
         if resumed:
             say(f"resuming after round {self.state.round}")
@@ -301,6 +307,20 @@ def initial_state(adapter: dict, config: dict) -> ServerState:
     noise_seed = config["server.noise-seed"] if config["server.noise-seed"] >= 0 else secrets.randbits(63)
     return ServerState(round=0, adapter=adapter, sampling=random.Random(seed),
                        noise=torch.Generator().manual_seed(noise_seed))
+
+
+def evaluation_sample(nodes: list[int], fraction: float, seed: int) -> list[int]:
+    """The clients that evaluate (and receive shipped models): all, or a fixed seeded sample.
+
+    With thousands of phones, evaluating every client every round costs more than the
+    training; the same sample every round keeps the rounds' losses comparable.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError("config key 'server.fraction-evaluate': must be in (0, 1]")
+    if fraction == 1:
+        return nodes
+    k = max(1, math.ceil(fraction * len(nodes)))
+    return sorted(random.Random(seed).sample(sorted(nodes), k))
 
 
 def _wait_for_nodes(grid, minimum: int, timeout: float) -> list[int]:

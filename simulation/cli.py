@@ -36,7 +36,8 @@ def cmd_simulate(args) -> int:
     config["run.root"] = str(Path(config["run.root"]).expanduser().resolve())
     run_dir = Path(config["run.root"]) / config["run.id"]
     print(f"[fedslm] scenario {scenario.name}: {scenario.about}", flush=True)
-    for line in preflight(config, clients):
+    lines = preflight(config, clients)
+    for line in lines if len(lines) <= 12 else [*lines[:5], f"... and {len(lines) - 5} more clients"]:
         print(f"[fedslm]   {line}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "simulation.json").write_text(json.dumps({"clients": clients, "client_app": args.client_app}))
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedslm", description="Federated DP-LoRA fine-tuning of small LMs")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine")
-    sim.add_argument("--scenario", default="hospital", help="tiny | hospital (default: hospital)")
+    sim.add_argument("--scenario", default="hospital", help="tiny | hospital | phone (default: hospital)")
     sim.add_argument("--rounds", type=int, help="federated rounds (overrides server.rounds)")
     sim.add_argument("--clients", type=int, help="number of simulated clients")
     sim.add_argument("--out", help="run directory (default: runs/<scenario>-<time>)")
@@ -181,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
+    from simulation.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -6,13 +6,22 @@
   institutes (natural partition by ``source``), instruction SFT, DP-SGD with a per-client
   target epsilon of 8 over the planned rounds; at the end the merged model is exported as
   Q8_0 and Q4_0 GGUF files, shipped to the 4 clients and evaluated there.
+- ``phone``: SmolLM2-135M as a keyboard model: 1,090 clients = 1,090 Shakespeare roles
+  (one user each, 3 lines to train on, 1 held out), next-word prediction (perplexity,
+  top-1/top-3), about 11 clients Poisson-sampled per round, user-level DP on the server
+  (the unit of privacy is the whole user); sample-level DP-SGD is off, since 3 records
+  give it nothing to average over. A fixed 5% of the users evaluate each round.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from slm.errors import UserError
+
+PHONE_DATA = Path(__file__).resolve().parent.parent / "client" / "examples" / "shakespeare_roles.jsonl"
+PHONE_USERS = 1090  # roles in the packaged excerpt (natural partition: one client per role)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,34 @@ SCENARIOS = {
             "server.rounds": 3,
             "server.min-clients": 2,
             "ship.quantizations": "q8_0,q4_0",
+        },
+    ),
+    "phone": Scenario(
+        name="phone",
+        clients=PHONE_USERS,
+        about="SmolLM2-135M, 1,090 phone users (Shakespeare roles), next-word prediction, ~11 users per round, "
+              "user-level DP",
+        overrides={
+            "model.name": "smollm2",
+            "model.max-length": 32,
+            "data.path": str(PHONE_DATA),
+            "data.task": "next-word",
+            "data.text-field": "text",
+            "data.partition": "natural",
+            "data.partition-by": "user",
+            "data.test-fraction": 0.25,
+            "data.max-eval-examples": 0,
+            "train.batch-size": 3,
+            "train.local-steps": 2,
+            "dp.enabled": False,
+            "user-dp.enabled": True,
+            "user-dp.clip-norm": 0.5,
+            "user-dp.noise-multiplier": 1.0,
+            "server.aggregation": "ffa",
+            "server.fraction-train": 0.01,
+            "server.fraction-evaluate": 0.05,
+            "server.min-clients": 1,
+            "server.rounds": 5,
         },
     ),
 }

@@ -51,6 +51,10 @@ SCHEMA: dict[str, Key] = {
     # local training
     "train.local-steps": Key(5, "DP-SGD steps per client per round"),
     "train.batch-size": Key(8, "expected (Poisson) batch size: sample rate q = batch-size / records"),
+    "train.grad-sample-mode": Key("hooks", "how Opacus gets per-example gradients (BENCHMARKS.md: hooks measured fastest)",
+                                  ("hooks", "functorch", "ghost")),
+    "train.autocast": Key("none", "bf16 = bf16 autocast of the forward (pays off only on CPUs with native bf16)",
+                          ("none", "bf16")),
     "train.lr": Key(1e-2, "Adam learning rate of the adapter (1e-2 measured best of 2e-3..1e-2 under DP)"),
     # sample-level DP (client side)
     "dp.enabled": Key(True, "train with DP-SGD; false = plain SGD with no privacy claim"),
@@ -66,10 +70,13 @@ SCHEMA: dict[str, Key] = {
     "server.rounds": Key(3, "federated rounds"),
     "server.min-clients": Key(2, "fewest replies for a round to count"),
     "server.fraction-train": Key(1.0, "share of available clients sampled per round"),
+    "server.fraction-evaluate": Key(1.0, "share of clients evaluated each round (a fixed sample, so rounds compare)"),
     "server.timeout": Key(3600.0, "seconds to wait for a round's replies"),
     "server.seed": Key(0, "seed of client sampling"),
     "server.aggregation": Key("auto", "auto = ffa with DP, else fedavg; svd = rank-r SVD of the mean product",
                               ("auto", "fedavg", "ffa", "svd")),
+    "server.wire-dtype": Key("float32", "dtype of adapter tensors on the wire, both ways (float16 halves the bytes; "
+                                        "every party computes in fp32)", ("float32", "float16")),
     "server.max-update-norm": Key(1000.0, "replies whose update norm exceeds this are rejected (0 = no bound)"),
     "server.noise-seed": Key(-1, "user-level DP noise seed; -1 = OS entropy (a known seed lets anyone remove the noise)"),
     # user-level DP (DP-FedAvg on the server, whole-client privacy)

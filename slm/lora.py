@@ -105,14 +105,31 @@ def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     set_peft_model_state_dict(model, state)
 
 
-def to_arrays(state: dict[str, torch.Tensor]):
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def to_arrays(state: dict[str, torch.Tensor], wire_dtype: str = "float32"):
+    """The tensors as a Flower ArrayRecord, floating ones cast to the wire dtype.
+
+    float16 halves the traffic; every party computes in fp32 (``from_arrays`` casts back).
+    bfloat16 is not offered: ArrayRecord goes through numpy, which has no bfloat16.
+    """
     from flwr.app import ArrayRecord
 
-    return ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})
+    dtype = WIRE_DTYPES[wire_dtype]
+    return ArrayRecord(torch_state_dict={
+        k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).cpu().contiguous()
+        for k, v in state.items()})
 
 
 def from_arrays(record) -> dict[str, torch.Tensor]:
-    return dict(record.to_torch_state_dict())
+    """Back to tensors; half-precision wire values are widened to fp32 for computing."""
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in record.to_torch_state_dict().items()}
+
+
+def through_wire(state: dict[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+    """What the receiver gets: the values rounded to the wire dtype, back in their own dtype."""
+    return {k: v.to(WIRE_DTYPES[wire_dtype]).to(v.dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_model_path: str, out: Path) -> None:

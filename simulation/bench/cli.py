@@ -1,0 +1,111 @@
+"""``fedslm bench NAME``: the benchmarks behind BENCHMARKS.md, one module each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_bench(args) -> int:
+    results = args.bench(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def _scale(args):
+    from simulation.bench import scale
+
+    return scale.run(_ints(args.clients), rounds=args.rounds, model=args.model, out=args.out)
+
+
+def _dp_overhead(args):
+    from simulation.bench import dp_overhead
+
+    return dp_overhead.run(args.model, args.batch, args.length, _strs(args.modes), _strs(args.autocast),
+                           args.repeats, args.steps)
+
+
+def _throughput(args):
+    from simulation.bench import throughput
+
+    return throughput.run(args.model, args.batch, args.length, args.mode, args.repeats)
+
+
+def _traffic(args):
+    from simulation.bench import traffic
+
+    return traffic.run(args.model, verify=args.verify, out=args.out)
+
+
+def _overhead(args):
+    from simulation.bench import overhead
+
+    return overhead.run(args.model, args.clients, args.rounds, args.steps, args.batch, args.length, args.out)
+
+
+def _privacy_utility(args):
+    from simulation.bench import privacy_utility
+
+    return privacy_utility.run(_strs(args.tasks), _strs(args.epsilons), args.rounds, args.steps, args.batch,
+                               args.length, args.eval_examples, args.model, args.out)
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks (printed as ratios; see BENCHMARKS.md)")
+    names = bench.add_subparsers(dest="bench_name", required=True)
+
+    def add(name: str, func, help_: str, batch: int = 0, length: int = 0) -> argparse.ArgumentParser:
+        """A benchmark's parser; ``batch``/``length`` > 0 add --model, --batch, --length with those defaults."""
+        parser = names.add_parser(name, help=help_)
+        parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+        parser.set_defaults(func=cmd_bench, bench=func)
+        if batch:
+            parser.add_argument("--model", default="smollm2")
+            parser.add_argument("--batch", type=int, default=batch)
+            parser.add_argument("--length", type=int, default=length)
+        return parser
+
+    scale = add("scale", _scale, "phone scenario at several client counts: peak memory of the process tree, time")
+    scale.add_argument("--clients", default="100,1000,1090", help="comma-separated client counts")
+    scale.add_argument("--rounds", type=int, default=2)
+    scale.add_argument("--model", default="", help="model (default: the scenario's, SmolLM2)")
+    scale.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
+
+    dp = add("dp-overhead", _dp_overhead, "DP-SGD step vs non-private step per grad-sample mode and dtype", 8, 128)
+    dp.add_argument("--modes", default="hooks,functorch,ghost")
+    dp.add_argument("--autocast", default="none,bf16")
+    dp.add_argument("--repeats", type=int, default=3)
+    dp.add_argument("--steps", type=int, default=1, help="steps per configuration per repeat")
+
+    tp = add("throughput", _throughput, "training tokens/s against the matmul roofline, with a profile", 8, 128)
+    tp.add_argument("--mode", default="hooks", help="grad-sample mode of the DP step")
+    tp.add_argument("--repeats", type=int, default=2)
+
+    tr = add("traffic", _traffic, "bytes per client per round vs the full fp32 model, per aggregation and wire dtype")
+    tr.add_argument("--model", default="smollm2")
+    tr.add_argument("--verify", action="store_true", help="also run 1-round tiny federations and check the bytes")
+    tr.add_argument("--out", type=Path, help="keep the verification runs here")
+
+    ov = add("overhead", _overhead, "federated run wall time vs the pure compute of the same steps", 4, 64)
+    ov.add_argument("--clients", type=int, default=2)
+    ov.add_argument("--rounds", type=int, default=2)
+    ov.add_argument("--steps", type=int, default=3)
+    ov.add_argument("--out", type=Path, help="keep the federated run here")
+    pu = add("privacy-utility", _privacy_utility, "utility at eps 1, 3, 8, inf with the same compute per point",
+             8, 64)
+    pu.add_argument("--tasks", default="sst2,pubmedqa,medquad")
+    pu.add_argument("--epsilons", default="1,3,8,inf")
+    pu.add_argument("--rounds", type=int, default=2)
+    pu.add_argument("--steps", type=int, default=4)
+    pu.add_argument("--eval-examples", type=int, default=32)
+    pu.add_argument("--out", type=Path, help="keep the runs here")

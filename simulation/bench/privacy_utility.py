@@ -1,0 +1,92 @@
+"""Privacy-utility: the same federation at epsilon 1, 3, 8 and without DP, per task.
+
+Every point is a real ``fedslm simulate`` run (4 clients, Flower simulation engine) with
+the same compute: rounds, local steps, expected batch, learning rate, FFA-LoRA
+aggregation and evaluation sets are fixed, only the per-client DP target changes (each
+client calibrates its noise so that all planned rounds fit epsilon; 'inf' = DP off).
+Tasks: label scoring on an SST-2 subset (2,000 training sentences) and on PubMedQA
+(500 expert-labelled questions, yes/no/maybe), and instruction SFT on the packaged
+MedQuAD excerpt (4 institutes, natural split). Utility is the federated accuracy (label
+tasks) or the federated eval loss (SFT) after the last round, next to round 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+
+from simulation.bench.measure import simulate, table
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+EPSILONS = ["1", "3", "8", "inf"]
+
+
+def sst2_subset(out: Path, rows: int = 2000) -> Path:
+    """The first ``rows`` sentences of SST-2 train (read from shared/data, never copied into the project)."""
+    with (SHARED / "sst2" / "train.tsv").open() as handle, out.open("w", newline="") as target:
+        reader, writer = csv.reader(handle, delimiter="\t"), csv.writer(target, delimiter="\t")
+        for i, row in enumerate(reader):
+            if i > rows:
+                break
+            writer.writerow([cell.strip() for cell in row])
+    return out
+
+
+def tasks(root: Path) -> dict[str, dict]:
+    label = {"data.task": "label", "data.partition": "iid"}
+    return {
+        "sst2": {**label, "data.path": sst2_subset(root / "sst2-2000.tsv"), "data.text-field": "sentence",
+                 "data.label-field": "label", "data.verbalizers": "0=negative,1=positive"},
+        "pubmedqa": {**label, "data.path": SHARED / "pubmedqa" / "pqal_trainval.jsonl",
+                     "data.text-field": "question", "data.label-field": "label",
+                     "data.verbalizers": "yes=yes,no=no,maybe=maybe"},
+        "medquad": {"data.task": "sft", "data.path": "", "data.partition": "natural", "data.partition-by": "source"},
+    }
+
+
+def compute(rounds: int, steps: int, batch: int, length: int, eval_examples: int) -> dict:
+    """The fixed compute of every point."""
+    return {"model.max-length": length, "train.local-steps": steps, "train.batch-size": batch, "train.lr": 1e-2,
+            "server.aggregation": "ffa", "server.min-clients": 4, "data.max-train-examples": 0,
+            "data.max-eval-examples": eval_examples, "ship.quantizations": "", "lora.dropout": 0.0}
+
+
+def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 2, steps: int = 4, batch: int = 8,
+        length: int = 64, eval_examples: int = 32, model: str = "smollm2", out: Path | None = None) -> list[dict]:
+    root = Path(out or tempfile.mkdtemp(prefix="fedslm-bench-pu-"))
+    root.mkdir(parents=True, exist_ok=True)
+    available = tasks(root)
+    fixed = compute(rounds, steps, batch, length, eval_examples)
+    results = []
+    for name in task_names:
+        for eps in epsilons or EPSILONS:
+            dp = {"dp.enabled": False} if eps == "inf" else \
+                {"dp.enabled": True, "dp.target-epsilon": float(eps), "dp.max-epsilon": float(eps)}
+            result = simulate("tiny", root / f"{name}-eps{eps}", 4, {**fixed, **available[name], **dp}, rounds, model)
+            first, last = result.rows[0], [r for r in result.rows if r["round"] > 0][-1]
+            sigmas = sorted({p.get("noise_multiplier") for p in _privacy(result.out) if p.get("noise_multiplier")})
+            metric = "accuracy" if "accuracy" in last else "eval_loss"
+            results.append({"task": name, "epsilon": eps, "metric": metric, "round 0": first[metric],
+                            "final": last[metric], "sigma": ", ".join(f"{s:.2f}" for s in sigmas) or "-",
+                            "wall s": result.wall})
+    by_task = {}
+    for r in results:
+        by_task.setdefault(r["task"], {})[r["epsilon"]] = r["final"]
+    for r in results:
+        clean = by_task[r["task"]].get("inf")
+        r["vs non-private"] = "" if clean is None else \
+            (f"{(r['final'] - clean) * 100:+.1f} pts" if r["metric"] == "accuracy" else f"{r['final'] - clean:+.4f}")
+    print(f"Privacy-utility: {model}, 4 clients, {rounds} rounds x {steps} steps, B={batch}, T<={length}, "
+          f"FFA-LoRA, eval <= {eval_examples} records per client")
+    print(table(list(results[0]), [list(r.values()) for r in results]))
+    return results
+
+
+def _privacy(run_dir: Path) -> list[dict]:
+    import json
+
+    view = run_dir / "privacy" / "ledger.json"
+    if not view.is_file():
+        return []
+    return [r for records in json.loads(view.read_text())["clients"].values() for r in records]

@@ -1,0 +1,85 @@
+"""Each benchmark's code path runs on the tiny model and reports ratios (no timing assertions)."""
+
+import json
+import math
+
+import pytest
+
+from simulation.bench import dp_overhead, throughput, traffic
+from simulation.bench.measure import TreeMemory, table
+from simulation.cli import main
+
+
+def test_dp_overhead_reports_a_ratio_per_configuration(capsys):
+    rows = dp_overhead.run("tiny", batch_size=2, length=16, modes=["hooks", "ghost"], autocasts=["none"], repeats=1)
+    assert [r["configuration"] for r in rows] == ["non-private / fp32", "hooks / fp32", "ghost / fp32"]
+    assert rows[0]["x non-private"] == 1.0
+    assert all(isinstance(r["x non-private"], float) and r["x non-private"] > 0 for r in rows)
+    assert "x non-private" in capsys.readouterr().out
+
+
+def test_a_mode_that_fails_is_reported_not_fatal(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported layer")
+
+    monkeypatch.setattr(dp_overhead, "make_private", broken)
+    rows = dp_overhead.run("tiny", batch_size=2, length=16, modes=["hooks"], autocasts=["none"], repeats=1)
+    assert rows[1]["s/step"].startswith("fails: RuntimeError: unsupported layer")
+    assert isinstance(rows[0]["s/step"], float)
+
+
+def test_throughput_relates_tokens_to_the_roofline_and_profiles(capsys):
+    result = throughput.run("tiny", batch_size=2, length=16, repeats=1, seconds=0.05)
+    assert result["flops_per_token"] > 0 and all(v > 0 for v in result["roofline_before"].values())
+    for row in result["rows"]:
+        assert row["x roofline"] == pytest.approx(row["tokens/s"] / row["roofline tok/s"])
+    for profile in result["profiles"]:
+        assert 0 < profile["matmul share"] <= 1 and 0 <= profile["cast share"] < 1
+        assert profile["top ops"]
+    assert "profile hooks / fp32" in capsys.readouterr().out
+
+
+def test_traffic_fp16_halves_and_ffa_sends_less():
+    rows = {(r["aggregation"], r["wire dtype"]): r["bytes up/client/round"] for r in traffic.run("tiny")}
+    assert rows[("fedavg", "float16")] < rows[("fedavg", "float32")]
+    assert rows[("ffa", "float32")] < rows[("fedavg", "float32")]
+    assert rows[("ffa", "float16")] == min(rows.values())
+
+
+def test_tree_memory_sees_this_process():
+    import os
+
+    with TreeMemory(os.getpid(), every=0.01) as memory:
+        memory.sample()
+    assert memory.peak_total >= memory.peak_single > 10 * 2**20
+
+
+def test_table_is_markdown():
+    text = table(["a", "b"], [[1, 2.5], ["x", math.pi]])
+    lines = text.splitlines()
+    assert lines[0].startswith("| a") and set(lines[1]) <= {"|", "-"} and "3.14" in lines[3]
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "traffic.json"
+    assert main(["bench", "traffic", "--model", "tiny", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 4
+
+
+@pytest.mark.integration
+def test_overhead_compares_a_federation_with_its_pure_compute(tmp_path, model_cache):
+    from simulation.bench import overhead
+
+    result = overhead.run("tiny", clients=2, rounds=1, steps=2, batch=2, length=32, out=tmp_path)
+    assert result["pure compute s"] > 0 and result["x wall"] >= result["x rounds"] > 0
+
+
+@pytest.mark.integration
+def test_privacy_utility_runs_a_dp_and_a_non_private_point(tmp_path, model_cache):
+    from simulation.bench import privacy_utility
+
+    rows = privacy_utility.run(["medquad"], ["8", "inf"], rounds=1, steps=2, batch=4, length=32, eval_examples=4,
+                               model="tiny", out=tmp_path)
+    assert [r["epsilon"] for r in rows] == ["8", "inf"] and all(r["metric"] == "eval_loss" for r in rows)
+    assert rows[0]["sigma"] != "-" and rows[1]["sigma"] == "-"
+    assert rows[1]["vs non-private"] == "+0.0000"
