@@ -23,8 +23,11 @@ from privacy.ledger import write_json_atomic
 from slm.base import resolve_model_dir, smollm2_gguf_path
 from slm.errors import UserError
 from slm.export import QUANTS, merge_adapter, write_gguf
+from slm.imatrix import CALIBRATION, calibration_texts, importance_matrix
 
 SHIP = "evaluate.ship"
+QUANTIZER = {"f16": "f16 (norms f32)", "q8_0": "gguf-py reference (max/127)",
+             "q4_0": f"importance-weighted scale search, calibration {CALIBRATION.name}"}
 
 
 @dataclass(frozen=True)
@@ -65,17 +68,19 @@ def privacy_summary(run_dir: Path) -> dict:
 
 
 def build_artifacts(run_dir: Path, config: dict, server_round: int, quants: list[str],
-                    eval_metrics: dict | None = None) -> list[Artifact]:
-    """Merge round ``server_round``'s adapter and export it; returns the GGUF artifacts."""
+                    eval_metrics: dict | None = None, out: Path | None = None) -> list[Artifact]:
+    """Merge round ``server_round``'s adapter and export it (into ``out``, default RUN_DIR/model)."""
     adapter = run_dir / "adapters" / f"round-{server_round}"
     if not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"run directory {run_dir}: {adapter} has no adapter to export")
     if config["model.name"] != "smollm2" and quants:
         raise UserError("GGUF export needs the base's GGUF as a template: only the default smollm2 base "
                         "(export the merged HF directory with --quant '' for other bases)")
-    out = run_dir / "model"
+    out = out or run_dir / "model"
     started = time.time()
-    merged, _ = merge_adapter(config["model.name"], adapter, out / "merged")
+    merged, tokenizer = merge_adapter(config["model.name"], adapter, out / "merged")
+    # 4-bit rounding weighted by activation statistics of public calibration text (slm.imatrix)
+    importance = importance_matrix(merged, tokenizer, calibration_texts(tokenizer)) if "q4_0" in quants else None
     common = {"base_model": config["model.name"], "base_path": str(resolve_model_dir(config["model.name"])),
               "run_id": run_dir.name, "round": server_round, "eval": eval_metrics or {},
               "privacy": privacy_summary(run_dir)}
@@ -87,12 +92,13 @@ def build_artifacts(run_dir: Path, config: dict, server_round: int, quants: list
         path = out / f"fedslm-{quant}.gguf"
         tmp = path.with_suffix(".gguf.tmp")
         write_gguf(merged.state_dict(), merged.config, smollm2_gguf_path(), tmp, quant,
-                   name=f"fedslm {run_dir.name} round {server_round}")
+                   name=f"fedslm {run_dir.name} round {server_round}", importance=importance)
         tmp.replace(path)
         artifact = Artifact(path=path, quant=quant, sha256=sha256_of(path), bytes=path.stat().st_size)
         write_json_atomic(path.with_suffix(".manifest.json"), {
             **common, "format": "gguf", "quantization": quant, "file": path.name, "sha256": artifact.sha256,
-            "bytes": artifact.bytes, "size_vs_fp32": artifact.bytes / merged_bytes})
+            "bytes": artifact.bytes, "size_vs_fp32": artifact.bytes / merged_bytes,
+            "quantizer": QUANTIZER[quant]})
         artifacts.append(artifact)
     print(f"[fedslm] exported round {server_round} in {time.time() - started:.0f}s: "
           + ", ".join(f"{a.quant} {a.bytes / 1e6:.1f} MB ({a.bytes / merged_bytes:.3f}x fp32)" for a in artifacts),
