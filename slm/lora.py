@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,14 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32"):
         if unknown:
             raise UserError(f"config key 'lora.target-modules': {', '.join(unknown)} not found in model '{model_ref}'")
         torch.manual_seed(spec.seed)
-        model = get_peft_model(base.model, spec.peft_config())
+        peft_config = spec.peft_config()
+        if dtype == "int8":
+            from slm.int8_base import peft_custom_modules
+
+            peft_config._register_custom_module(peft_custom_modules())
+        with warnings.catch_warnings():  # PEFT warns about any layer type it does not know, however wrapped
+            warnings.filterwarnings("ignore", message="Unsupported layer type")
+            model = get_peft_model(base.model, peft_config)
         # LoRA factors train in fp32 even on a bf16 base: DP noise is small relative to them.
         for name, param in model.named_parameters():
             if param.requires_grad:
