@@ -47,6 +47,7 @@ class Stepper:
 
     def __init__(self, model, config: StepConfig, batch_size: int):
         self.config = config
+        model.train()  # Opacus captures activations in training mode only
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=1e-4)
         self.forward, self.optimizer = model, optimizer

@@ -27,17 +27,19 @@ def model_bytes(model) -> int:
     return 4 * sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
 
-def run(model_ref: str = "smollm2", verify: bool = False, out: Path | None = None) -> list[dict]:
-    spec = LoraSpec(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))
-    model, _ = attach(model_ref, spec)
-    full = model_bytes(model)
+def run(model_ref: str = "smollm2", verify: bool = False, out: Path | None = None,
+        ranks: tuple[int, ...] = (8, 4)) -> list[dict]:
+    """Every setting at the default rank 8, then ffa + float16 at the other ranks."""
     rows = []
-    for aggregation, wire in SETTINGS:
-        sent = adapter_bytes(model, aggregation, wire)
-        rows.append({"aggregation": aggregation, "wire dtype": wire, "bytes down/client/round": sent,
-                     "bytes up/client/round": sent, "full fp32 model bytes": full,
-                     "fraction of model": f"1/{full / sent:,.0f}"})
-    print(f"Traffic: {model_ref}, LoRA r=8 on q_proj,v_proj")
+    for r in ranks:
+        model, _ = attach(model_ref, LoraSpec(r=r, alpha=2 * r, dropout=0.0, target_modules=("q_proj", "v_proj")))
+        full = model_bytes(model)
+        for aggregation, wire in SETTINGS if r == ranks[0] else SETTINGS[-1:]:
+            sent = adapter_bytes(model, aggregation, wire)
+            rows.append({"rank": r, "aggregation": aggregation, "wire dtype": wire, "bytes down/client/round": sent,
+                         "bytes up/client/round": sent, "full fp32 model bytes": full,
+                         "fraction of model": f"1/{full / sent:,.0f}"})
+    print(f"Traffic: {model_ref}, LoRA on q_proj,v_proj")
     print(table(list(rows[0]), [list(r.values()) for r in rows]))
     if verify:
         verify_with_runs(Path(out or tempfile.mkdtemp(prefix="fedslm-bench-traffic-")))

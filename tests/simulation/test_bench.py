@@ -40,7 +40,7 @@ def test_throughput_relates_tokens_to_the_roofline_and_profiles(capsys):
 
 
 def test_traffic_fp16_halves_and_ffa_sends_less():
-    rows = {(r["aggregation"], r["wire dtype"]): r["bytes up/client/round"] for r in traffic.run("tiny")}
+    rows = {(r["aggregation"], r["wire dtype"]): r["bytes up/client/round"] for r in traffic.run("tiny", ranks=(8,))}
     assert rows[("fedavg", "float16")] < rows[("fedavg", "float32")]
     assert rows[("ffa", "float32")] < rows[("fedavg", "float32")]
     assert rows[("ffa", "float16")] == min(rows.values())
@@ -63,7 +63,7 @@ def test_table_is_markdown():
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "traffic.json"
     assert main(["bench", "traffic", "--model", "tiny", "--json", str(out)]) == 0
-    assert len(json.loads(out.read_text())) == 4
+    assert len(json.loads(out.read_text())) == 5  # 4 settings at r=8, ffa + float16 at r=4
 
 
 @pytest.mark.integration
