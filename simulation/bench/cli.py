@@ -38,7 +38,8 @@ def _dp_overhead(args):
 def _throughput(args):
     from simulation.bench import throughput
 
-    return throughput.run(args.model, args.batch, args.length, args.mode, args.repeats)
+    return throughput.run(args.model, args.batch, args.length, args.mode, args.repeats,
+                          autocasts=tuple(_strs(args.autocast)))
 
 
 def _traffic(args):
@@ -89,6 +90,7 @@ def add_bench_parser(sub) -> None:
 
     tp = add("throughput", _throughput, "training tokens/s against the matmul roofline, with a profile", 8, 128)
     tp.add_argument("--mode", default="hooks", help="grad-sample mode of the DP step")
+    tp.add_argument("--autocast", default="none,bf16", help="none (fp32) and/or bf16")
     tp.add_argument("--repeats", type=int, default=2)
 
     tr = add("traffic", _traffic, "bytes per client per round vs the full fp32 model, per aggregation and wire dtype")

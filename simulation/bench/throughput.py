@@ -36,11 +36,14 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 1
     return 2 * m * k * n * runs / elapsed / 1e9
 
 
-def roofline(rows: int, hidden: int, inner: int, vocab: int, seconds: float = 1.0) -> dict[str, float]:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def roofline(rows: int, hidden: int, inner: int, vocab: int, seconds: float = 1.0,
+             dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
     """Best GFLOP/s per dtype over the model's GEMM shapes."""
     shapes = [(rows, hidden, inner), (rows, inner, hidden), (rows, hidden, vocab)]
-    return {name: max(matmul_gflops(dtype, *shape, seconds=seconds) for shape in shapes)
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return {name: max(matmul_gflops(DTYPES[name], *shape, seconds=seconds) for shape in shapes) for name in dtypes}
 
 
 def flops_per_token(model) -> int:
@@ -71,15 +74,16 @@ def profile_step(model, config: StepConfig, batch: dict, top: int = 8) -> dict:
 
 
 def run(model_ref: str = "smollm2", batch_size: int = 8, length: int = 128, mode: str = "hooks",
-        repeats: int = 2, seconds: float = 1.0) -> dict:
+        repeats: int = 2, seconds: float = 1.0, autocasts: tuple[str, ...] = ("none", "bf16")) -> dict:
     model, tokenizer = lora_model(model_ref)
     cfg = model.config
     batch = synthetic_batch(len(tokenizer), batch_size, length)
     shape = (batch_size * length, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
-    before = roofline(*shape, seconds=seconds)
-    configs = [StepConfig(m, ac) for ac in ("none", "bf16") for m in (None, mode)]
+    dtypes = tuple("bf16" if ac == "bf16" else "fp32" for ac in autocasts)
+    before = roofline(*shape, seconds=seconds, dtypes=dtypes)
+    configs = [StepConfig(m, ac) for ac in autocasts for m in (None, mode)]
     medians = time_configs(model, configs, batch, repeats, steps=1)
-    after = roofline(*shape, seconds=seconds)
+    after = roofline(*shape, seconds=seconds, dtypes=dtypes)
     limit = {k: (before[k] + after[k]) / 2 for k in before}
     per_token = flops_per_token(model)
     rows = []
@@ -93,13 +97,13 @@ def run(model_ref: str = "smollm2", batch_size: int = 8, length: int = 128, mode
         tps = batch_size * length / seconds
         rows.append({"configuration": config.name, "tokens/s": tps, "achieved GFLOP/s": tps * per_token / 1e9,
                      "roofline tok/s": ceiling, "x roofline": tps / ceiling,
-                     "x fp32 roofline": tps / (limit["fp32"] * 1e9 / per_token)})
+                     "x fp32 roofline": tps / (limit["fp32"] * 1e9 / per_token) if "fp32" in limit else ""})
     profiles = [profile_step(model, c, batch) for c in configs if c.mode]
     model.eval()
     print(f"Throughput: {model_ref}, LoRA r=8 q,v, B={batch_size}, T={length}, {per_token / 1e6:.0f} MFLOP/token "
           f"(4 x base params), {torch.get_num_threads()} threads")
-    print(f"matmul roofline GFLOP/s (before / after): fp32 {before['fp32']:.0f} / {after['fp32']:.0f}, "
-          f"bf16 {before['bf16']:.0f} / {after['bf16']:.0f}; bf16/fp32 = {limit['bf16'] / limit['fp32']:.2f}")
+    print("matmul roofline GFLOP/s (before / after): "
+          + ", ".join(f"{k} {before[k]:.0f} / {after[k]:.0f}" for k in before))
     print(table(list(rows[0]), [list(r.values()) for r in rows]))
     for p in profiles:
         print(f"\nprofile {p['configuration']}: {p['step ms (profiled)']:.0f} ms self CPU, matmul "
