@@ -61,6 +61,12 @@ def _privacy_utility(args):
                                args.length, args.eval_examples, args.model, args.out)
 
 
+def _quant(args):
+    from simulation.bench import quant
+
+    return quant.run(args)
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (printed as ratios; see BENCHMARKS.md)")
     names = bench.add_subparsers(dest="bench_name", required=True)
@@ -103,6 +109,9 @@ def add_bench_parser(sub) -> None:
     ov.add_argument("--rounds", type=int, default=2)
     ov.add_argument("--steps", type=int, default=3)
     ov.add_argument("--out", type=Path, help="keep the federated run here")
+    from simulation.bench.quant import add_arguments as quant_arguments
+
+    quant_arguments(add("quant", _quant, "size and eval-loss change of F16/Q8_0/Q4_0 GGUF exports of a run's adapter"))
     pu = add("privacy-utility", _privacy_utility, "utility at eps 1, 3, 8, inf with the same compute per point",
              8, 64)
     pu.add_argument("--tasks", default="sst2,pubmedqa,medquad")

@@ -12,7 +12,6 @@ targets are met (Q8_0 <= 0.27x and <= +1%, Q4_0 <= 0.16x and <= +5%).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -90,27 +89,37 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    from server.ship import parse_quants
-    from slm.errors import UserError
-
-    parser = argparse.ArgumentParser(prog="fedslm bench quant", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--round", type=int, help="adapter round (default: the last)")
     parser.add_argument("--quant", default="f16,q8_0,q4_0")
     parser.add_argument("--clients", type=int, help="clients whose test splits to use (default: simulation.json, else 4)")
     parser.add_argument("--max-eval", type=int, default=0, help="cap per client (0 = the whole test split)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> dict:
+    """Measure, print the table, return the results (``fedslm bench quant`` and ``main``)."""
+    from server.ship import parse_quants
+    from slm.errors import UserError
+
+    if not (args.run_dir / "config.json").is_file():
+        raise UserError(f"run directory {args.run_dir}: no config.json")
+    result = measure(args.run_dir, args.round, parse_quants(args.quant), args.clients or run_clients(args.run_dir),
+                     args.max_eval)
+    print(render(result))
+    return result
+
+
+def main(argv=None) -> int:
+    from slm.errors import UserError
+
+    parser = argparse.ArgumentParser(prog="python -m simulation.bench.quant", description=__doc__.splitlines()[0])
+    add_arguments(parser)
     try:
-        if not (args.run_dir / "config.json").is_file():
-            raise UserError(f"run directory {args.run_dir}: no config.json")
-        result = measure(args.run_dir, args.round, parse_quants(args.quant),
-                         args.clients or run_clients(args.run_dir), args.max_eval)
+        run(parser.parse_args(argv))
     except UserError as err:
         print(f"fedslm: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 
 
