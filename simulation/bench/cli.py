@@ -67,6 +67,12 @@ def _quant(args):
     return quant.run(args)
 
 
+def _llamacpp(args):
+    from simulation.bench import llamacpp
+
+    return llamacpp.run(args.files, new_tokens=args.new_tokens)
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (printed as ratios; see BENCHMARKS.md)")
     names = bench.add_subparsers(dest="bench_name", required=True)
@@ -112,6 +118,9 @@ def add_bench_parser(sub) -> None:
     from simulation.bench.quant import add_arguments as quant_arguments
 
     quant_arguments(add("quant", _quant, "size and eval-loss change of F16/Q8_0/Q4_0 GGUF exports of a run's adapter"))
+    lc = add("llamacpp", _llamacpp, "llama.cpp vs transformers on the same GGUF files (needs the llamacpp extra)")
+    lc.add_argument("files", type=Path, nargs="+", help="GGUF files")
+    lc.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated per prompt")
     pu = add("privacy-utility", _privacy_utility, "utility at eps 1, 3, 8, inf with the same compute per point",
              8, 64)
     pu.add_argument("--tasks", default="sst2,pubmedqa,medquad")
