@@ -13,18 +13,28 @@ tasks) or the federated eval loss (SFT) after the last round, next to round 0.
 from __future__ import annotations
 
 import csv
+import os
 import tempfile
 from pathlib import Path
 
 from simulation.bench.measure import simulate, table
+from slm.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # next to the checkout; FEDSLM_SHARED_DATA overrides
 EPSILONS = ["1", "3", "8", "inf"]
+
+
+def shared_file(relative: str) -> Path:
+    """A file of the workplace's shared data folder (never copied into the project)."""
+    path = Path(os.environ.get("FEDSLM_SHARED_DATA") or SHARED) / relative
+    if not path.is_file():
+        raise UserError(f"benchmark data {path} not found (set FEDSLM_SHARED_DATA to the shared data folder)")
+    return path
 
 
 def sst2_subset(out: Path, rows: int = 2000) -> Path:
     """The first ``rows`` sentences of SST-2 train (read from shared/data, never copied into the project)."""
-    with (SHARED / "sst2" / "train.tsv").open() as handle, out.open("w", newline="") as target:
+    with shared_file("sst2/train.tsv").open() as handle, out.open("w", newline="") as target:
         reader, writer = csv.reader(handle, delimiter="\t"), csv.writer(target, delimiter="\t")
         for i, row in enumerate(reader):
             if i > rows:
@@ -33,16 +43,18 @@ def sst2_subset(out: Path, rows: int = 2000) -> Path:
     return out
 
 
-def tasks(root: Path) -> dict[str, dict]:
+def task_config(name: str, root: Path) -> dict:
+    """The data settings of one task; only the tasks asked for touch their files."""
     label = {"data.task": "label", "data.partition": "iid"}
-    return {
-        "sst2": {**label, "data.path": sst2_subset(root / "sst2-2000.tsv"), "data.text-field": "sentence",
-                 "data.label-field": "label", "data.verbalizers": "0=negative,1=positive"},
-        "pubmedqa": {**label, "data.path": SHARED / "pubmedqa" / "pqal_trainval.jsonl",
-                     "data.text-field": "question", "data.label-field": "label",
-                     "data.verbalizers": "yes=yes,no=no,maybe=maybe"},
-        "medquad": {"data.task": "sft", "data.path": "", "data.partition": "natural", "data.partition-by": "source"},
-    }
+    if name == "sst2":
+        return {**label, "data.path": sst2_subset(root / "sst2-2000.tsv"), "data.text-field": "sentence",
+                "data.label-field": "label", "data.verbalizers": "0=negative,1=positive"}
+    if name == "pubmedqa":
+        return {**label, "data.path": shared_file("pubmedqa/pqal_trainval.jsonl"), "data.text-field": "question",
+                "data.label-field": "label", "data.verbalizers": "yes=yes,no=no,maybe=maybe"}
+    if name == "medquad":  # the packaged excerpt
+        return {"data.task": "sft", "data.path": "", "data.partition": "natural", "data.partition-by": "source"}
+    raise UserError(f"privacy-utility: unknown task '{name}' (choose from sst2, pubmedqa, medquad)")
 
 
 def compute(rounds: int, steps: int, batch: int, length: int, eval_examples: int) -> dict:
@@ -56,7 +68,7 @@ def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 
         length: int = 64, eval_examples: int = 32, model: str = "smollm2", out: Path | None = None) -> list[dict]:
     root = Path(out or tempfile.mkdtemp(prefix="fedslm-bench-pu-"))
     root.mkdir(parents=True, exist_ok=True)
-    available = tasks(root)
+    available = {name: task_config(name, root) for name in task_names}
     fixed = compute(rounds, steps, batch, length, eval_examples)
     results = []
     for name in task_names:

@@ -83,3 +83,13 @@ def test_privacy_utility_runs_a_dp_and_a_non_private_point(tmp_path, model_cache
     assert [r["epsilon"] for r in rows] == ["8", "inf"] and all(r["metric"] == "eval_loss" for r in rows)
     assert rows[0]["sigma"] != "-" and rows[1]["sigma"] == "-"
     assert rows[1]["vs non-private"] == "+0.0000"
+
+
+def test_privacy_utility_names_missing_shared_data_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
+    from simulation.bench.privacy_utility import task_config
+    from slm.errors import UserError
+
+    monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"nowhere/sst2/train.tsv not found"):
+        task_config("sst2", tmp_path)
+    assert task_config("medquad", tmp_path)["data.task"] == "sft"  # the packaged excerpt needs no shared data
