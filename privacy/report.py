@@ -11,8 +11,9 @@ report.json follows ``SCHEMA``; a field never changes meaning (add fields instea
 level: run (what, how far, PARTIAL or not, config, events), summary (the plain-words
 page), utility (per round), clients (per client: parameters, recomputed epsilons, budget,
 refusals, every round), accounting (accountants, disagreements), user_level (null unless
-user-level DP ran), protection (what is and is not protected), audit (null: no empirical
-audit was run), plots (file names under plots/).
+user-level DP ran), protection (what is and is not protected), audit (the empirical audit,
+privacy.audit_doc schema fedslm-audit/1, from <run>/audit.json; null when none was run;
+summary.audit is its one sentence), plots (file names under plots/).
 Non-finite numbers are written as null: epsilon is null when a client trained without
 DP (no guarantee at all) or when it could not be recomputed (see "disagreements").
 """
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from privacy import plots
+from privacy.audit_doc import read_audit, summary_sentence
 from privacy.ledger import write_json_atomic
 from privacy.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
 from privacy.report_html import render_report
@@ -81,8 +83,9 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
                                        aggregation=run["aggregation"], user=user,
                                        server_noise_seed=files.config["server.noise-seed"],
                                        dp_enabled=run["dp_enabled"]),
-        "audit": None,  # filled by the empirical audit (canaries) when one was run
+        "audit": read_audit(files.path),  # <run>/audit.json of `fedslm audit --run`, else None
     }
+    doc["summary"]["audit"] = summary_sentence(doc["audit"]) if doc["audit"] else None
     figures = _figures(utility, accounts, user, max(run["rounds_planned"], run["rounds_completed"]))
     doc["plots"] = {name: f"plots/{name}.png" for name in figures}
     return _finite(doc), figures

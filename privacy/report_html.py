@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from privacy import plots
+from privacy.audit_doc import audit_sentences
 from privacy.report_text import EPSILON_HELP, fmt_budget, fmt_delta, protection_notes
 
 CSS = """
@@ -118,7 +119,8 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
     parts = [banner(summary["partial"], "partial")] if summary["partial"] else []
     parts.append('<div class="summary"><h2>Summary</h2>' + paragraphs(summary["what"])
                  + "<p><b>Privacy guarantees</b></p>" + bullets(summary["guarantees"])
-                 + paragraphs([summary["check"]]) + paragraphs([summary["how_to_read"]], "help") + "</div>")
+                 + paragraphs([summary["check"]] + ([summary["audit"]] if summary.get("audit") else []))
+                 + paragraphs([summary["how_to_read"]], "help") + "</div>")
     parts.append(section("Per-client privacy", _client_table(doc["clients"]), _round_table(doc["clients"])))
     if figures:
         parts.append(section("Plots", '<div class="figs">' + "".join(
@@ -129,9 +131,7 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
         parts.append(_user_section(doc["user_level"]))
     parts.append(_accounting_section(doc))
     parts.append(section("What is and is not protected", definitions(doc["protection"])))
-    parts.append(section("Empirical audit", paragraphs(
-        ["No empirical audit was run for this run: the epsilons above are proven upper bounds, not measurements."]
-        if doc["audit"] is None else [json.dumps(doc["audit"])])))
+    parts.append(_audit_section(doc["audit"]))
     parts.append(section("Run details", _settings(run), _events(run), collapsed(
         "report.json (every number in this page)", json.dumps({k: v for k, v in doc.items() if k != "summary"},
                                                               indent=1))))
@@ -220,6 +220,47 @@ def _user_section(user: dict) -> str:
                     f"{fmt_delta(user['delta'])}) after {len(user['rounds'])} round(s), PRV accountant."]),
         table(["round", "eligible clients", "cohort", "updates clipped", "user-level eps", "reported"], rows,
               numeric={0, 1, 2, 3, 4, 5}))
+
+
+def _audit_section(audit: dict | None) -> str:
+    """The empirical audit (privacy.audit_doc): plain words, one row per trial, the method."""
+    if audit is None:
+        return section("Empirical audit", paragraphs([(
+            "No empirical audit was run for this run: the epsilons above are proven upper bounds, not measurements. "
+            "`fedslm audit --run RUN_DIR` trains one client with canaries using this run's settings and adds the "
+            "audit to this report.")]))
+    broken = [t for t in audit["trials"] if t["verdict"] == "violation"]
+    status = (banner(f"{len(broken)} trial(s) with a lower bound ABOVE the reported epsilon: the privacy claim is "
+                     "false (a bug in the mechanism or its accounting).", "partial") if broken else
+              banner("No trial's lower bound exceeds its reported epsilon.", "ok"))
+    sentences = audit_sentences(audit)
+    rows = []
+    for t in audit["trials"]:
+        bound, exp, member = t["bound"], t.get("exposure"), t["membership"]
+        inside, outside = (exp["inserted"], exp["not_inserted"]) if exp else ({}, {})
+        rows.append([t["name"], f"{t['noise_multiplier']:.3g}", eps(t["epsilon"]), fmt_delta(t["delta"]),
+                     f"{bound['epsilon_lower']:.3f}", f"{bound['max_provable']:.2f}",
+                     f"{bound['best']['correct']} / {bound['best']['guesses']}",
+                     f"{member['inserted']['mean']:.3f} / {member['not_inserted']['mean']:.3f}"
+                     if member["inserted"]["count"] and member["not_inserted"]["count"] else "—",
+                     _exposure_cell(inside), _exposure_cell(outside),
+                     ("bad", t["verdict"]) if t["verdict"] in ("violation", "no leak detected") else t["verdict"]])
+    head = ["trial", "sigma", "reported eps (PRV)", "delta", f"eps lower bound ({1 - audit['method']['beta']:.0%})",
+            "at most provable", "guesses right", "score in / out (mean)", "exposure inserted: mean / median / max",
+            "exposure left out: mean / median / max", "verdict"]
+    method = audit["method"]
+    return section("Empirical audit", status, paragraphs(sentences[:1]), table(head, rows, numeric={1, 2, 3, 4, 5, 6, 7}),
+                   bullets(sentences[1:]), paragraphs([
+                       "Exposure in bits, extrapolated (sampled in brackets). Membership score: " + method["score"],
+                       "Lower bound: " + method["bound"], "Exposure: " + method["exposure"]], "help"))
+
+
+def _exposure_cell(group: dict) -> str:
+    if not group or not group["sampled"]["count"]:
+        return "—"
+    ext, smp = group["extrapolated"], group["sampled"]
+    return (f"{ext['mean']:.1f} / {ext['median']:.1f} / {ext['max']:.1f} "
+            f"({smp['mean']:.1f} / {smp['median']:.1f} / {smp['max']:.1f})")
 
 
 def _accounting_section(doc: dict) -> str:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from simulation import audit_cmd
 from slm.errors import UserError
 from slm.quiet import quiet_libraries
 
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="privacy budget report of a run: report.json, report.html, plots/")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)
+    audit_cmd.add_parser(sub)
     compare = sub.add_parser("compare", help="runs side by side: eval loss, bytes per client and round, epsilon")
     compare.add_argument("runs", nargs="+", help="run directories")
     compare.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,0 +1,150 @@
+"""``fedslm audit``: the empirical privacy audit (privacy.audit) from the command line.
+
+Trains one client alone, with canaries in its data, once without noise and once per
+target epsilon, using the client's own DP-SGD code (client.train.train_adapter) and the
+settings of the configuration (defaults, ``--set``, or a run's config.json with ``--run``);
+writes ``audit.json`` and prints one line per trial. With ``--run RUN_DIR`` the audit goes
+into that run directory and its privacy report is rewritten to include it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+from slm.errors import UserError
+
+
+def add_parser(sub) -> None:
+    audit = sub.add_parser("audit", help="empirical privacy audit: canaries, exposure, one-run epsilon lower bound")
+    audit.add_argument("--model", help="'smollm2' (default), 'tiny' or a local HF model directory")
+    audit.add_argument("--run", metavar="RUN_DIR", help="audit with this run's settings and write the audit into it "
+                       "(its report then includes the audit)")
+    audit.add_argument("--out", help="directory for audit.json (default: runs/audit-<time>; with --run: RUN_DIR)")
+    audit.add_argument("--canaries", type=int, default=128, help="m: canaries, each inserted with probability 1/2")
+    audit.add_argument("--digits", type=int, default=8, help="digits per secret (|R| = 10^digits; default 8)")
+    audit.add_argument("--epsilon", type=float, action="append", metavar="E",
+                       help="target epsilon of a DP trial (repeatable; default dp.target-epsilon, i.e. 8)")
+    audit.add_argument("--no-baseline", action="store_true", help="skip the sigma=0 trial (clipping, no noise)")
+    audit.add_argument("--no-dp", action="store_true", help="only the sigma=0 trial (e.g. to tune steps and lr)")
+    audit.add_argument("--steps", type=int, default=160, help="DP-SGD steps per trial (default 160)")
+    audit.add_argument("--lr", type=float, help="learning rate (default train.lr)")
+    audit.add_argument("--batch-size", type=int, help="expected Poisson batch (default train.batch-size)")
+    audit.add_argument("--clip-norm", type=float, help="per-example clip norm (default dp.clip-norm)")
+    audit.add_argument("--base-records", type=int, default=0,
+                       help="also train on this many real records of the configured data (default 0: canaries only)")
+    audit.add_argument("--beta", type=float, default=0.05, help="1 - confidence of the lower bound (default 0.05)")
+    audit.add_argument("--candidates", type=int, default=127, help="sampled secrets per exposure (default 127)")
+    audit.add_argument("--exposure-canaries", type=int, default=8,
+                       help="canaries per group (inserted / left out) whose exposure is measured (default 8)")
+    audit.add_argument("--seed", type=int, default=0, help="canaries, inclusion, sampling and noise (default 0)")
+    audit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    audit.add_argument("--json", action="store_true", help="print audit.json instead of the summary")
+    audit.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args) -> int:
+    from privacy.audit import AuditSpec
+    from privacy.audit_doc import audit_sentences
+
+    config, out, run_dir = _config(args)
+    try:
+        spec = AuditSpec(canaries=args.canaries, digits=args.digits, steps=args.steps,
+                         batch_size=_given(args.batch_size, config["train.batch-size"]),
+                         lr=_given(args.lr, config["train.lr"]), clip_norm=_given(args.clip_norm, config["dp.clip-norm"]),
+                         epsilons=() if args.no_dp else tuple(args.epsilon or [config["dp.target-epsilon"] or 8.0]),
+                         baseline=not args.no_baseline, beta=args.beta, candidates=args.candidates,
+                         exposure_canaries=args.exposure_canaries, seed=args.seed)
+    except ValueError as err:
+        raise UserError(f"audit: {err}") from None
+    doc = run(config, spec, base_records=args.base_records, log=lambda line: print(f"[fedslm] {line}", flush=True))
+    from privacy.ledger import write_json_atomic
+
+    write_json_atomic(out / "audit.json", doc)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print("\n".join(f"[fedslm] {s}" for s in audit_sentences(doc)))
+    print(f"[fedslm] audit: {out / 'audit.json'} ({doc['seconds']:.0f}s)", flush=True)
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        from privacy.report import write_report
+
+        print(f"[fedslm] privacy report with the audit: {write_report(run_dir)}", flush=True)
+    return 1 if any(t["verdict"] == "violation" for t in doc["trials"]) else 0
+
+
+def run(config: dict, spec, *, base_records: int = 0, log=print, train=None) -> dict:
+    """The audit of ``config``'s client training (``train`` defaults to the client's own)."""
+    from client.train import train_adapter
+    from privacy.audit import run_audit
+    from server.aggregate import resolve_aggregation
+    from slm.lora import LoraSpec, attach
+    from slm.tasks import Task
+
+    if config["data.task"] != "sft" and base_records:
+        raise UserError("audit --base-records: needs sft data (data.task=sft); canaries are sft records")
+    task = Task(kind="sft", max_length=config["model.max-length"], prompt_field=config["data.prompt-field"],
+                response_field=config["data.response-field"])
+    base = _base_records(config, base_records)
+    lora = LoraSpec.from_config(config)
+    model, tokenizer = attach(config["model.name"], lora, config["model.dtype"])
+    aggregation = resolve_aggregation(config["server.aggregation"], True)
+    describe = {"model": config["model.name"], "dtype": config["model.dtype"],
+                "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": ",".join(lora.target_modules),
+                         "seed": lora.seed},
+                "aggregation": aggregation}
+    # the client's own training options, where this version of the config has them
+    options = {arg: config[key] for arg, key in (("grad_sample_mode", "train.grad-sample-mode"),
+                                                  ("autocast", "train.autocast")) if key in config}
+    describe["trainer_options"] = options
+    try:
+        return run_audit(model, tokenizer, task, spec, train=train or functools.partial(train_adapter, **options),
+                         base_records=base, delta=config["dp.delta"] or None,
+                         freeze_a=aggregation == "ffa", describe=describe, log=log)
+    except ValueError as err:
+        raise UserError(f"audit: {err}") from None
+
+
+def _given(value, default):
+    return default if value is None else value
+
+
+def _config(args) -> tuple[dict, Path, Path | None]:
+    from slm.config import parse_assignment, resolve
+
+    overrides = dict(parse_assignment(item) for item in args.set)
+    if args.model:
+        overrides["model.name"] = args.model
+    run_dir = None
+    if args.run:
+        run_dir = Path(args.run).expanduser().resolve()
+        path = run_dir / "config.json"
+        if not path.is_file():
+            raise UserError(f"audit --run {run_dir}: config.json is missing (not a fedslm run directory)")
+        from slm.jsonfiles import read_json
+
+        stored = read_json(path, "run config")
+        config = resolve({**{k: v for k, v in stored.items() if k != "run.resume"}, **overrides})
+    else:
+        config = resolve(overrides)
+    if args.out:
+        out = Path(args.out).expanduser().resolve()
+    elif run_dir is not None:
+        out = run_dir
+    else:
+        out = Path(config["run.root"]).expanduser().resolve() / f"audit-{time.strftime('%Y%m%d-%H%M%S')}"
+    return config, out, run_dir  # created when audit.json is written
+
+
+def _base_records(config: dict, count: int) -> list[dict]:
+    """The first ``count`` training records of the configured data file, read as one client's whole file."""
+    if count <= 0:
+        return []
+    from client.data import DataSpec, load_local_data
+
+    local = load_local_data(DataSpec.from_config(config), 0, 1)
+    if len(local.train) < count:
+        raise UserError(f"audit --base-records {count}: the data file has only {len(local.train)} training records")
+    return list(local.train[:count])
