@@ -6,8 +6,19 @@ plus every planned remaining participation stay within the budget:
 
     eps(past + rounds_left x SGM(sigma, q, steps_per_round), delta) <= budget.
 
-eps is decreasing in sigma, so a bisection on sigma works; like Opacus we return the
-upper (conservative) end of the final interval, so the result never overshoots.
+eps is decreasing in sigma, so a bracket-and-bisect search works; like Opacus we return
+the upper (conservative) end of the final interval, so the result never overshoots.
+
+Where the search looks matters as much as how many times. A PRV evaluation at small sigma
+is slow and large: its grid spans the privacy loss, which explodes as sigma -> 0
+(measured: sigma 0.05, q 0.018, 240 steps was killed at 24 GiB; sigma 0.3 still costs
+0.6-3.8 s). Plain bisection from [0, 1] probes 0.5, 0.25, ... whenever the budget is
+generous. So the search starts from a guess (the client's sigma of its last round: in a
+run that keeps to its plan the answer is the same, found in 2-3 evaluations instead of
+~10) and gallops away from it, and it never goes below ``SIGMA_MIN``: below 0.3 the
+epsilons are far beyond any meaningful guarantee (sigma 0.3 already gives eps 52-125 at
+q 0.01-0.125 over 100-1000 steps), so a budget that allows less noise gets 0.3, the
+private side of what it asked.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from collections.abc import Sequence
 from privacy.accountant import SgmEvent, epsilon
 
 SIGMA_MAX = 64.0
+SIGMA_MIN = 0.3
 PRECISION = 0.01
 
 
@@ -29,14 +41,16 @@ def planned_epsilon(past: Sequence[SgmEvent], sigma: float, *, sample_rate: floa
 
 
 def noise_for_budget(past: Sequence[SgmEvent], *, budget: float, sample_rate: float, steps_per_round: int,
-                     rounds_left: int, delta: float, accountant: str = "prv",
-                     sigma_max: float = SIGMA_MAX) -> float | None:
-    """Smallest sigma (to within PRECISION, rounded up) that fits the plan in ``budget``.
+                     rounds_left: int, delta: float, accountant: str = "prv", sigma_max: float = SIGMA_MAX,
+                     guess: float | None = None) -> float | None:
+    """Smallest sigma >= SIGMA_MIN (to within PRECISION, rounded up) that fits the plan in ``budget``.
 
+    ``guess`` (e.g. last round's sigma) only changes the cost of the search, not its answer.
     Returns None when even ``sigma_max`` does not fit, i.e. the budget is exhausted.
     """
     if rounds_left < 1:
         raise ValueError("rounds_left must be at least 1")
+    floor = min(SIGMA_MIN, sigma_max)
 
     def fits(sigma: float) -> bool:
         return planned_epsilon(past, sigma, sample_rate=sample_rate, steps_per_round=steps_per_round,
@@ -44,9 +58,24 @@ def noise_for_budget(past: Sequence[SgmEvent], *, budget: float, sample_rate: fl
 
     if not math.isfinite(budget) or not fits(sigma_max):
         return None
-    low, high = 0.0, min(1.0, sigma_max)
-    while not fits(high):
-        low, high = high, min(2 * high, sigma_max)
+    start = min(max(guess or 1.0, floor), sigma_max)
+    step = PRECISION if guess else start / 4  # a guess is usually right: look next to it first
+    if fits(start):
+        high = start
+        while True:  # gallop down to a sigma that does not fit, or to the floor
+            if high <= floor:
+                return floor
+            low = max(high - step, high / 1.5, floor)  # never far below: small sigmas are the dear ones
+            if not fits(low):
+                break
+            high, step = low, 2 * step
+    else:
+        low = start
+        while True:  # gallop up; sigma_max fits, so this ends
+            high = min(low + step, sigma_max)
+            if fits(high):
+                break
+            low, step = high, 2 * step
     while high - low > PRECISION:
         mid = (low + high) / 2
         if fits(mid):

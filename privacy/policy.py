@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from privacy.calibrate import noise_for_budget, planned_epsilon
-from privacy.ledger import Ledger
+from privacy.ledger import SPENDING, Ledger
 
 
 def default_delta(records: int) -> float:
@@ -34,8 +34,7 @@ class Decision:
     """What the client will do this round."""
 
     noise_multiplier: float | None  # None = refused
-    required: float | None  # the least sigma the local budget allows (None if exhausted)
-    planned_epsilon: float  # epsilon after all planned rounds at this sigma
+    planned_epsilon: float  # epsilon after all planned rounds at this sigma (when refused: spent so far)
     reason: str = ""
 
     @property
@@ -49,18 +48,24 @@ def decide(ledger: Ledger, *, max_epsilon: float, requested_sigma: float, target
 
     ``target_epsilon`` (the server's wish, 0 = none) can only lower the budget below
     ``max_epsilon``; the noise is calibrated to that budget over ``rounds_left`` rounds
-    (this one included), assuming the client takes part in every remaining round.
+    (this one included), assuming the client takes part in every remaining round. A
+    requested sigma that already fits is taken as it is (one accountant evaluation);
+    otherwise the least sigma that fits is searched from last round's sigma.
     """
     past = ledger.spent_events()
-    spent = ledger.spent()
     budget = min(max_epsilon, target_epsilon) if target_epsilon > 0 else max_epsilon
     common = dict(sample_rate=sample_rate, steps_per_round=steps, delta=ledger.delta)
+    if 0 < requested_sigma <= max_noise_multiplier:
+        planned = planned_epsilon(past, requested_sigma, rounds_left=rounds_left, **common)
+        if planned <= budget:
+            return Decision(requested_sigma, planned)
+    last = [e.noise_multiplier for e in ledger.entries if e.status in SPENDING][-1:]
     required = noise_for_budget(past, budget=budget, rounds_left=rounds_left, sigma_max=max_noise_multiplier,
-                                **common)
+                                guess=last[0] if last else None, **common)
     if required is None:
-        return Decision(None, None, spent, reason=(
+        spent = ledger.spent()
+        return Decision(None, spent, reason=(
             f"budget exhausted: spent {spent:.3f} of {budget:g}; {rounds_left} more round(s) would need "
             f"sigma > {max_noise_multiplier:g}"))
-    sigma = max(requested_sigma, required)
-    planned = planned_epsilon(past, sigma, rounds_left=rounds_left, **common)
-    return Decision(sigma, required, planned)
+    sigma = max(requested_sigma, required)  # a request above the cap is still more noise: honoured
+    return Decision(sigma, planned_epsilon(past, sigma, rounds_left=rounds_left, **common))

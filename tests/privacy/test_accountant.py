@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privacy.accountant import SgmEvent, epsilon
-from privacy.calibrate import noise_for_budget, planned_epsilon
 
 
 def pld_epsilon(events, delta):
@@ -74,26 +73,3 @@ def test_round_by_round_equals_whole_history_and_grows(sigma, q, steps, rounds):
     assert epsilon(per_round, delta=1e-5) == pytest.approx(epsilon([whole], delta=1e-5), rel=1e-9)
     curve = [epsilon(per_round[:k], delta=1e-5) for k in range(1, rounds + 1)]
     assert all(a < b for a, b in zip(curve, curve[1:]))
-
-
-@settings(max_examples=12, deadline=None)
-@given(budget=st.floats(0.5, 10.0), q=st.floats(0.01, 0.2), steps=st.integers(1, 20), rounds=st.integers(1, 5),
-       spent_sigma=st.floats(1.0, 4.0))
-def test_calibration_never_overshoots(budget, q, steps, rounds, spent_sigma):
-    past = [SgmEvent(spent_sigma, q, steps)]
-    sigma = noise_for_budget(past, budget=budget, sample_rate=q, steps_per_round=steps, rounds_left=rounds, delta=1e-5)
-    if sigma is None:
-        assert planned_epsilon(past, 64.0, sample_rate=q, steps_per_round=steps, rounds_left=rounds,
-                               delta=1e-5) > budget
-        return
-    assert planned_epsilon(past, sigma, sample_rate=q, steps_per_round=steps, rounds_left=rounds,
-                           delta=1e-5) <= budget
-    if sigma > 0.02:  # and it is tight: a little less noise would not fit
-        assert planned_epsilon(past, sigma - 0.02, sample_rate=q, steps_per_round=steps, rounds_left=rounds,
-                               delta=1e-5) > budget
-
-
-def test_calibration_matches_opacus_for_a_fresh_budget():
-    """dp-notes: q=0.01, 1000 steps, delta=1e-5, eps=8 -> PRV sigma 0.587."""
-    sigma = noise_for_budget([], budget=8.0, sample_rate=0.01, steps_per_round=1000, rounds_left=1, delta=1e-5)
-    assert sigma == pytest.approx(0.587, abs=0.015)

@@ -4,6 +4,7 @@ import math
 import pytest
 
 from privacy.accountant import SgmEvent, epsilon
+from privacy.calibrate import noise_for_budget, planned_epsilon
 from privacy.ledger import Entry, Ledger, fingerprint
 from privacy.policy import decide, default_delta
 from slm.errors import UserError
@@ -83,8 +84,18 @@ def test_server_request_for_less_noise_is_overridden(tmp_path):
     ledger = open_ledger(tmp_path)
     decision = decide(ledger, max_epsilon=2.0, requested_sigma=0.1, target_epsilon=0.0, sample_rate=0.05,
                       steps=10, rounds_left=3)
-    assert decision.noise_multiplier == decision.required > 0.1
+    assert decision.noise_multiplier == noise_for_budget([], budget=2.0, sample_rate=0.05, steps_per_round=10,
+                                                         rounds_left=3, delta=ledger.delta) > 0.1
     assert decision.planned_epsilon <= 2.0
+
+
+def test_a_request_that_fits_is_taken_as_it_is(tmp_path):
+    ledger = open_ledger(tmp_path)
+    decision = decide(ledger, max_epsilon=8.0, requested_sigma=1.5, target_epsilon=0.0, sample_rate=0.05,
+                      steps=10, rounds_left=3)
+    assert decision.noise_multiplier == 1.5
+    assert decision.planned_epsilon == planned_epsilon([], 1.5, sample_rate=0.05, steps_per_round=10, rounds_left=3,
+                                                       delta=ledger.delta) <= 8.0
 
 
 def test_server_request_for_more_noise_is_honoured(tmp_path):
