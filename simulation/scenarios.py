@@ -88,7 +88,6 @@ SCENARIOS = {
             "user-dp.clip-norm": 0.5,
             "user-dp.noise-multiplier": 1.0,
             "server.aggregation": "ffa",
-            "server.wire-dtype": "float16",
             "server.fraction-train": 0.01,
             "server.fraction-evaluate": 0.05,
             "server.min-clients": 1,

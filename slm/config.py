@@ -76,8 +76,8 @@ SCHEMA: dict[str, Key] = {
     "server.seed": Key(0, "seed of client sampling"),
     "server.aggregation": Key("auto", "auto = ffa with DP, else fedavg; svd = rank-r SVD of the mean product",
                               ("auto", "fedavg", "ffa", "svd")),
-    "server.wire-dtype": Key("float32", "dtype of adapter tensors on the wire, both ways (float16 halves the bytes; "
-                                        "every party computes in fp32)", ("float32", "float16")),
+    "server.wire-dtype": Key("float16", "dtype of adapter tensors on the wire, both ways (float16 halves the bytes, "
+                                        "rounding < 1e-3 relative; every party computes in fp32)", ("float16", "float32")),
     "server.max-update-norm": Key(1000.0, "replies whose update norm exceeds this are rejected (0 = no bound)"),
     "server.noise-seed": Key(-1, "user-level DP noise seed; -1 = OS entropy (a known seed lets anyone remove the noise)"),
     # user-level DP (DP-FedAvg on the server, whole-client privacy)

@@ -15,6 +15,24 @@ def _strs(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def native_bf16() -> bool:
+    """CUDA, or a CPU with AMX / AVX-512-BF16. Elsewhere bf16 matmuls take a slow path (46x fp32's
+    time on an AVX2 EPYC, BENCHMARKS.md item 1) and one bf16 SmolLM2 step takes minutes."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _autocasts(text: str) -> list[str]:
+    return _strs(text) if text != "auto" else ["none", "bf16"] if native_bf16() else ["none"]
+
+
 def cmd_bench(args) -> int:
     results = args.bench(args)
     if args.json:
@@ -31,7 +49,7 @@ def _scale(args):
 def _dp_overhead(args):
     from simulation.bench import dp_overhead
 
-    return dp_overhead.run(args.model, args.batch, args.length, _strs(args.modes), _strs(args.autocast),
+    return dp_overhead.run(args.model, args.batch, args.length, _strs(args.modes), _autocasts(args.autocast),
                            args.repeats, args.steps)
 
 
@@ -39,7 +57,7 @@ def _throughput(args):
     from simulation.bench import throughput
 
     return throughput.run(args.model, args.batch, args.length, args.mode, args.repeats,
-                          autocasts=tuple(_strs(args.autocast)))
+                          autocasts=tuple(_autocasts(args.autocast)))
 
 
 def _traffic(args):
@@ -96,13 +114,13 @@ def add_bench_parser(sub) -> None:
 
     dp = add("dp-overhead", _dp_overhead, "DP-SGD step vs non-private step per grad-sample mode and dtype", 8, 128)
     dp.add_argument("--modes", default="hooks,functorch,ghost")
-    dp.add_argument("--autocast", default="none,bf16")
+    dp.add_argument("--autocast", default="auto", help="none (fp32) and/or bf16; auto = bf16 too where it has hardware")
     dp.add_argument("--repeats", type=int, default=3)
     dp.add_argument("--steps", type=int, default=1, help="steps per configuration per repeat")
 
     tp = add("throughput", _throughput, "training tokens/s against the matmul roofline, with a profile", 8, 128)
     tp.add_argument("--mode", default="hooks", help="grad-sample mode of the DP step")
-    tp.add_argument("--autocast", default="none,bf16", help="none (fp32) and/or bf16")
+    tp.add_argument("--autocast", default="auto", help="none (fp32) and/or bf16; auto = bf16 too where it has hardware")
     tp.add_argument("--repeats", type=int, default=2)
 
     tr = add("traffic", _traffic, "bytes per client per round vs the full fp32 model, per aggregation and wire dtype")

@@ -6,7 +6,9 @@ work without any of it: the same clients' records, the same DP-SGD steps (train_
 same steps, batch, sigma) and the same evaluations, on one model loaded once. The
 ratio of the two is the price of the federation machinery. It is printed twice: over
 the whole command (start-up included: Ray, a model load in the worker and one in the
-server) and over the rounds alone (the round seconds recorded in metrics.jsonl).
+server), over the rounds alone (the round seconds recorded in metrics.jsonl; round 0,
+the first evaluation, includes the worker's model load), and over the training rounds
+(1..R: the steady state of a long run, where start-up and loading are amortised).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def settings(model: str, steps: int, batch: int, length: int) -> dict:
             "server.aggregation": "ffa", "server.min-clients": 1, "lora.dropout": 0.0}
 
 
-def pure_compute(config: dict, clients: int, rounds: int) -> float:
-    """Seconds for the same training and evaluation, in this process, with no federation."""
+def pure_compute(config: dict, clients: int, rounds: int) -> tuple[float, float]:
+    """Seconds for the same evaluation (round 0) and training rounds, in this process, with no federation."""
     spec = DataSpec.from_config(config)
     locals_ = [load_local_data(spec, i, clients) for i in range(clients)]
     model, tokenizer = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
@@ -42,6 +44,7 @@ def pure_compute(config: dict, clients: int, rounds: int) -> float:
     initial = adapter_state(model)
     for local in locals_:  # round 0
         evaluate(model, tokenizer, task, local.test)
+    round_zero = time.perf_counter() - started
     for server_round in range(1, rounds + 1):
         for local in locals_:
             set_adapter_state(model, initial)
@@ -52,7 +55,7 @@ def pure_compute(config: dict, clients: int, rounds: int) -> float:
                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"])
         for local in locals_:
             evaluate(model, tokenizer, task, local.test)
-    return time.perf_counter() - started
+    return round_zero, time.perf_counter() - started - round_zero
 
 
 def run(model: str = "smollm2", clients: int = 2, rounds: int = 2, steps: int = 3, batch: int = 4, length: int = 64,
@@ -61,11 +64,15 @@ def run(model: str = "smollm2", clients: int = 2, rounds: int = 2, steps: int = 
     overrides = settings(model, steps, batch, length)
     fed = simulate("tiny", root / "federated", clients, overrides, rounds)
     config = resolve(json.loads((fed.out / "config.json").read_text()))
-    pure = pure_compute(config, clients, rounds)
-    round_seconds = sum(r["seconds"] for r in fed.rows if "shipped" not in r)
+    pure_zero, pure_rounds = pure_compute(config, clients, rounds)
+    pure = pure_zero + pure_rounds
+    rounds_fed = [r for r in fed.rows if "shipped" not in r]
+    fed_rounds = sum(r["seconds"] for r in rounds_fed)
+    fed_training = sum(r["seconds"] for r in rounds_fed if r["round"] > 0)
     result = {"model": model, "clients": clients, "rounds": rounds, "steps/client/round": steps, "B": batch,
-              "T": length, "federated wall s": fed.wall, "federated rounds s": round_seconds,
-              "pure compute s": pure, "x wall": fed.wall / pure, "x rounds": round_seconds / pure}
+              "T": length, "federated wall s": fed.wall, "federated rounds s": fed_rounds,
+              "federated rounds 1.. s": fed_training, "pure compute s": pure, "pure rounds 1.. s": pure_rounds,
+              "x wall": fed.wall / pure, "x rounds": fed_rounds / pure, "x rounds 1..": fed_training / pure_rounds}
     print("Simulation overhead (federated run vs the same training + evaluation in one process):")
     print(table(list(result), [list(result.values())]))
     return result

@@ -71,7 +71,8 @@ def test_overhead_compares_a_federation_with_its_pure_compute(tmp_path, model_ca
     from simulation.bench import overhead
 
     result = overhead.run("tiny", clients=2, rounds=1, steps=2, batch=2, length=32, out=tmp_path)
-    assert result["pure compute s"] > 0 and result["x wall"] >= result["x rounds"] > 0
+    assert result["pure compute s"] > result["pure rounds 1.. s"] > 0 and result["x wall"] >= result["x rounds"] > 0
+    assert result["federated rounds s"] > result["federated rounds 1.. s"] > 0 and result["x rounds 1.."] > 0
 
 
 @pytest.mark.integration
