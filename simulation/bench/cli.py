@@ -128,10 +128,10 @@ def add_bench_parser(sub) -> None:
     tr.add_argument("--verify", action="store_true", help="also run 1-round tiny federations and check the bytes")
     tr.add_argument("--out", type=Path, help="keep the verification runs here")
 
-    ov = add("overhead", _overhead, "federated run wall time vs the pure compute of the same steps", 4, 64)
+    ov = add("overhead", _overhead, "federated run wall time vs the pure compute of the same steps", 8, 128)
     ov.add_argument("--clients", type=int, default=2)
     ov.add_argument("--rounds", type=int, default=2)
-    ov.add_argument("--steps", type=int, default=3)
+    ov.add_argument("--steps", type=int, default=8)
     ov.add_argument("--out", type=Path, help="keep the federated run here")
     from simulation.bench.quant import add_arguments as quant_arguments
 
@@ -143,7 +143,7 @@ def add_bench_parser(sub) -> None:
              8, 64)
     pu.add_argument("--tasks", default="sst2,pubmedqa,medquad")
     pu.add_argument("--epsilons", default="1,3,8,inf")
-    pu.add_argument("--rounds", type=int, default=2)
-    pu.add_argument("--steps", type=int, default=4)
-    pu.add_argument("--eval-examples", type=int, default=32)
+    pu.add_argument("--rounds", type=int, default=3)
+    pu.add_argument("--steps", type=int, default=8)
+    pu.add_argument("--eval-examples", type=int, default=64)
     pu.add_argument("--out", type=Path, help="keep the runs here")

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from client.app import noise_seed
 from client.data import DataSpec, load_local_data
 from client.train import train_adapter
 from simulation.bench.measure import simulate, table
@@ -31,10 +32,11 @@ def settings(model: str, steps: int, batch: int, length: int) -> dict:
     return {"model.name": model, "model.max-length": length, "train.local-steps": steps, "train.batch-size": batch,
             "data.max-train-examples": 64, "data.max-eval-examples": 16, "dp.enabled": True,
             "dp.noise-multiplier": 1.0, "dp.target-epsilon": 0.0, "dp.max-epsilon": 1000.0,
+            "dp.noise-seed": 0,  # the same Poisson batches on both sides (a benchmark: nothing private here)
             "server.aggregation": "ffa", "server.min-clients": 1, "lora.dropout": 0.0}
 
 
-def pure_compute(config: dict, clients: int, rounds: int) -> tuple[float, float]:
+def pure_compute(config: dict, clients: int, rounds: int, run_id: str) -> tuple[float, float]:
     """Seconds for the same evaluation (round 0) and training rounds, in this process, with no federation."""
     spec = DataSpec.from_config(config)
     locals_ = [load_local_data(spec, i, clients) for i in range(clients)]
@@ -51,20 +53,21 @@ def pure_compute(config: dict, clients: int, rounds: int) -> tuple[float, float]
             with frozen_a_factors(model, freeze=True):
                 train_adapter(model, tokenizer, task, local.train, steps=config["train.local-steps"],
                               batch_size=config["train.batch-size"], lr=config["train.lr"], noise_multiplier=1.0,
-                              clip_norm=config["dp.clip-norm"], seed=server_round,
+                              clip_norm=config["dp.clip-norm"],
+                              seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round),
                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"])
         for local in locals_:
             evaluate(model, tokenizer, task, local.test)
     return round_zero, time.perf_counter() - started - round_zero
 
 
-def run(model: str = "smollm2", clients: int = 2, rounds: int = 2, steps: int = 3, batch: int = 4, length: int = 64,
+def run(model: str = "smollm2", clients: int = 2, rounds: int = 2, steps: int = 8, batch: int = 8, length: int = 128,
         out: Path | None = None) -> dict:
     root = Path(out or tempfile.mkdtemp(prefix="fedslm-bench-overhead-"))
     overrides = settings(model, steps, batch, length)
     fed = simulate("tiny", root / "federated", clients, overrides, rounds)
     config = resolve(json.loads((fed.out / "config.json").read_text()))
-    pure_zero, pure_rounds = pure_compute(config, clients, rounds)
+    pure_zero, pure_rounds = pure_compute(config, clients, rounds, run_id=fed.out.name)
     pure = pure_zero + pure_rounds
     rounds_fed = [r for r in fed.rows if "shipped" not in r]
     fed_rounds = sum(r["seconds"] for r in rounds_fed)

@@ -64,8 +64,8 @@ def compute(rounds: int, steps: int, batch: int, length: int, eval_examples: int
             "data.max-eval-examples": eval_examples, "ship.quantizations": "", "lora.dropout": 0.0}
 
 
-def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 2, steps: int = 4, batch: int = 8,
-        length: int = 64, eval_examples: int = 32, model: str = "smollm2", out: Path | None = None) -> list[dict]:
+def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 3, steps: int = 8, batch: int = 8,
+        length: int = 64, eval_examples: int = 64, model: str = "smollm2", out: Path | None = None) -> list[dict]:
     root = Path(out or tempfile.mkdtemp(prefix="fedslm-bench-pu-"))
     root.mkdir(parents=True, exist_ok=True)
     available = {name: task_config(name, root) for name in task_names}
