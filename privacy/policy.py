@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from privacy.calibrate import noise_for_budget, planned_epsilon
-from privacy.ledger import SPENDING, Ledger
+from privacy.ledger import Ledger
 
 
 def default_delta(records: int) -> float:
@@ -59,9 +59,8 @@ def decide(ledger: Ledger, *, max_epsilon: float, requested_sigma: float, target
         planned = planned_epsilon(past, requested_sigma, rounds_left=rounds_left, **common)
         if planned <= budget:
             return Decision(requested_sigma, planned)
-    last = [e.noise_multiplier for e in ledger.entries if e.status in SPENDING][-1:]
     required = noise_for_budget(past, budget=budget, rounds_left=rounds_left, sigma_max=max_noise_multiplier,
-                                guess=last[0] if last else None, **common)
+                                guess=past[-1].noise_multiplier if past else None, **common)
     if required is None:
         spent = ledger.spent()
         return Decision(None, spent, reason=(

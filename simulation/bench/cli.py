@@ -29,8 +29,13 @@ def native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+AUTOCAST_HELP = "none (fp32) and/or bf16; auto = bf16 too where it has hardware"
+
+
 def _autocasts(text: str) -> list[str]:
-    return _strs(text) if text != "auto" else ["none", "bf16"] if native_bf16() else ["none"]
+    if text != "auto":
+        return _strs(text)
+    return ["none", "bf16"] if native_bf16() else ["none"]
 
 
 def cmd_bench(args) -> int:
@@ -114,13 +119,13 @@ def add_bench_parser(sub) -> None:
 
     dp = add("dp-overhead", _dp_overhead, "DP-SGD step vs non-private step per grad-sample mode and dtype", 8, 128)
     dp.add_argument("--modes", default="hooks,functorch,ghost")
-    dp.add_argument("--autocast", default="auto", help="none (fp32) and/or bf16; auto = bf16 too where it has hardware")
+    dp.add_argument("--autocast", default="auto", help=AUTOCAST_HELP)
     dp.add_argument("--repeats", type=int, default=3)
     dp.add_argument("--steps", type=int, default=1, help="steps per configuration per repeat")
 
     tp = add("throughput", _throughput, "training tokens/s against the matmul roofline, with a profile", 8, 128)
     tp.add_argument("--mode", default="hooks", help="grad-sample mode of the DP step")
-    tp.add_argument("--autocast", default="auto", help="none (fp32) and/or bf16; auto = bf16 too where it has hardware")
+    tp.add_argument("--autocast", default="auto", help=AUTOCAST_HELP)
     tp.add_argument("--repeats", type=int, default=2)
 
     tr = add("traffic", _traffic, "bytes per client per round vs the full fp32 model, per aggregation and wire dtype")

@@ -4,7 +4,7 @@ The federation (``fedslm simulate``: Flower simulation engine, Ray worker, messa
 ledgers, checkpoints, run directory) runs first; then this process repeats the same
 work without any of it: the same clients' records, the same DP-SGD steps (train_adapter,
 same steps, batch, sigma) and the same evaluations, on one model loaded once. The
-ratio of the two is the price of the federation machinery. It is printed twice: over
+ratio of the two is the price of the federation machinery. It is printed three ways: over
 the whole command (start-up included: Ray, a model load in the worker and one in the
 server), over the rounds alone (the round seconds recorded in metrics.jsonl; round 0,
 the first evaluation, includes the worker's model load), and over the training rounds
