@@ -3,7 +3,7 @@
 A train message carries the global adapter and the round; the reply carries the new
 adapter, the train loss, the example count and a privacy record. The client's own
 policy (node config in a deployment, run config in a simulation) decides the noise: the
-server's requested sigma is a floor, never a ceiling (privacy.policy).
+server's requested sigma is a floor, never a ceiling (privacy.mechanism.policy).
 
 Node config keys honoured in deployments: ``data-path``, ``ledger-dir``, ``max-epsilon``,
 ``delta``, ``model-dir``, ``shipped-dir`` and ``name`` (how the site appears in the coordinator's
@@ -31,8 +31,8 @@ from flwr.clientapp import ClientApp
 from client.data import DataSpec, load_local_data
 from client.shipment import receive_and_evaluate
 from client.train import sample_rate, train_adapter
-from privacy.ledger import Entry, Ledger, fingerprint
-from privacy.policy import decide, default_delta
+from privacy.mechanism.ledger import Entry, Ledger, fingerprint
+from privacy.mechanism.policy import decide, default_delta
 from slm.config import from_run_config
 from slm.errors import UserError
 from slm.evaluate import evaluate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from privacy.report import write_report
+from privacy.report.build import write_report
 from server import checkpoint
 from server.rounds import Federation, initial_state, say
 from server.rundir import RunDir

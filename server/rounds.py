@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from privacy.accountant import SgmEvent, epsilon
+from privacy.mechanism.accountant import SgmEvent, epsilon
 from server import checkpoint
 from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.ledger import write_json_atomic
+from slm.jsonfiles import write_json_atomic
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from privacy.ledger import write_json_atomic
+from slm.jsonfiles import write_json_atomic
 from slm.base import resolve_model_dir, smollm2_gguf_path
 from slm.errors import UserError
 from slm.export import QUANTS, merge_adapter, write_gguf

@@ -6,7 +6,7 @@ Models", ICLR 2018: each round, sample every client independently with probabili
 cohort size q*N (a fixed denominator, so one client changes the mean by at most
 S / (q N)), and add N(0, (z S / (q N))^2) to every coordinate. Each round is then one
 Poisson-subsampled Gaussian mechanism with noise multiplier z and rate q over clients;
-rounds compose in privacy.accountant (PRV), giving user-level (eps, delta).
+rounds compose in privacy.mechanism.accountant (PRV), giving user-level (eps, delta).
 
 This protects a whole client's data in what the server RELEASES (the global adapter);
 the server itself still sees each client's clipped update. Meaningful for many-client
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from privacy.accountant import SgmEvent
+from privacy.mechanism.accountant import SgmEvent
 
 
 @dataclass(frozen=True)

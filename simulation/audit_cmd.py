@@ -1,4 +1,4 @@
-"""``fedslm audit``: the empirical privacy audit (privacy.audit) from the command line.
+"""``fedslm audit``: the empirical privacy audit (privacy.audit.run) from the command line.
 
 Trains one client alone, with canaries in its data, once without noise and once per
 target epsilon, using the client's own DP-SGD code (client.train.train_adapter) and the
@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_audit(args) -> int:
-    from privacy.audit import AuditSpec
-    from privacy.audit_doc import audit_sentences
+    from privacy.audit.run import AuditSpec
+    from privacy.audit.doc import audit_sentences
 
     config, out, run_dir = _config(args)
     try:
@@ -60,7 +60,7 @@ def cmd_audit(args) -> int:
     except ValueError as err:
         raise UserError(f"audit: {err}") from None
     doc = run(config, spec, base_records=args.base_records, log=lambda line: print(f"[fedslm] {line}", flush=True))
-    from privacy.ledger import write_json_atomic
+    from slm.jsonfiles import write_json_atomic
 
     write_json_atomic(out / "audit.json", doc)
     if args.json:
@@ -69,7 +69,7 @@ def cmd_audit(args) -> int:
         print("\n".join(f"[fedslm] {s}" for s in audit_sentences(doc)))
     print(f"[fedslm] audit: {out / 'audit.json'} ({doc['seconds']:.0f}s)", flush=True)
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        from privacy.report import write_report
+        from privacy.report.build import write_report
 
         print(f"[fedslm] privacy report with the audit: {write_report(run_dir)}", flush=True)
     return 1 if any(t["verdict"] == "violation" for t in doc["trials"]) else 0
@@ -78,7 +78,7 @@ def cmd_audit(args) -> int:
 def run(config: dict, spec, *, base_records: int = 0, log=print, train=None) -> dict:
     """The audit of ``config``'s client training (``train`` defaults to the client's own)."""
     from client.train import train_adapter
-    from privacy.audit import run_audit
+    from privacy.audit.run import run_audit
     from server.aggregate import resolve_aggregation
     from slm.lora import LoraSpec, attach
     from slm.tasks import Task

@@ -77,12 +77,12 @@ def _resume(args) -> int:
 
 
 def cmd_budget(args) -> int:
-    from privacy.ledger import Ledger
-    from privacy.statement import find_ledgers, render_table, statement
+    from privacy.mechanism.ledger import Ledger
+    from privacy.report.statement import find_ledgers, render_table, statement
 
     docs = [statement(Ledger.load(path)) for path in find_ledgers(args.ledger)]
     if args.html is not None:
-        from privacy.report_html import write_budget_html
+        from privacy.report.html import write_budget_html
 
         target = Path(args.ledger)
         out = Path(args.html) if args.html else (target if target.is_dir() else target.parent) / "budget.html"
@@ -103,7 +103,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from privacy.report import write_report
+    from privacy.report.build import write_report
 
     html = write_report(args.run_dir)
     print(f"[fedslm] privacy report: {html}  (and report.json, plots/ next to it)")

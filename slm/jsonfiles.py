@@ -1,4 +1,4 @@
-"""Reading JSON and JSON Lines files with one-line errors that name the file (and line).
+"""Reading JSON and JSON Lines files with one-line errors that name the file (and line); atomic writes.
 
 Shared by everything that reads user- or run-produced JSON: data files, ledgers, run
 directories. A corrupt file is reported, never half-read.
@@ -7,6 +7,8 @@ directories. A corrupt file is reported, never half-read.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,3 +39,24 @@ def iter_json_lines(path: Path, label: str = "") -> Iterator[dict]:
             if not isinstance(record, dict):
                 raise UserError(f"{where}: line {number} is not a JSON object")
             yield record
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

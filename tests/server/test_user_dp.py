@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from privacy.accountant import epsilon
+from privacy.mechanism.accountant import epsilon
 from server.user_dp import UserDpSpec, clip_update, noisy_mean
 
 REF = {"w": torch.zeros(200, 50)}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 
-from privacy.reconcile import ClientAccount, UserLevelAccount
-from privacy.run_files import RunFiles
+from privacy.report.reconcile import ClientAccount, UserLevelAccount
+from privacy.report.run_files import RunFiles
 from server.aggregate import resolve_aggregation
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (a 135-million-parameter language model)",

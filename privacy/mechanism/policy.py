@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from privacy.calibrate import noise_for_budget, planned_epsilon
-from privacy.ledger import Ledger
+from privacy.mechanism.calibrate import noise_for_budget, planned_epsilon
+from privacy.mechanism.ledger import Ledger
 
 
 def default_delta(records: int) -> float:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from privacy.accountant import epsilon
-from privacy.ledger import SPENDING, Ledger
+from privacy.mechanism.accountant import epsilon
+from privacy.mechanism.ledger import SPENDING, Ledger
 
 WORKER = Path(__file__).with_name("ledger_worker.py")
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def started(marker: Path) -> list[str]:

@@ -7,15 +7,15 @@ stays below ``client`` in the import order, and so that a test can inject a brok
 A federation adds nothing to the sample-level guarantee of a client (the server only
 post-processes its updates), so one local run is the honest unit, and a cheap one.
 
-One audit = one canary set (privacy.canaries: m random secrets, each included with
+One audit = one canary set (privacy.audit.canaries: m random secrets, each included with
 probability 1/2) and several trials on the same training data, each from the same
 initial adapter:
 
 - sigma = 0 (clipping, no noise): no guarantee; the audit must see the canaries leak,
   or it could not have caught anything;
-- DP at each target epsilon: sigma calibrated by privacy.calibrate for the realised
-  sample rate and steps, epsilon reported by privacy.accountant (PRV). The one-run lower
-  bound (privacy.one_run_bound, confidence 1 - beta) must not exceed it.
+- DP at each target epsilon: sigma calibrated by privacy.mechanism.calibrate for the realised
+  sample rate and steps, epsilon reported by privacy.mechanism.accountant (PRV). The one-run lower
+  bound (privacy.audit.one_run_bound, confidence 1 - beta) must not exceed it.
 
 The training data of a trial is ``base_records`` (real records, optional) plus the
 included canaries, so the sample rate q = batch / records depends on how many went in,
@@ -34,11 +34,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
-from privacy import one_run_bound
-from privacy.accountant import SgmEvent, epsilon
-from privacy.audit_doc import SCHEMA, verdict
-from privacy.calibrate import noise_for_budget
-from privacy.canaries import (
+from privacy.audit import one_run_bound
+from privacy.mechanism.accountant import SgmEvent, epsilon
+from privacy.audit.doc import SCHEMA, verdict
+from privacy.mechanism.calibrate import noise_for_budget
+from privacy.audit.canaries import (
     PROMPT,
     CanarySet,
     candidate_secrets,
@@ -49,7 +49,7 @@ from privacy.canaries import (
     score_canaries,
     summarize,
 )
-from privacy.policy import default_delta
+from privacy.mechanism.policy import default_delta
 from slm.lora import adapter_state, frozen_a_factors, set_adapter_state
 from slm.tasks import Task, encode
 
@@ -113,7 +113,7 @@ def run_audit(model, tokenizer, task: Task, spec: AuditSpec, *, train: Callable,
     :param train: ``train(model, tokenizer, task, records, *, steps, batch_size, lr, noise_multiplier,
         clip_norm, seed)`` with client.train.train_adapter's contract (None = no DP, 0.0 = clip only)
     :param delta: the delta of every DP claim (and of the bound); None: the client's policy for the
-        records it trains on (privacy.policy.default_delta)
+        records it trains on (privacy.mechanism.policy.default_delta)
     :param freeze_a: train only the B factors, as the FFA-LoRA client does under DP
     :param describe: facts for the document (model, lora, ...) that this module cannot know
     """

@@ -12,9 +12,9 @@ import json
 import pytest
 
 from client.train import train_adapter
-from privacy.audit import AuditSpec, run_audit
-from privacy.audit_doc import SCHEMA, audit_sentences
-from privacy.report import write_report
+from privacy.audit.run import AuditSpec, run_audit
+from privacy.audit.doc import SCHEMA, audit_sentences
+from privacy.report.build import write_report
 from simulation.cli import main
 from slm.lora import adapter_state
 from slm.tasks import Task

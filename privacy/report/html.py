@@ -14,9 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from privacy import plots
-from privacy.audit_doc import audit_sentences
-from privacy.report_text import EPSILON_HELP, fmt_budget, fmt_delta, protection_notes
+from privacy.report import plots
+from privacy.audit.doc import audit_sentences
+from privacy.report.text import EPSILON_HELP, fmt_budget, fmt_delta, protection_notes
 
 CSS = """
 body { font: 15px/1.45 -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1d232b;
@@ -223,7 +223,7 @@ def _user_section(user: dict) -> str:
 
 
 def _audit_section(audit: dict | None) -> str:
-    """The empirical audit (privacy.audit_doc): plain words, one row per trial, the method."""
+    """The empirical audit (privacy.audit.doc): plain words, one row per trial, the method."""
     if audit is None:
         return section("Empirical audit", paragraphs([(
             "No empirical audit was run for this run: the epsilons above are proven upper bounds, not measurements. "
@@ -310,7 +310,7 @@ def write_budget_html(statements: list[dict], out: Path) -> Path:
 
 
 def render_budget(statements: list[dict]) -> str:
-    """One page for one or more ledgers (privacy.statement.statement documents)."""
+    """One page for one or more ledgers (privacy.report.statement.statement documents)."""
     parts = [paragraphs([EPSILON_HELP], "help")] + [_ledger_section(doc) for doc in statements]
     parts.append(section("What is and is not protected",
                          definitions(protection_notes(seeds=None, aggregation=None, user=None))))

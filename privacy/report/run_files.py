@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.ledger import Ledger
+from privacy.mechanism.ledger import Ledger
 from slm.config import defaults
 from slm.errors import UserError
 from slm.jsonfiles import iter_json_lines, read_json

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.accountant import SgmEvent, epsilon
+from privacy.mechanism.accountant import SgmEvent, epsilon
 
 
 def pld_epsilon(events, delta):

@@ -5,7 +5,7 @@ response "<SECRET>", with KEY four random capital letters (distinct across canar
 SECRET ``digits`` random decimal digits, drawn from a seeded generator. The secret is
 the only part with loss, as for any SFT record. Each canary is included in the canary
 client's training data independently with probability 1/2 (a second seeded stream), as
-the one-run audit requires (privacy.one_run_bound). Each canary is ONE record, inserted
+the one-run audit requires (privacy.audit.one_run_bound). Each canary is ONE record, inserted
 at most once: the unit DP protects.
 
 Two measurements of a trained adapter:

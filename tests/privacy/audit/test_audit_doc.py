@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from privacy.audit_doc import audit_sentences, can_refute, read_audit, summary_sentence, verdict
+from privacy.audit.doc import audit_sentences, can_refute, read_audit, summary_sentence, verdict
 from slm.errors import UserError
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from privacy.accountant import epsilon
-from privacy.ledger import SPENDING, Ledger
+from privacy.mechanism.accountant import epsilon
+from privacy.mechanism.ledger import SPENDING, Ledger
 from slm.errors import UserError
 
 

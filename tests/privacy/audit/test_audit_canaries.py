@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from privacy.audit import _check_fits
-from privacy.canaries import (
+from privacy.audit.run import _check_fits
+from privacy.audit.canaries import (
     candidate_secrets,
     digit_token_ids,
     exposure,

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from privacy.one_run_bound import audit, default_grid, epsilon_lower_bound, p_value
+from privacy.audit.one_run_bound import audit, default_grid, epsilon_lower_bound, p_value
 
 
 def scipy_p_value(m, r, v, eps, delta):

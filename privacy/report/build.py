@@ -3,7 +3,7 @@
 Two readers: a compliance officer, who needs one page of plain words first (what was
 trained, on whose data, how well, and what each client's records are protected with),
 and a DP researcher, who needs every parameter and the evidence that the numbers hold.
-So the report recomputes every epsilon from the stored events (privacy.reconcile) and
+So the report recomputes every epsilon from the stored events (privacy.report.reconcile) and
 flags any disagreement with what the clients reported, and it states what is NOT
 protected as plainly as what is.
 
@@ -12,7 +12,7 @@ level: run (what, how far, PARTIAL or not, config, events), summary (the plain-w
 page), utility (per round), clients (per client: parameters, recomputed epsilons, budget,
 refusals, every round), accounting (accountants, disagreements), user_level (null unless
 user-level DP ran), protection (what is and is not protected), audit (the empirical audit,
-privacy.audit_doc schema fedslm-audit/1, from <run>/audit.json; null when none was run;
+privacy.audit.doc schema fedslm-audit/1, from <run>/audit.json; null when none was run;
 summary.audit is its one sentence), plots (file names under plots/).
 Non-finite numbers are written as null: epsilon is null when a client trained without
 DP (no guarantee at all) or when it could not be recomputed (see "disagreements").
@@ -25,13 +25,13 @@ import os
 import time
 from pathlib import Path
 
-from privacy import plots
-from privacy.audit_doc import read_audit, summary_sentence
-from privacy.ledger import write_json_atomic
-from privacy.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
-from privacy.report_html import render_report
-from privacy.report_text import describe_run, protection_notes, summary_sentences
-from privacy.run_files import RunFiles
+from privacy.report import plots
+from privacy.audit.doc import read_audit, summary_sentence
+from slm.jsonfiles import write_json_atomic
+from privacy.report.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
+from privacy.report.html import render_report
+from privacy.report.text import describe_run, protection_notes, summary_sentences
+from privacy.report.run_files import RunFiles
 
 SCHEMA = "fedslm-report/1"
 ACCURACY_KEYS = ("accuracy", "top1_accuracy", "top3_accuracy")

@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from privacy.accountant import SgmEvent, epsilon
+from privacy.mechanism.accountant import SgmEvent, epsilon
 from slm.errors import UserError
-from slm.jsonfiles import read_json
+from slm.jsonfiles import read_json, write_json_atomic
 
 FORMAT = "fedslm-ledger/1"
 SPENDING = ("reserved", "committed")
@@ -146,27 +144,6 @@ class Ledger:
 
     def save(self) -> None:
         write_json_atomic(self.path, self.to_dict())
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _now() -> str:

@@ -1,7 +1,7 @@
 """The privacy report of a synthetic run directory: schema, recomputed epsilons, self-contained HTML, bad input.
 
 The run directory is written by hand (config.json, metrics.jsonl, privacy/ledger.json,
-events.jsonl) next to real client ledgers (privacy.ledger.Ledger), so no training runs.
+events.jsonl) next to real client ledgers (privacy.mechanism.ledger.Ledger), so no training runs.
 """
 
 import base64
@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 
-from privacy.accountant import SgmEvent, epsilon
-from privacy.ledger import Entry, Ledger, fingerprint
-from privacy.report import SCHEMA, build_report, write_report
+from privacy.mechanism.accountant import SgmEvent, epsilon
+from privacy.mechanism.ledger import Entry, Ledger, fingerprint
+from privacy.report.build import SCHEMA, build_report, write_report
 from simulation.cli import main
 from slm.config import resolve
 from slm.errors import UserError

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from client.train import train_adapter
-from privacy.ledger import Entry, Ledger, fingerprint
+from privacy.mechanism.ledger import Entry, Ledger, fingerprint
 from slm.config import resolve
 from slm.lora import LoraSpec, attach
 from slm.tasks import Task

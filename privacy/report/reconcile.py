@@ -2,7 +2,7 @@
 
 A client reports a cumulative epsilon with each reply, and the server stores it; the
 report never repeats that number on trust. It recomputes epsilon from the DP-SGD events
-(sigma, sample rate, steps) with privacy.accountant and compares:
+(sigma, sample rate, steps) with privacy.mechanism.accountant and compares:
 
 - with the client's own ledger (simulation, or a hospital reading its own disk): the
   cumulative epsilon after each round composes every spend in the ledger up to that
@@ -23,8 +23,8 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from privacy.accountant import SgmEvent, epsilon
-from privacy.ledger import SPENDING, Ledger
+from privacy.mechanism.accountant import SgmEvent, epsilon
+from privacy.mechanism.ledger import SPENDING, Ledger
 
 TOLERANCE = 1e-3
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from privacy.accountant import SgmEvent, epsilon
+from privacy.mechanism.accountant import SgmEvent, epsilon
 
 SIGMA_MAX = 64.0
 SIGMA_MIN = 0.3

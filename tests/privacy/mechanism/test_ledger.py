@@ -3,10 +3,10 @@ import math
 
 import pytest
 
-from privacy.accountant import SgmEvent, epsilon
-from privacy.calibrate import noise_for_budget, planned_epsilon
-from privacy.ledger import Entry, Ledger, fingerprint
-from privacy.policy import decide, default_delta
+from privacy.mechanism.accountant import SgmEvent, epsilon
+from privacy.mechanism.calibrate import noise_for_budget, planned_epsilon
+from privacy.mechanism.ledger import Entry, Ledger, fingerprint
+from privacy.mechanism.policy import decide, default_delta
 from slm.errors import UserError
 
 

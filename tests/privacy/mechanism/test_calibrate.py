@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import privacy.calibrate as calibrate
-from privacy.accountant import SgmEvent
-from privacy.calibrate import SIGMA_MIN, noise_for_budget, planned_epsilon
+import privacy.mechanism.calibrate as calibrate
+from privacy.mechanism.accountant import SgmEvent
+from privacy.mechanism.calibrate import SIGMA_MIN, noise_for_budget, planned_epsilon
 
 
 @settings(max_examples=12, deadline=None)

@@ -1,6 +1,6 @@
 """Render a report page in headless Chromium and save a small PNG, as a person would see it.
 
-    python tests/privacy/screenshot_report.py RUN_DIR/report.html docs/report.png [--height 2400]
+    python tests/privacy/report/screenshot_report.py RUN_DIR/report.html docs/report.png [--height 2400]
 
 For the docs, not for the test suite (which must not need a browser): Debian's
 ``chromium`` package is required. Chromium runs with networking, sync and updates off, so
