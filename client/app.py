@@ -1,36 +1,33 @@
-"""The ClientApp: local DP-LoRA training and evaluation on data that never leaves the client.
+"""The ClientApp: local DP-LoRA training and evaluation on data that never leaves the site.
 
-A train message carries the global adapter and the round; the reply carries the new
-adapter, the train loss, the example count and a privacy record. The client's own
-policy (node config in a deployment, run config in a simulation) decides the noise: the
-server's requested sigma is a floor, never a ceiling (privacy.mechanism.policy).
+Two inputs, two types (docs/THREAT-MODEL.md): the site's own policy (client.site: node
+config in a deployment, the researcher's run config in a simulation) decides budget,
+delta, records, ledger and noise; the coordinator's run config and message are a request
+(client.request), validated and bounded against that policy. A request that cannot be
+honoured is refused with its reasons, in the reply and in the site's own log (stderr), and
+nothing trains; site-owned settings in the run config are logged and ignored.
 
-Node config keys honoured in deployments: ``data-path``, ``ledger-dir``, ``max-epsilon``,
-``delta``, ``model-dir``, ``shipped-dir`` and ``name`` (how the site appears in the coordinator's
-metrics, privacy view and its own ledger directory); in simulations Flower sets only
-``partition-id`` and ``num-partitions``.
-
-A deployment (a node config with ``data-path``) also pins what the coordinator must not be
-able to switch off from its run config: DP stays on and the noise comes from OS entropy
-(``DEPLOYMENT_PINS``). Only the site's own node config could change them, and it has no key
-for that.
+A train reply carries the new adapter (the DP-SGD output), the example count and the
+number of steps (both in clear: the record count is not hidden by add/remove DP), and the
+site's privacy record. Under DP nothing else computed from training records leaves: no
+train loss, no timing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import secrets
+import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import DataSpec, load_local_data
+from client.data import DataSpec, LocalData, load_local_data
+from client.request import RoundRequest
 from client.shipment import receive_and_evaluate
-from client.train import sample_rate, train_adapter
+from client.site import NODE_KEYS, SitePolicy, is_deployment, site_name  # noqa: F401  (deploy.node_config)
+from client.train import train_adapter
+from privacy.mechanism.entropy import round_entropy
 from privacy.mechanism.ledger import Entry, Ledger, fingerprint
 from privacy.mechanism.policy import decide, default_delta
 from slm.config import from_run_config
@@ -50,139 +47,120 @@ from slm.lora import (
 from slm.quiet import quiet_libraries
 from slm.tasks import Task
 
-NODE_KEYS = {"data-path": "data.path", "ledger-dir": "dp.ledger-dir", "max-epsilon": "dp.max-epsilon",
-             "delta": "dp.delta", "model-dir": "model.name", "shipped-dir": "ship.dir"}
-SITE_NAME_KEY = "name"
-SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under the ledger dir
-DEPLOYMENT_PINS = {"dp.enabled": True, "dp.noise-seed": -1}
-
 quiet_libraries()
 app = ClientApp()
 
 
-def is_deployment(context: Context) -> bool:
-    return "data-path" in context.node_config
-
-
-def local_config(context: Context) -> dict:
-    """Run config with the node's own settings on top: local policy wins."""
-    overrides = dict(context.run_config)
-    if is_deployment(context):
-        overrides.update(DEPLOYMENT_PINS)
-    for node_key, run_key in NODE_KEYS.items():
-        if node_key in context.node_config:
-            overrides[run_key] = context.node_config[node_key]
-    return from_run_config(overrides)
-
-
-def _local_data(config: dict, context: Context):
+def site_and_data(context: Context, run_dir: str = "") -> tuple[dict, SitePolicy, LocalData]:
+    """(the coordinator's validated run config, the site's policy, the site's records)."""
+    config = from_run_config(context.run_config)
+    if is_deployment(context.node_config):
+        policy = SitePolicy.from_node_config(context.node_config)
+        local = replace(load_local_data(policy.data_spec(config), 0, 1), name=policy.name)
+        for ignored in policy.ignored_requests(context.run_config):
+            site_log(policy.name, f"ignored the coordinator's {ignored}: that is the site's setting")
+        return config, policy, local
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
-    if is_deployment(context):  # the whole file is this client's
-        partition_id, num_partitions = 0, 1
     local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
-    if SITE_NAME_KEY in context.node_config:
-        local = replace(local, name=site_name(context.node_config[SITE_NAME_KEY]))
-    return local
+    return config, SitePolicy.for_simulation(config, local.name, run_dir), local
 
 
-def site_name(value) -> str:
-    """A node config's ``name``, checked: it becomes a directory under the ledger dir."""
-    if not isinstance(value, str) or not SITE_NAME.fullmatch(value):
-        raise UserError(f"node config key '{SITE_NAME_KEY}': {value!r} is not a site name "
-                        "(letters, digits, '.', '_', '-'; at most 64; not starting with '.', '_' or '-')")
-    return value
+def site_log(name: str, text: str) -> None:
+    """The site's own log: the ClientApp's stderr (the SuperNode's log in a deployment)."""
+    print(f"[fedslm site {name}] {text}", file=sys.stderr, flush=True)
 
 
-def _setup(msg: Message, context: Context):
-    config = local_config(context)
+def _model(config: dict, policy: SitePolicy, msg: Message, aggregation: str):
+    """The base with the received adapter; with FFA-LoRA, our own A factors must be the server's."""
     round_cfg = msg.content["config"]
-    local = _local_data(config, context)
-    model, tokenizer = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
+    model, tokenizer = attach(policy.model_name(config), LoraSpec.from_config(config), config["model.dtype"])
     received = from_arrays(msg.content["arrays"])
-    if round_cfg["aggregation"] == "ffa":
-        # FFA-LoRA: only B travels; A is the shared seed's, frozen. Make sure ours is the same.
+    if aggregation == "ffa":
         if a_factor_digest(adapter_state(model)) != round_cfg["lora-a-sha256"]:
             raise UserError("FFA-LoRA: this client's A factors differ from the server's (model or lora.seed mismatch)")
         received = {**adapter_state(model), **received}
     set_adapter_state(model, received)
-    return config, round_cfg, local, model, tokenizer
+    return model, tokenizer
+
+
+def _reply(msg: Message, privacy: dict, metrics: dict, arrays=None) -> Message:
+    content = RecordDict({"privacy": ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, round_cfg, local, model, tokenizer = _setup(msg, context)
-    server_round, num_rounds = int(round_cfg["server-round"]), int(round_cfg["num-rounds"])
-    run_id = str(round_cfg["run-id"])
-    steps, batch = config["train.local-steps"], config["train.batch-size"]
-    q = sample_rate(batch, len(local.train), where=f"client '{local.name}'")
+    round_cfg = msg.content["config"]
+    config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
+    privacy = {"client": local.name, "dp": policy.dp_enabled, "noise_seed": "os-entropy"
+               if policy.noise_seed < 0 else "fixed (not private against whoever knows it)"}
+    try:
+        request = RoundRequest.parse(config, round_cfg)
+        problems = request.problems(policy, len(local.train))
+    except (KeyError, TypeError, ValueError) as err:
+        request, problems = None, [f"malformed request ({type(err).__name__}: {err})"]
+    if problems:
+        reason = "; ".join(problems)
+        site_log(local.name, f"refused a train request: {reason}")
+        return _reply(msg, {**privacy, "status": "rejected", "reason": reason}, {"num-examples": 0})
     started = time.time()
-    privacy = {"client": local.name, "dp": config["dp.enabled"], "noise_seed": "os-entropy"
-               if config["dp.noise-seed"] < 0 else "fixed (not private against whoever knows it)"}
-    ledger = entry = None
-    sigma = None
-    if config["dp.enabled"]:
-        ledger_dir = ledger_directory(config, round_cfg, local.name, context)
-        delta = config["dp.delta"] or default_delta(len(local.train))
-        ledger = Ledger.open(ledger_dir, fingerprint=fingerprint(local.train), records=len(local.train), delta=delta)
-        decision = decide(ledger, max_epsilon=config["dp.max-epsilon"], requested_sigma=config["dp.noise-multiplier"],
-                          target_epsilon=config["dp.target-epsilon"], sample_rate=q, steps=steps,
-                          rounds_left=num_rounds - server_round + 1,
-                          max_noise_multiplier=config["dp.max-noise-multiplier"])
-        entry = Entry(run_id=run_id, round=server_round, noise_multiplier=decision.noise_multiplier or 0.0,
-                      clip_norm=config["dp.clip-norm"], sample_rate=q, steps=steps, delta=ledger.delta,
-                      epsilon_after=0.0, epsilon_rdp_after=0.0, max_epsilon=config["dp.max-epsilon"], status="")
-        if decision.refused:
-            refused = ledger.refuse(entry, decision.reason)
-            content = RecordDict({"privacy": ConfigRecord({**privacy, **_privacy_fields(refused, ledger)}),
-                                  "metrics": MetricRecord({"num-examples": 0})})
-            return Message(content=content, reply_to=msg)
-        entry = ledger.reserve(entry)  # on disk before any record is touched
-        sigma = decision.noise_multiplier
-    aggregation = str(round_cfg["aggregation"])
-    with frozen_a_factors(model, freeze=aggregation == "ffa"):
-        result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps, batch_size=batch,
-                               lr=config["train.lr"], noise_multiplier=sigma, clip_norm=config["dp.clip-norm"],
-                               seed=noise_seed(config["dp.noise-seed"], local.name, run_id, server_round),
+    model, tokenizer = _model(config, policy, msg, request.aggregation)
+    steps, records = request.local_steps, len(local.train)
+    q = request.batch_size / records
+    ledger = entry = sigma = None
+    if policy.dp_enabled:
+        ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(local.train), records=records,
+                             delta=policy.delta or default_delta(records))
+        entry = Entry(run_id=request.run_id, round=request.server_round, noise_multiplier=0.0,
+                      clip_norm=request.clip_norm, sample_rate=q, steps=steps, delta=ledger.delta,
+                      epsilon_after=0.0, epsilon_rdp_after=0.0, max_epsilon=policy.max_epsilon, status="")
+        refusal = _before_reserving(ledger, policy)
+        if refusal is None:
+            decision = decide(ledger, max_epsilon=policy.max_epsilon, requested_sigma=request.requested_sigma,
+                              target_epsilon=request.target_epsilon, sample_rate=q, steps=steps,
+                              rounds_left=request.rounds_left, max_noise_multiplier=policy.max_noise_multiplier)
+            refusal = decision.reason if decision.refused else None
+        if refusal is not None:
+            entry = ledger.refuse(entry, refusal)
+        else:
+            sigma = decision.noise_multiplier
+            entry = ledger.reserve(replace(entry, noise_multiplier=sigma), budget=policy.max_epsilon)
+        if entry.status == "refused":  # on disk before anything is trained; spends nothing
+            site_log(local.name, f"refused round {request.server_round} of run {request.run_id}: {entry.reason}")
+            return _reply(msg, {**privacy, **_privacy_fields(entry, ledger)}, {"num-examples": 0})
+    with frozen_a_factors(model, freeze=request.aggregation == "ffa"):
+        result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps,
+                               batch_size=request.batch_size, lr=request.lr, noise_multiplier=sigma,
+                               clip_norm=request.clip_norm,
+                               seed=round_entropy(policy.noise_seed, local.name, request.run_id, request.server_round),
                                grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"])
+    metrics = {"num-examples": records, "steps": result.steps}
     if ledger is not None:
         entry = ledger.commit(entry)
         privacy.update(_privacy_fields(entry, ledger))
-    else:
+        site_log(local.name, f"round {request.server_round} of run {request.run_id}: trained with sigma "
+                             f"{sigma:.3f}, spent {entry.epsilon_after:.3f} of {policy.max_epsilon:g}")
+    else:  # no DP, no privacy claim: the training metrics may as well leave
         privacy.update({"status": "no-dp", "sample_rate": q, "steps": steps})
-    metrics = {"train_loss": result.loss, "num-examples": len(local.train), "steps": result.steps,
-               "seconds": time.time() - started}
-    content = RecordDict({"arrays": to_arrays(sent_tensors(adapter_state(model), aggregation),
-                                                    config["server.wire-dtype"]),
-                          "metrics": MetricRecord(metrics),
-                          "privacy": ConfigRecord(privacy)})
-    return Message(content=content, reply_to=msg)
+        metrics.update({"train_loss": result.loss, "seconds": time.time() - started})
+    arrays = to_arrays(sent_tensors(adapter_state(model), request.aggregation), config["server.wire-dtype"])
+    return _reply(msg, privacy, metrics, arrays)
 
 
-def ledger_directory(config: dict, round_cfg, name: str, context: Context) -> Path:
-    """A deployment's ledger lives in the site's own ``ledger-dir``, whatever the site is called.
-
-    Keying it by name there would hand a fresh, unspent ledger to a site that renames itself.
-    Simulated clients share one directory and are told apart by name.
-    """
-    if is_deployment(context):
-        if not config["dp.ledger-dir"]:
-            raise UserError("node config: 'ledger-dir' is required in a deployment (else each run resets the budget)")
-        return Path(config["dp.ledger-dir"])
-    return Path(config["dp.ledger-dir"] or Path(str(round_cfg["run-dir"])) / "ledgers") / name
-
-
-def noise_seed(configured: int, *parts) -> int:
-    """Seed of this round's Poisson sampling and Gaussian noise.
-
-    By default fresh OS entropy: a seed derivable from what the server knows (run id,
-    round, client name, a config seed) would let it regenerate the noise and subtract it.
-    A configured seed >= 0 makes runs reproducible for debugging only, and is recorded
-    as such in the privacy record.
-    """
-    if configured < 0:
-        return secrets.randbits(63)
-    return int(hashlib.sha256("|".join(map(str, (configured, *parts))).encode()).hexdigest()[:15], 16)
+def _before_reserving(ledger: Ledger, policy: SitePolicy) -> str | None:
+    """Site-side reasons not to train at all this round (checked again under the ledger's lock)."""
+    if ledger.data_changed:
+        return ledger.data_change_reason()
+    if ledger.delta * ledger.records >= 1:
+        return (f"delta {ledger.delta:g} is not below 1/records (1/{ledger.records}): such a guarantee allows "
+                "publishing a record outright")
+    if ledger.path.exists() and policy.delta and policy.delta != ledger.delta:
+        return (f"the site's delta {policy.delta:g} differs from its ledger's {ledger.delta:g}, fixed when the "
+                "ledger was created; keep the ledger's delta or start a new ledger directory deliberately")
+    return None
 
 
 def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
@@ -196,9 +174,13 @@ def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
 @app.evaluate("ship")
 def evaluate_shipped(msg: Message, context: Context) -> Message:
     """A shipped GGUF: verify its sha256, store it in the model dir, evaluate it here, reply metrics only."""
-    config = local_config(context)
     announced = dict(msg.content["config"])
-    local = _local_data(config, context)
+    config, policy, local = site_and_data(context, str(announced.get("run-dir", "")))
+    _check_evaluates(policy)
+    if policy.deployment and not policy.shipped_dir:  # else the coordinator's run-dir would pick the directory
+        site_log(policy.name, "refused a shipped model: no shipped-dir in the node config")
+        raise UserError(f"site {policy.name} accepts no shipped models (its node config has no shipped-dir)")
+    config = {**config, "model.name": policy.model_name(config), "ship.dir": policy.shipped_dir}
     path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
                           "info": ConfigRecord({"client": local.name, "stored": str(path),
@@ -208,8 +190,18 @@ def evaluate_shipped(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
-    config, _, local, model, tokenizer = _setup(msg, context)
+    """Evaluate the received adapter on the site's held-out records (metrics leave in clear: not DP)."""
+    round_cfg = msg.content["config"]
+    config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
+    _check_evaluates(policy)
+    model, tokenizer = _model(config, policy, msg, str(round_cfg["aggregation"]))
     metrics = evaluate(model, tokenizer, Task.from_config(config), local.test)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
                           "info": ConfigRecord({"client": local.name})})
     return Message(content=content, reply_to=msg)
+
+
+def _check_evaluates(policy: SitePolicy) -> None:
+    if not policy.evaluate:
+        site_log(policy.name, "refused an evaluation request (node config evaluate = false)")
+        raise UserError(f"site {policy.name} does not evaluate (its node config says evaluate = false)")

@@ -9,7 +9,9 @@ deterministic test split for federated evaluation. Nothing here leaves the clien
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,6 +38,8 @@ class DataSpec:
     max_train: int
     max_eval: int
     seed: int
+    split: str = "seeded"  # seeded (simulation: data.seed) | record-hash (a site: stable, set by nobody)
+    test_path: str = ""  # a site's pinned held-out records; then every record of ``path`` trains
 
     @classmethod
     def from_config(cls, config: dict) -> "DataSpec":
@@ -175,14 +179,26 @@ class LocalData:
 
 
 def split(records, spec: DataSpec, name: str) -> LocalData:
+    """Hold out ``test_fraction`` of the records for evaluation; train on the rest.
+
+    ``seeded`` (simulations): a shuffle by ``data.seed``. ``record-hash`` (a deployed site):
+    a record is held out when the sha256 of its content, read as a fraction of 2^256, is
+    below ``test_fraction``. Nobody sets it, so no coordinator can move records between
+    the training and held-out sides, and appending records never moves the old ones.
+    """
     import random
 
     rows = list(records)
-    order = list(range(len(rows)))
-    random.Random(spec.seed).shuffle(order)
-    n_test = max(1, round(len(rows) * spec.test_fraction)) if len(rows) > 1 else 0
-    test = [rows[i] for i in order[:n_test]]
-    train = [rows[i] for i in order[n_test:]]
+    if spec.split == "record-hash":
+        held = [held_out_by_hash(row, spec.test_fraction) for row in rows]
+        test = [row for row, h in zip(rows, held) if h]
+        train = [row for row, h in zip(rows, held) if not h]
+    else:
+        order = list(range(len(rows)))
+        random.Random(spec.seed).shuffle(order)
+        n_test = max(1, round(len(rows) * spec.test_fraction)) if len(rows) > 1 else 0
+        test = [rows[i] for i in order[:n_test]]
+        train = [rows[i] for i in order[n_test:]]
     if not train:
         raise UserError(f"data file {spec.path}: client '{name}' has no training records after the test split")
     if spec.max_train:
@@ -192,11 +208,36 @@ def split(records, spec: DataSpec, name: str) -> LocalData:
     return LocalData(name=name, train=train, test=test)
 
 
-@lru_cache(maxsize=4)
+def held_out_by_hash(record: dict, fraction: float) -> bool:
+    canonical = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return int.from_bytes(hashlib.sha256(canonical).digest(), "big") < fraction * 2**256
+
+
 def load_local_data(spec: DataSpec, partition_id: int, num_partitions: int) -> LocalData:
-    """Read, check, partition and split once per process (a worker serves many rounds)."""
+    """Read, check, partition and split once per process and file version (a worker serves many rounds).
+
+    The files' versions are part of the key: a site whose records change must see the
+    change (its ledger refuses to train on unconfirmed records), not a cached old copy.
+    """
+    return _load_local_data(spec, partition_id, num_partitions, _version(spec.path), _version(spec.test_path))
+
+
+def _version(path: str) -> tuple:
+    if not path or not Path(path).is_file():
+        return ()
+    stat = Path(path).stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@lru_cache(maxsize=4)
+def _load_local_data(spec: DataSpec, partition_id: int, num_partitions: int, *_versions) -> LocalData:
     table = read_table(spec.path)
     check_fields(table, spec)
+    if spec.test_path:  # a site that pins its held-out records: all of ``path`` trains
+        held = read_table(spec.test_path)
+        check_fields(held, replace(spec, path=spec.test_path))
+        train = list(table)[: spec.max_train or None]
+        return LocalData(name="site", train=train, test=list(held)[: spec.max_eval or None])
     part = partition(table, spec, partition_id, num_partitions)
     if spec.partition == "natural" and num_partitions > 1:
         name = str(part[0][spec.partition_by])

@@ -8,9 +8,11 @@ the EXPECTED batch size. An empty Poisson batch still takes a step: the released
 is part of the mechanism. ``train.grad-sample-mode`` and ``train.autocast`` choose how
 (defaults: the fastest measured, BENCHMARKS.md).
 
-Randomness (sampling and noise) comes from an explicit generator seeded per client and
-round. secure_mode is off: Opacus' cryptographically secure RNG needs torchcsprng, which
-is not installable here; reports say so.
+Randomness (sampling and noise) comes from one explicit generator per client and round,
+whose whole Mersenne-Twister state is derived from the ``seed`` entropy
+(privacy.mechanism.entropy: torch's manual_seed would keep only 32 bits). secure_mode is
+off: Opacus' cryptographically secure RNG needs torchcsprng, which is not installable
+here; reports say so.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+from privacy.mechanism.entropy import generator_from_entropy, seed_entropy
 from slm.errors import UserError
 from slm.tasks import Task, collate, encode, per_example_loss
 
@@ -62,14 +65,53 @@ def autocast_context(autocast: str):
     return contextlib.nullcontext()
 
 
+class _GhostClippingFp32Norms(GradSampleModuleFastGradientClipping):
+    """Ghost clipping whose per-example gradient norms are taken in fp32.
+
+    Opacus 1.6.0 computes ghost norms from the captured activations and backprops in the
+    backprops' dtype (``compute_linear_norm_sample`` casts the activations to it), so a
+    bf16 backprop makes the norm each clip coefficient C / (norm + 1e-6) divides by off by
+    bf16 rounding (8 significant bits; the ghost identity ||sum_t b_t a_t^T||_F^2 =
+    <B B^T, A A^T>_F of Li et al., "Large Language Models Can Be Strong Differentially
+    Private Learners", ICLR 2022, sums T^2 rounded terms). Upcasting both here makes every
+    norm the fp32 norm of the example's gradient from the same captured values. Under bf16
+    autocast that is still not enough (the clipped sum itself comes from a second bf16
+    backward pass), so train_adapter refuses ghost with bf16 under DP.
+    """
+
+    def rearrange_grad_samples(self, **kwargs):
+        activations, backprops = super().rearrange_grad_samples(**kwargs)
+        return [a.float() if a.is_floating_point() else a for a in activations], backprops.float()
+
+
+def fp32_grad_samples(optimizer) -> None:
+    """Per-example gradients in fp32 before the DP optimizer clips them (hooks, functorch).
+
+    Under bf16 autocast Opacus' hooks give bf16 per-example gradients of the fp32 LoRA
+    weights, and ``DPOptimizer.clip_and_accumulate`` (Opacus 1.6.0) takes their L2 norms
+    in that dtype, casting to the parameter's dtype only afterwards: a norm rounded down
+    (bf16 keeps 8 significant bits, relative error up to 2^-9) lets a "clipped" gradient
+    exceed C, and the sensitivity C that the accountant assumes for DP-SGD (Abadi et al.,
+    "Deep Learning with Differential Privacy", CCS 2016, Algorithm 1) no longer holds. In
+    fp32 each norm is the norm of the very values that are scaled and summed, up to fp32
+    rounding. Ghost mode keeps no per-example gradients (see _GhostClippingFp32Norms).
+    """
+    for p in optimizer.params:
+        sample = getattr(p, "grad_sample", None)
+        if isinstance(sample, torch.Tensor) and sample.dtype != torch.float32:
+            p.grad_sample = sample.float()
+        elif isinstance(sample, list):
+            p.grad_sample = [s.float() for s in sample]
+
+
 def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_norm: float, batch_size: int,
                  generator: torch.Generator):
     """(forward module, DP optimizer) for a grad-sample mode; ``forward._close()`` undoes it."""
     if mode not in GRAD_SAMPLE_MODES:
         raise UserError(f"config key 'train.grad-sample-mode': {mode!r} is not one of {', '.join(GRAD_SAMPLE_MODES)}")
     if mode == "ghost":
-        forward = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="mean",
-                                                       max_grad_norm=clip_norm, use_ghost_clipping=True)
+        forward = _GhostClippingFp32Norms(model, batch_first=True, loss_reduction="mean",
+                                          max_grad_norm=clip_norm, use_ghost_clipping=True)
         optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier,
                                                     max_grad_norm=clip_norm, expected_batch_size=batch_size,
                                                     loss_reduction="mean", generator=generator)
@@ -93,6 +135,8 @@ def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: st
         DPTensorFastGradientClipping(forward, optimizer, losses, "mean").backward()
     else:
         losses.mean().backward()
+        if mode is not None:
+            fp32_grad_samples(optimizer)  # clipping norms in fp32, also under bf16 autocast
     optimizer.step()
     return float(losses.detach().mean())
 
@@ -108,17 +152,24 @@ def _empty_step(optimizer, params, mode: str) -> None:
 
 
 def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: int, batch_size: int, lr: float,
-                  noise_multiplier: float | None, clip_norm: float, seed: int,
+                  noise_multiplier: float | None, clip_norm: float, seed: bytes | int,
                   make_optimizer=None, grad_sample_mode: str = "hooks", autocast: str = "none") -> TrainResult:
     """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None.
 
+    ``seed``: entropy bytes (>= 16; a site passes fresh OS entropy), or an int for a
+    reproducible run (tests, benchmarks), expanded by privacy.mechanism.entropy.
     ``make_optimizer(params)`` replaces the default Adam(lr) (tests use plain SGD to
     compare an update with hand-computed clipped gradients).
     """
     examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(records)]
     q = sample_rate(batch_size, len(examples))
     autocast_context(autocast)  # reject a bad value before any step
-    generator = torch.Generator().manual_seed(seed)
+    if noise_multiplier is not None and grad_sample_mode == "ghost" and autocast == "bf16":
+        raise UserError("config keys 'train.grad-sample-mode' = ghost and 'train.autocast' = bf16 do not go together "
+                        "under DP: ghost clipping recomputes the clipped sum in a second bf16 backward pass, so a "
+                        "clipped example's gradient can exceed the clip norm (measured: by up to 0.15%); use hooks "
+                        "or functorch with bf16")
+    generator = generator_from_entropy(seed if isinstance(seed, bytes) else seed_entropy(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=lr)
     private = noise_multiplier is not None

@@ -94,6 +94,14 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_confirm_data(args) -> int:
+    from client.confirm import confirm_data
+    from slm.config import parse_assignment
+
+    print(f"[fedslm] {confirm_data(Path(args.node_config), dict(parse_assignment(a) for a in args.set))}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from simulation.compare import render, summarize
 
@@ -159,11 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ClientApp to simulate (default client.app:app; e.g. a wrapper that injects faults)")
     sim.set_defaults(func=cmd_simulate)
     budget = sub.add_parser("budget", help="a client's privacy ledger: history, spent and remaining epsilon")
-    budget.add_argument("ledger", help="a ledger-*.json file or a directory holding ledgers")
+    budget.add_argument("ledger", help="a ledger.json file or a directory holding site ledgers")
     budget.add_argument("--json", action="store_true", help="machine-readable output")
     budget.add_argument("--html", nargs="?", const="", metavar="OUT",
                         help="write a self-contained HTML page instead (default OUT: budget.html next to the ledger)")
     budget.set_defaults(func=cmd_budget)
+    confirm = sub.add_parser("confirm-data", help="a site operator accepts the site's changed records in its ledger")
+    confirm.add_argument("node_config", metavar="NODE_CONFIG.toml", help="the site's node config")
+    confirm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="the task's fields, as the federation's run config sets them (e.g. data.task=label)")
+    confirm.set_defaults(func=cmd_confirm_data)
     report = sub.add_parser("report", help="privacy budget report of a run: report.json, report.html, plots/")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory")
     report.set_defaults(func=cmd_report)

@@ -8,6 +8,7 @@ Also converts the default model once, in this process, before workers race to do
 from __future__ import annotations
 
 from client.data import DataSpec, load_local_data
+from client.site import SitePolicy
 from client.train import sample_rate
 from server.rounds import RoundSpec
 from slm.base import resolve_model_dir
@@ -30,5 +31,6 @@ def preflight(config: dict, num_clients: int) -> list[str]:
     for pid in range(num_clients):
         local = load_local_data(spec, pid, num_clients)
         sample_rate(config["train.batch-size"], len(local.train), where=f"client '{local.name}'")
+        SitePolicy.for_simulation(config, local.name, run_dir="")
         lines.append(f"{local.name}: {len(local.train)} train / {len(local.test)} test records")
     return lines

@@ -1,43 +1,83 @@
-"""A deployment's node config wins over the coordinator's run config where the site's privacy is at stake."""
+"""The site's policy comes from its node config; the coordinator's run config cannot move it."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from client.app import ledger_directory, local_config, site_name
+from client.app import site_and_data
+from client.data import DataSpec, held_out_by_hash, split
+from client.site import SitePolicy, site_name
 from slm.errors import UserError
 
-COORDINATOR = {"dp.enabled": False, "dp.noise-seed": 7, "dp.max-epsilon": 100.0, "model.name": "tiny"}
+COORDINATOR = {"dp.enabled": False, "dp.noise-seed": 7, "dp.max-epsilon": 100.0, "dp.delta": 0.2,
+               "dp.ledger-dir": "/tmp/elsewhere", "data.seed": 3, "data.test-fraction": 0.5,
+               "data.max-train-examples": 2, "model.name": "tiny"}
 
 
-def context(node_config: dict):
-    return SimpleNamespace(run_config=COORDINATOR, node_config=node_config)
+def site_config(tmp_path, **extra) -> dict:
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(40)))
+    return {"name": "site-a", "data-path": str(data), "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 3.0,
+            **extra}
 
 
-def test_a_site_keeps_dp_on_with_os_entropy_and_its_own_budget(tmp_path):
-    site = context({"data-path": str(tmp_path / "r.jsonl"), "ledger-dir": str(tmp_path / "l"), "max-epsilon": 3.0})
-    config = local_config(site)
-    assert config["dp.enabled"] is True and config["dp.noise-seed"] == -1 and config["dp.max-epsilon"] == 3.0
+def test_a_site_keeps_dp_on_with_os_entropy_its_budget_delta_ledger_and_split(tmp_path, capsys):
+    context = SimpleNamespace(run_config=COORDINATOR, node_config=site_config(tmp_path))
+    _, policy, local = site_and_data(context)
+    assert policy.dp_enabled and policy.noise_seed == -1 and policy.max_epsilon == 3.0 and policy.delta == 0.0
+    assert policy.ledger_dir == tmp_path / "ledger" and local.name == "site-a"
+    baseline = SimpleNamespace(run_config={"model.name": "tiny"}, node_config=site_config(tmp_path))
+    assert site_and_data(baseline)[2] == local  # the coordinator's data.* keys changed nothing
+    log = capsys.readouterr().err
+    for key in ("dp.delta=0.2", "dp.max-epsilon=100.0", "data.seed=3", "data.test-fraction=0.5", "dp.enabled=False"):
+        assert f"ignored the coordinator's {key}" in log
 
 
-def test_a_simulated_client_follows_the_run_config():
-    config = local_config(context({"partition-id": 0, "num-partitions": 2}))
-    assert config["dp.enabled"] is False and config["dp.noise-seed"] == 7
+def test_a_simulated_client_follows_the_run_config(tmp_path):
+    config = {**COORDINATOR, "dp.delta": 1e-6}
+    context = SimpleNamespace(run_config=config, node_config={"partition-id": 1, "num-partitions": 2})
+    _, policy, local = site_and_data(context, run_dir=str(tmp_path))
+    assert policy.dp_enabled is False and policy.noise_seed == 7 and local.name == "client-1"
+    assert policy.ledger_dir.parts[-2:] == ("elsewhere", "client-1")
 
 
-def test_a_sites_ledger_does_not_depend_on_its_name(tmp_path):
-    site = context({"data-path": "x", "ledger-dir": str(tmp_path)})
-    config = local_config(site)
-    assert ledger_directory(config, {}, "renamed", site) == ledger_directory(config, {}, "hospital-a", site) == tmp_path
-    simulated = context({"partition-id": 1})
-    assert ledger_directory(local_config(simulated), {"run-dir": "r"}, "client-1", simulated).parts[-2:] == (
-        "ledgers", "client-1")
+def test_the_record_hash_split_is_stable_under_appends_and_reordering():
+    spec = DataSpec(path="x", task="sft", prompt_field="q", response_field="a", text_field="t", label_field="l",
+                    verbalizers="", partition="iid", partition_by="", dirichlet_alpha=0.0, test_fraction=0.2,
+                    max_train=0, max_eval=0, seed=0, split="record-hash")
+    rows = [{"q": f"q{i}", "a": f"a{i}"} for i in range(200)]
+    first = split(rows, spec, "s")
+    grown = split([{"q": "new", "a": "new"}, *rows[::-1]], spec, "s")
+    assert {r["q"] for r in first.test} <= {r["q"] for r in grown.test}
+    assert {r["q"] for r in first.train} <= {r["q"] for r in grown.train}
+    assert 20 <= len(first.test) <= 60  # about 20% of 200
+    assert all(held_out_by_hash(r, 0.2) for r in first.test)
 
 
-def test_a_deployment_without_a_ledger_dir_is_refused():
-    site = context({"data-path": "x"})
-    with pytest.raises(UserError, match="'ledger-dir' is required in a deployment"):
-        ledger_directory(local_config(site), {}, "a", site)
+def test_pinned_held_out_records_come_from_their_own_file(tmp_path):
+    held = tmp_path / "held.jsonl"
+    held.write_text('{"question": "held", "answer": "out"}\n')
+    context = SimpleNamespace(run_config={"model.name": "tiny"},
+                              node_config=site_config(tmp_path, **{"test-data-path": str(held)}))
+    _, _, local = site_and_data(context)
+    assert len(local.train) == 40 and local.test == [{"question": "held", "answer": "out"}]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"name": None}, "'name' is required in a deployment"),
+    ({"ledger-dir": None}, "'ledger-dir' is required"),
+    ({"delta": 0.2}, "'delta' must be in"),
+    ({"max-epsilon": -1.0}, "'max-epsilon' must be a positive number"),
+    ({"max-epsilon": float("inf")}, "'max-epsilon' must be a positive number"),
+    ({"test-fraction": 1.0}, "'test-fraction' must be in"),
+    ({"max-rounds": 0}, "'max-rounds' must be at least 1"),
+    ({"evaluate": "yes"}, "'evaluate' must be true or false"),
+    ({"ledger-dir": "relative"}, "'ledger-dir' must be an absolute path"),
+])
+def test_a_bad_node_config_is_one_line_naming_the_key(tmp_path, extra, message):
+    config = {k: v for k, v in {**site_config(tmp_path), **extra}.items() if v is not None}
+    with pytest.raises(UserError, match=message):
+        SitePolicy.from_node_config(config)
 
 
 @pytest.mark.parametrize("name", ["", "../up", ".hidden", "a/b", "x" * 65, 3])

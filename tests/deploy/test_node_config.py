@@ -25,21 +25,24 @@ def test_a_complete_config_passes(tmp_path, records):
 @pytest.mark.parametrize("values, message", [
     ({"max_epsilon": 8.0}, "'ledger-dir' is required in a deployment"),
     ({"ledger_dir": "{tmp}/l"}, "'max-epsilon' is required in a deployment"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "name": None}, "'name' is required in a deployment"),
     ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "max_epsilon_typo": 1}, "unknown key 'max-epsilon-typo'"),
-    ({"ledger_dir": "ledger", "max_epsilon": 8.0}, "ledger-dir must be an absolute path"),
-    ({"ledger_dir": "{tmp}/l", "max_epsilon": "eight"}, "config key 'dp.max-epsilon': expected a number, got 'eight'"),
-    ({"ledger_dir": "{tmp}/l", "max_epsilon": 0}, "max-epsilon must be positive"),
+    ({"ledger_dir": "ledger", "max_epsilon": 8.0}, "'ledger-dir' must be an absolute path"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": "eight"}, "'max-epsilon' must be a number, got 'eight'"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": 0}, "'max-epsilon' must be a positive number"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "delta": 0.2}, "'delta' must be in \\(0, 0.001\\]"),
     ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "name": "../a"}, "node config key 'name': '../a' is not a site name"),
 ])
 def test_what_would_leave_privacy_to_the_server_is_refused(tmp_path, records, values, message):
-    values = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}
-    config = write_node_config(tmp_path / "node.toml", data_path=str(records), **values)
+    values = {"name": "site-a", **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}}
+    config = write_node_config(tmp_path / "node.toml", data_path=str(records),
+                               **{k: v for k, v in values.items() if v is not None})
     with pytest.raises(UserError, match=message):
         check(config)
 
 
 def test_supernode_script_refuses_before_starting_flower(tmp_path, records):
-    config = write_node_config(tmp_path / "node.toml", data_path=str(records), max_epsilon=8.0)
+    config = write_node_config(tmp_path / "node.toml", data_path=str(records), max_epsilon=8.0, name="site-a")
     (tmp_path / "ca.crt").write_text("unused")
     (tmp_path / "node.key").write_text("unused")
     env = script_env(tmp_path / "home", FEDSLM_SUPERLINK="127.0.0.1:1", FEDSLM_CA=str(tmp_path / "ca.crt"),

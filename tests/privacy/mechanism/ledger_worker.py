@@ -26,7 +26,7 @@ def main(ledger_dir: str, marker: str) -> None:
         ledger = Ledger.open(Path(ledger_dir), fingerprint=fingerprint(RECORDS), records=len(RECORDS), delta=1e-5)
         entry = ledger.reserve(Entry(run_id=f"pid{os.getpid()}", round=round_, noise_multiplier=2.0, clip_norm=1.0,
                                      sample_rate=0.1, steps=2, delta=1e-5, epsilon_after=0.0, epsilon_rdp_after=0.0,
-                                     max_epsilon=1e9, status=""))
+                                     max_epsilon=1e9, status=""), budget=1e9)
         with open(marker, "a") as handle:  # training starts only after the reservation is on disk
             handle.write(f"{entry.run_id}:{round_}\n")
             handle.flush()

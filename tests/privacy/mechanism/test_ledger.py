@@ -9,6 +9,8 @@ from privacy.mechanism.ledger import Entry, Ledger, fingerprint
 from privacy.mechanism.policy import decide, default_delta
 from slm.errors import UserError
 
+BUDGET = 1e9  # the policy's budget checks are tested separately
+
 
 def entry(run="r1", rnd=1, sigma=1.0, q=0.05, steps=10):
     return Entry(run_id=run, round=rnd, noise_multiplier=sigma, clip_norm=1.0, sample_rate=q, steps=steps,
@@ -22,10 +24,10 @@ def open_ledger(directory, records=(1, 2, 3)):
 
 def test_reserve_commit_and_reopen_continue_the_spend(tmp_path):
     ledger = open_ledger(tmp_path)
-    first = ledger.commit(ledger.reserve(entry(rnd=1)))
+    first = ledger.commit(ledger.reserve(entry(rnd=1), budget=BUDGET))
     again = open_ledger(tmp_path)  # a new process / a new run on the same data
     assert [e.status for e in again.entries] == ["committed"]
-    second = again.commit(again.reserve(entry(run="r2", rnd=1)))
+    second = again.commit(again.reserve(entry(run="r2", rnd=1), budget=BUDGET))
     assert second.epsilon_after > first.epsilon_after
     assert second.epsilon_after == pytest.approx(
         epsilon([SgmEvent(1.0, 0.05, 20)], delta=1e-5), rel=1e-9)
@@ -34,23 +36,64 @@ def test_reserve_commit_and_reopen_continue_the_spend(tmp_path):
 
 def test_reserved_spend_counts_even_if_never_committed(tmp_path):
     ledger = open_ledger(tmp_path)
-    ledger.reserve(entry())  # the training process dies here
+    ledger.reserve(entry(), budget=BUDGET)  # the training process dies here
     assert open_ledger(tmp_path).spent() == pytest.approx(epsilon([SgmEvent(1.0, 0.05, 10)], delta=1e-5))
 
 
 def test_refusal_spends_nothing(tmp_path):
     ledger = open_ledger(tmp_path)
-    ledger.commit(ledger.reserve(entry()))
+    ledger.commit(ledger.reserve(entry(), budget=BUDGET))
     spent = ledger.spent()
     refused = ledger.refuse(entry(rnd=2), "budget exhausted")
     assert refused.status == "refused" and refused.steps == 0 and ledger.spent() == spent
 
 
-def test_other_data_gets_its_own_ledger(tmp_path):
+def test_other_data_is_the_same_ledger_and_trains_only_once_the_operator_confirms(tmp_path):
     a = open_ledger(tmp_path, records=(1, 2, 3))
-    a.commit(a.reserve(entry()))
-    b = open_ledger(tmp_path, records=(1, 2, 4))
-    assert b.path != a.path and b.spent() == 0.0
+    first = a.commit(a.reserve(entry(), budget=BUDGET))
+    b = open_ledger(tmp_path, records=(1, 2, 3, 4))  # a record appended, or the split moved
+    assert b.path == a.path and b.spent() == first.epsilon_after and b.data_changed
+    refused = b.reserve(entry(rnd=2), budget=BUDGET)
+    assert refused.status == "refused" and "changed since the ledger last accepted them (3 -> 4" in refused.reason
+    assert b.spent() == first.epsilon_after  # refused: nothing spent, nothing reset
+    b.confirm_data()
+    c = open_ledger(tmp_path, records=(1, 2, 3, 4))
+    assert not c.data_changed and [d.how for d in c.data] == ["first use", "confirmed by the operator"]
+    second = c.reserve(entry(rnd=3), budget=BUDGET)
+    assert second.status == "reserved" and second.epsilon_after > first.epsilon_after
+
+
+def test_the_budget_is_checked_inside_the_reservation_whatever_the_round_numbers(tmp_path):
+    ledger = open_ledger(tmp_path)
+    one = ledger.commit(ledger.reserve(entry(sigma=1.0, q=0.05, steps=100), budget=BUDGET))
+    over = ledger.reserve(entry(run="r2", rnd=99, sigma=1.0, q=0.05, steps=100), budget=one.epsilon_after * 1.01)
+    assert over.status == "refused" and "over the budget" in over.reason and ledger.spent() == one.epsilon_after
+
+
+def test_concurrent_writers_never_lose_a_spend(tmp_path):
+    """Two runs on one ledger (threads here, processes in the deployment test): every reservation lands."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(name):
+        for rnd in range(6):
+            ledger = open_ledger(tmp_path)  # each round re-opens, as a ClientApp process does
+            ledger.commit(ledger.reserve(entry(run=name, rnd=rnd), budget=BUDGET))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(run, ["a", "b"]))
+    final = open_ledger(tmp_path)
+    assert sorted((e.run_id, e.round) for e in final.entries) == sorted(
+        (name, rnd) for name in "ab" for rnd in range(6))
+    assert final.spent() == pytest.approx(epsilon([SgmEvent(1.0, 0.05, 120)], delta=1e-5))
+
+
+def test_a_format_1_ledger_is_imported_and_its_spend_counts(tmp_path):
+    old = {"format": "fedslm-ledger/1", "dataset": {"fingerprint": "f" * 64, "records": 3}, "delta": 1e-5,
+           "entries": [{**entry(sigma=1.0, q=0.05, steps=10).__dict__, "status": "committed"}]}
+    (tmp_path / "ledger-ffffffffffffffff.json").write_text(json.dumps(old))
+    ledger = open_ledger(tmp_path)
+    assert ledger.spent() == pytest.approx(epsilon([SgmEvent(1.0, 0.05, 10)], delta=1e-5))
+    assert ledger.data_changed  # the old fingerprint is not these records: the operator confirms first
 
 
 def test_fingerprint_depends_on_content_and_order():
@@ -61,7 +104,7 @@ def test_fingerprint_depends_on_content_and_order():
 
 def test_corrupt_ledger_is_a_clear_error(tmp_path):
     ledger = open_ledger(tmp_path)
-    ledger.commit(ledger.reserve(entry()))
+    ledger.commit(ledger.reserve(entry(), budget=BUDGET))
     ledger.path.write_text(ledger.path.read_text()[:40])
     with pytest.raises(UserError, match=r"ledger .*corrupt JSON"):
         open_ledger(tmp_path)
@@ -69,9 +112,9 @@ def test_corrupt_ledger_is_a_clear_error(tmp_path):
 
 def test_written_file_is_complete_json(tmp_path):
     ledger = open_ledger(tmp_path)
-    ledger.reserve(entry())
+    ledger.reserve(entry(), budget=BUDGET)
     data = json.loads(ledger.path.read_text())
-    assert data["format"] == "fedslm-ledger/1" and data["entries"][0]["sampling"] == "poisson"
+    assert data["format"] == "fedslm-ledger/2" and data["entries"][0]["sampling"] == "poisson"
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -108,7 +151,7 @@ def test_server_request_for_more_noise_is_honoured(tmp_path):
 def test_client_at_its_limit_refuses(tmp_path):
     ledger = open_ledger(tmp_path)
     big = entry(sigma=0.5, q=0.2, steps=200)
-    ledger.commit(ledger.reserve(big))
+    ledger.commit(ledger.reserve(big, budget=BUDGET))
     decision = decide(ledger, max_epsilon=ledger.spent(), requested_sigma=0.0, target_epsilon=0.0,
                       sample_rate=0.2, steps=200, rounds_left=1)
     assert decision.refused and "budget exhausted" in decision.reason
@@ -118,7 +161,7 @@ def test_client_at_its_limit_refuses(tmp_path):
 def test_noise_cap_turns_crumbs_of_budget_into_a_refusal(tmp_path):
     """eps 0.9995 of 1 still admits a sigma~15 round; above the client's cap it refuses."""
     ledger = open_ledger(tmp_path)
-    ledger.commit(ledger.reserve(entry(sigma=1.2734375, q=0.0625, steps=6)))
+    ledger.commit(ledger.reserve(entry(sigma=1.2734375, q=0.0625, steps=6), budget=BUDGET))
     assert 0.99 < ledger.spent() < 1.0
     common = dict(max_epsilon=1.0, requested_sigma=0.0, target_epsilon=0.0, sample_rate=0.0625, steps=6,
                   rounds_left=1)

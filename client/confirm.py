@@ -1,0 +1,42 @@
+"""The operator's confirmation that a site's changed records are its data now (``fedslm confirm-data``).
+
+The ledger refuses to train when the site's training records differ from the version it
+last accepted (records appended, removed or edited; or a changed held-out setting). Only
+the site's operator, at the site, on its own node config, confirms the new version. The
+spend continues across versions: the ledger composes every release over any subset of the
+site's records, so a new version never brings a fresh budget.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import replace
+from pathlib import Path
+
+from client.data import load_local_data
+from client.site import SitePolicy
+from privacy.mechanism.ledger import Ledger, fingerprint
+from privacy.mechanism.policy import default_delta
+from slm.config import resolve
+from slm.errors import UserError
+
+
+def confirm_data(node_config_path: Path, request_overrides: dict | None = None) -> str:
+    """Accept the site's current training records in its ledger; returns what was done, in one line."""
+    try:
+        node_config = tomllib.loads(Path(node_config_path).read_text())
+    except OSError as err:
+        raise UserError(f"node config {node_config_path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"node config {node_config_path}: not valid TOML ({err})") from None
+    policy = SitePolicy.from_node_config(node_config, where=f"node config {node_config_path}")
+    local = replace(load_local_data(policy.data_spec(resolve(request_overrides or {})), 0, 1), name=policy.name)
+    records = len(local.train)
+    ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(local.train), records=records,
+                         delta=policy.delta or default_delta(records))
+    before = ledger.data[-1].records if ledger.data else None
+    if not ledger.data_changed:
+        return f"site {policy.name}: the ledger already holds these {records} training records; nothing to confirm"
+    ledger.confirm_data()
+    return (f"site {policy.name}: confirmed {records} training records (was {before}); spent so far "
+            f"{ledger.spent():.3f} of {policy.max_epsilon:g} at delta {ledger.delta:g}, unchanged")

@@ -1,0 +1,103 @@
+"""A hostile coordinator, as a test fixture: it crafts the messages a ServerApp could send.
+
+It talks to the real ClientApp functions (client.app.train / evaluate_adapter) with a real
+Flower Message and Context, exactly as a SuperNode would hand them over, for a site whose
+node config, records and ledger live in a temporary directory. It never touches the site's
+disk itself: everything it learns comes from the replies.
+
+``independent_epsilon`` recomputes what the site released from the replies alone, with
+Google's dp_accounting PLD accountant (not the PRV accountant the site uses).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from slm.config import resolve
+from slm.lora import LoraSpec, a_factor_digest, adapter_state, attach, sent_tensors, to_arrays
+
+HONEST = {"model.name": "tiny", "model.max-length": 32, "train.local-steps": 2, "train.batch-size": 4,
+          "data.max-eval-examples": 4, "server.rounds": 3}
+
+
+def qa_file(path: Path, n: int, tag: str = "") -> Path:
+    path.write_text("".join(json.dumps({"question": f"{tag}What is condition {i}?",
+                                        "answer": f"Condition {i} is a rare disorder."}) + "\n" for i in range(n)))
+    return path
+
+
+@dataclass
+class Site:
+    """One deployed site: its node config (the only thing it trusts) and where its files live."""
+
+    root: Path
+    max_epsilon: float = 2.0
+    records: int = 40
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.data = qa_file(self.root / "records.jsonl", self.records)
+        self.ledger_dir = self.root / "ledger"
+        self.node_config = {"name": "site-a", "data-path": str(self.data), "ledger-dir": str(self.ledger_dir),
+                            "max-epsilon": self.max_epsilon, "model-dir": "tiny", **self.extra}
+
+    def ledger(self) -> dict:
+        return json.loads((self.ledger_dir / "ledger.json").read_text())
+
+
+class Coordinator:
+    """Sends train and evaluate requests of its own making; keeps every reply."""
+
+    def __init__(self):
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        config = resolve(HONEST)
+        model, _ = attach("tiny", LoraSpec.from_config(config))
+        self.adapter = adapter_state(model)
+        self.replies: list[Message] = []
+
+    def message(self, kind: str, *, server_round: int = 1, num_rounds: int = 3, run_id: str = "run-1",
+                aggregation: str = "ffa", **round_extra) -> Message:
+        config = {"num-rounds": num_rounds, "server-round": server_round, "run-id": run_id, "run-dir": "/nonexistent",
+                  "aggregation": aggregation, "lora-a-sha256": a_factor_digest(self.adapter), **round_extra}
+        content = RecordDict({"arrays": to_arrays(sent_tensors(self.adapter, "ffa"), "float16"),
+                              "config": ConfigRecord(config)})
+        return Message(content=content, dst_node_id=7, message_type=kind)
+
+    def train(self, site: Site, run_config: dict | None = None, **round_fields) -> Message:
+        from client.app import train
+
+        context = Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
+                          run_config={**HONEST, **(run_config or {})})
+        reply = train(self.message("train", **round_fields), context)
+        self.replies.append(reply)
+        return reply
+
+    def evaluate(self, site: Site, run_config: dict | None = None) -> Message:
+        from client.app import evaluate_adapter
+
+        context = Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
+                          run_config={**HONEST, **(run_config or {})})
+        return evaluate_adapter(self.message("evaluate.default"), context)
+
+    def released(self) -> list[dict]:
+        """The privacy records of the replies that carried an adapter: what the site released."""
+        return [dict(r.content["privacy"]) for r in self.replies if "arrays" in r.content]
+
+
+def independent_epsilon(released: list[dict], delta: float) -> float:
+    """Epsilon of every released round, composed by dp_accounting's PLD accountant (Poisson subsampled Gaussian)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    for r in released:
+        event = dp_accounting.PoissonSampledDpEvent(
+            r["sample_rate"], dp_accounting.GaussianDpEvent(r["noise_multiplier"]))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(r["steps"])))
+    return accountant.get_epsilon(delta)

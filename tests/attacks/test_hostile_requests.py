@@ -1,0 +1,219 @@
+"""A hostile coordinator against one deployed site, message by message (tiny model, real Opacus).
+
+Each test is one attack from docs/THREAT-MODEL.md: the coordinator crafts the run config
+and the round fields of real Flower messages and hands them to the real ClientApp. The
+site must refuse, with its reason in the reply and in its own log, or account the release;
+and whatever happens, what it released, recomputed from the replies alone with an
+independent accountant (dp_accounting PLD), stays within the site's own budget.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from coordinator import Coordinator, Site, independent_epsilon
+
+from privacy.mechanism.policy import default_delta
+from slm.errors import UserError
+
+# PRV (what the site enforces) returns the upper end of its error interval (eps_error 0.01);
+# PLD's pessimistic estimate at a 1e-4 grid can sit a little above the true value too.
+ACCOUNTANT_TOLERANCE = 0.02
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def site(tmp_path):
+    return Site(tmp_path / "site", max_epsilon=2.0)
+
+
+@pytest.fixture(scope="module")
+def coordinator():
+    return Coordinator()
+
+
+def status(reply) -> str:
+    return str(reply.content["privacy"]["status"])
+
+
+def reason(reply) -> str:
+    return str(reply.content["privacy"]["reason"])
+
+
+def spent_within_budget(coordinator: Coordinator, site: Site) -> float:
+    """What the site released (the replies), composed independently, is within its budget."""
+    released = [r for r in coordinator.released() if r["client"] == "site-a"]
+    eps = independent_epsilon(released, delta=site.ledger()["delta"])
+    assert eps <= site.max_epsilon + ACCOUNTANT_TOLERANCE
+    return eps
+
+
+def test_changing_the_split_keys_never_opens_a_fresh_ledger(site, coordinator):
+    """Issue 13 item 1: data.seed / test-fraction / caps used to key a new ledger at zero spend."""
+    coordinator.replies.clear()
+    tricks = [{}, {"data.seed": 1}, {"data.test-fraction": 0.3}, {"data.max-train-examples": 20},
+              {"data.max-eval-examples": 1}, {"data.path": "/somewhere/else.jsonl"},
+              {"dp.ledger-dir": str(site.root / "fresh")}]
+    replies = [coordinator.train(site, trick, run_id=f"run-{i}", num_rounds=1) for i, trick in enumerate(tricks)]
+    ledger = site.ledger()
+    assert list(site.root.glob("**/ledger.json")) == [site.ledger_dir / "ledger.json"]
+    trained = [e for e in ledger["entries"] if e["status"] != "refused"]
+    assert len({e["data_fingerprint"] for e in trained}) == 1  # the same records, whatever was asked
+    assert [e["epsilon_after"] for e in trained] == sorted(e["epsilon_after"] for e in trained)  # only grows
+    assert any(status(r) == "refused" and "budget exhausted" in reason(r) for r in replies)
+    spent_within_budget(coordinator, site)
+
+
+def test_an_appended_record_is_no_fresh_budget_and_waits_for_the_operator(site, coordinator):
+    from client.confirm import confirm_data
+
+    coordinator.replies.clear()
+    assert status(coordinator.train(site, num_rounds=3)) == "committed"
+    with site.data.open("a") as handle:  # five more: some land on the training side (the split is by record hash)
+        handle.write("".join(f'{{"question": "one more {i}?", "answer": "yes"}}\n' for i in range(5)))
+    refused = coordinator.train(site, server_round=2, num_rounds=3)
+    assert status(refused) == "refused" and "changed since the ledger last accepted them" in reason(refused)
+    toml = site.root / "node.toml"
+    toml.write_text("".join(f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n"
+                            for k, v in site.node_config.items()))
+    assert "confirmed" in confirm_data(toml)
+    again = coordinator.train(site, server_round=2, num_rounds=3)
+    assert status(again) == "committed"
+    first, second = (e for e in site.ledger()["entries"] if e["status"] == "committed")
+    assert second["epsilon_after"] > first["epsilon_after"]  # the spend continued
+    spent_within_budget(coordinator, site)
+
+
+def test_delta_is_the_sites_never_the_coordinators(site, coordinator, capsys):
+    """Issue 13 item 2: dp.delta came from the run config (0.2 was accepted)."""
+    reply = coordinator.train(site, {"dp.delta": 0.2, "dp.max-epsilon": 1000.0})
+    assert status(reply) == "committed"
+    records = int(reply.content["privacy"]["records"])
+    assert site.ledger()["delta"] == reply.content["privacy"]["delta"] == default_delta(records)
+    assert reply.content["privacy"]["max_epsilon"] == site.max_epsilon
+    log = capsys.readouterr().err
+    assert "ignored the coordinator's dp.delta=0.2" in log and "ignored the coordinator's dp.max-epsilon=1000.0" in log
+
+
+@pytest.mark.parametrize("round_fields, run_config, why", [
+    ({"server_round": 5, "num_rounds": 3}, {}, "round 5 of 3 is not a round of the run"),
+    ({"server_round": 0, "num_rounds": 3}, {}, "round 0 of 3 is not a round of the run"),
+    ({"server_round": -2, "num_rounds": -1}, {}, "is not a round of the run"),
+    ({"num_rounds": 10**9}, {}, "exceed the site's max-rounds 1000"),
+    ({}, {"train.local-steps": 10**7}, "local steps: the site allows 1 to 1000"),
+    ({}, {"train.batch-size": 10**6}, "expected batch 1000000: the site has"),
+    ({}, {"train.lr": float("nan")}, "learning rate nan"),
+    ({}, {"dp.clip-norm": 0.0}, "clip norm 0.0"),
+    ({}, {"dp.clip-norm": float("inf")}, "clip norm inf"),
+    ({}, {"dp.noise-multiplier": -1.0}, "requested noise multiplier -1.0"),
+    ({}, {"dp.target-epsilon": float("nan")}, "target epsilon nan"),
+    ({"aggregation": "nothing"}, {}, "aggregation 'nothing'"),
+    ({"run_id": ""}, {}, "run id is empty"),
+])
+def test_out_of_bounds_requests_are_refused_with_their_reason(site, coordinator, capsys, round_fields, run_config,
+                                                               why):
+    """Issue 13 item 3 and the other request fields: refused before anything trains."""
+    reply = coordinator.train(site, run_config, **round_fields)
+    assert status(reply) == "rejected" and why in reason(reply) and "arrays" not in reply.content
+    assert why in capsys.readouterr().err  # the site's own log says why
+    assert not (site.ledger_dir / "ledger.json").exists()  # nothing spent, nothing written
+
+
+def test_the_budget_check_does_not_rest_on_round_numbers(site, coordinator):
+    """A coordinator that says 'last round' every time gets each round planned for the whole remainder:
+    the reservation (past + this round <= budget) still stops it at the budget."""
+    coordinator.replies.clear()
+    statuses = [status(coordinator.train(site, {"train.local-steps": 20}, server_round=1, num_rounds=1,
+                                         run_id=f"r{i}")) for i in range(6)]
+    assert "refused" in statuses and statuses.index("refused") >= 1
+    assert all(s == "refused" for s in statuses[statuses.index("refused"):])
+    spent_within_budget(coordinator, site)
+
+
+def test_switching_dp_off_fixing_the_seed_or_asking_for_little_noise_changes_nothing(site, coordinator):
+    reply = coordinator.train(site, {"dp.enabled": False, "dp.noise-seed": 7, "dp.noise-multiplier": 0.01})
+    privacy = reply.content["privacy"]
+    assert privacy["dp"] and privacy["noise_seed"] == "os-entropy" and privacy["noise_multiplier"] >= 0.3
+    assert status(reply) == "committed"
+
+
+def test_two_identical_requests_get_independent_noise(site, coordinator):
+    """Issue 13 item 5: the noise is not derivable from what the coordinator knows."""
+    a = coordinator.train(site, {"dp.noise-seed": 7}, run_id="same", server_round=1)
+    b = coordinator.train(site, {"dp.noise-seed": 7}, run_id="same", server_round=1)
+    first, second = (r.content["arrays"] for r in (a, b))
+    assert any(not (first[k].numpy() == second[k].numpy()).all() for k in first)
+
+
+def test_nothing_computed_from_training_records_leaves_in_clear(site, coordinator):
+    """Issue 13 item 6: train loss and timing used to leave un-noised (batch 1, 1 step: one record's loss)."""
+    reply = coordinator.train(site, {"train.batch-size": 1, "train.local-steps": 1})
+    assert set(reply.content["metrics"]) == {"num-examples", "steps"}
+    assert set(reply.content) == {"arrays", "metrics", "privacy"}
+    assert "train_loss" not in str(dict(reply.content["privacy"])) and "seconds" not in reply.content["privacy"]
+
+
+def test_a_replayed_round_is_accounted_again(site, coordinator):
+    coordinator.replies.clear()
+    for _ in range(2):
+        assert status(coordinator.train(site, run_id="replay", server_round=1)) == "committed"
+    entries = [e for e in site.ledger()["entries"] if e["run_id"] == "replay"]
+    assert [e["status"] for e in entries] == ["committed", "committed"]
+    assert entries[1]["epsilon_after"] > entries[0]["epsilon_after"]
+    spent_within_budget(coordinator, site)
+
+
+def test_concurrent_runs_on_one_site_lose_no_spend(site):
+    """Issue 13 item 4: two runs at once used to leave eps 3.51 on disk for a true 4.78.
+
+    Two processes, as two deployed runs' ClientApps are, each training three rounds."""
+    script = Path(__file__).with_name("site_process.py")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), str(ROOT)])}
+    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(site.node_config), run, "3"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for run in ("x", "y")]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    released = [json.loads(line) for out in outputs for line in out.splitlines() if line.strip()]
+    spending = [e for e in site.ledger()["entries"] if e["status"] != "refused"]
+    assert len(released) >= 2 and len(spending) == len(released)  # every release is on disk
+    assert {(e["run_id"], e["round"]) for e in spending} == {(r["run"], r["round"]) for r in released}
+    assert independent_epsilon(released, site.ledger()["delta"]) <= site.max_epsilon + ACCOUNTANT_TOLERANCE
+
+
+def test_a_site_that_does_not_evaluate_refuses_evaluation_requests(tmp_path, coordinator):
+    site = Site(tmp_path / "quiet", extra={"evaluate": False})
+    with pytest.raises(UserError, match="does not evaluate"):
+        coordinator.evaluate(site)
+    evaluating = Site(tmp_path / "open")
+    metrics = coordinator.evaluate(evaluating).content["metrics"]
+    assert "eval_loss" in metrics  # held-out metrics leave in clear: THREAT-MODEL.md says so
+
+
+def test_an_unnamed_site_does_not_start(tmp_path, coordinator):
+    site = Site(tmp_path / "nameless")
+    del site.node_config["name"]
+    with pytest.raises(UserError, match="'name' is required in a deployment"):
+        coordinator.train(site)
+
+
+def test_a_shipped_model_cannot_pick_a_directory_on_the_site(tmp_path, coordinator):
+    """Attack 13: without the site's own shipped-dir, the coordinator's run-dir would choose where files go."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from client.app import evaluate_shipped
+
+    site = Site(tmp_path / "no-models")
+    payload = np.frombuffer(b"GGUF" * 8, dtype=np.uint8)
+    msg = Message(content=RecordDict({
+        "artifact": ArrayRecord({"file": Array(payload)}),
+        "config": ConfigRecord({"run-dir": str(tmp_path / "chosen-by-coordinator"), "file": "m.gguf", "bytes": 32,
+                                "sha256": "0" * 64, "quant": "q8_0"})}), dst_node_id=7, message_type="evaluate.ship")
+    context = Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
+                      run_config={"model.name": "tiny"})
+    with pytest.raises(UserError, match="accepts no shipped models"):
+        evaluate_shipped(msg, context)
+    assert not (tmp_path / "chosen-by-coordinator").exists()
