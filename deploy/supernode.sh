@@ -7,18 +7,24 @@
 #   FEDSLM_CA            the federation's ca.crt; required
 #   FEDSLM_KEY           this node's private key from `python -m deploy.certs supernode`; required
 #   FEDSLM_NODE_CONFIG   this site's node config, a TOML file; required, and checked by deploy/node_config.py
-#                        (the first three keys must be set, paths absolute). The ClientApp reads
+#                        (the first four keys must be set, paths absolute). The ClientApp reads, for example
+#                          name = "hospital-a"                     # the site's name in the coordinator's view (unique)
 #                          data-path = "/srv/fedslm/records.jsonl"   # the local records (never leave the site)
 #                          ledger-dir = "/var/lib/fedslm/ledger"   # the local privacy ledger
 #                          max-epsilon = 8.0                       # the local budget, over all rounds and runs
 #                          delta = 1e-6                            # optional (default min(1e-5, 0.1/records))
 #                          model-dir = "smollm2"                   # optional: 'smollm2', 'tiny' or an HF directory
-#                          name = "hospital-a"                     # optional: the site's name in the coordinator's view
 #                          shipped-dir = "/var/lib/fedslm/models"  # optional: where verified shipped GGUF files go
+#   FEDSLM_APPROVED_APPS this site's app allow-list: one `<sha256>  <comment>` line per approved app bundle,
+#                        written by `python -m deploy.approve APP_DIR --allow-list FILE`; required (it may be
+#                        empty: then every run is refused). Every ClientApp process checks the submitted
+#                        bundle against it before unpacking anything (deploy/app_guard.py, started through
+#                        deploy/site-bin/flwr-clientapp); it is read per message, so editing it needs no restart
 #   FEDSLM_RUNTIME_PORT  port of the node's own Runtime API on 127.0.0.1, where its ClientApp processes
 #                        connect (default 9094; one per SuperNode on a machine)
 #   FEDSLM_VENV          virtualenv holding Flower and fedslm (default: the repository's .venv)
-#   FLWR_HOME            where Flower unpacks the app bundle (default ~/.flwr; one per SuperNode on a machine)
+#   FLWR_HOME            where Flower unpacks approved app bundles, under approved/<sha256>/ (default ~/.flwr;
+#                        one per SuperNode on a machine)
 #   FEDSLM_CACHE         the converted base model cache (default ~/.cache/fedslm), read by every ClientApp process
 #
 # `exec` makes this script's PID the SuperNode's; its flower-superexec and flwr-clientapp children share
@@ -37,7 +43,17 @@ done
 [[ "$node_config" == *.toml ]] || { echo "supernode.sh: error: FEDSLM_NODE_CONFIG must end in .toml (Flower reads it as a file only then)" >&2; exit 2; }
 [[ -x "$venv/bin/flower-supernode" ]] || { echo "supernode.sh: error: $venv/bin/flower-supernode not found (set FEDSLM_VENV)" >&2; exit 2; }
 PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m deploy.node_config "$node_config" || exit 2
-export PATH="$venv/bin:$PATH"  # the SuperNode starts flower-superexec, which starts flwr-clientapp, from PATH
+allow_list="${FEDSLM_APPROVED_APPS:-}"
+approve="python -m deploy.approve APP_DIR --allow-list FILE"
+[[ -n "$allow_list" ]] || { echo "supernode.sh: error: set FEDSLM_APPROVED_APPS to this site's app allow-list ($approve)" >&2; exit 2; }
+[[ -f "$allow_list" && -r "$allow_list" ]] || { echo "supernode.sh: error: FEDSLM_APPROVED_APPS $allow_list is missing or unreadable ($approve)" >&2; exit 2; }
+PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m deploy.allow_list "$allow_list" || exit 2
+# Exported: every task process inherits them (deploy/site-bin/flwr-clientapp and deploy/app_guard.py read
+# them), absolute whatever a task's working directory.
+export FEDSLM_APPROVED_APPS="$(realpath "$allow_list")" FEDSLM_VENV="$(cd "$venv" && pwd)"
+# The SuperNode starts flower-superexec from PATH (the virtualenv's), which starts each task's command from
+# PATH: deploy/site-bin comes first, so flwr-clientapp is the guarded one and no other task command runs.
+export PATH="$here/site-bin:$venv/bin:$PATH"
 exec flower-supernode \
   --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" \
   --node-config "$node_config" \

@@ -7,6 +7,7 @@ exactly what an operator runs; each one lives in its own process group and is st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +49,28 @@ def script_env(flwr_home: Path, **settings: str) -> dict:
     return {**tool_env(flwr_home), "FEDSLM_VENV": str(BIN.parent), **settings}
 
 
+def app_snapshot(dest: Path) -> Path:
+    """The repository's app as Flower bundles it (the files `flwr run ROOT` would send), unpacked into ``dest``.
+
+    Runs submit this snapshot, not the live checkout: the hash a site approves must stay the
+    hash of what is submitted even while someone edits the working tree.
+    """
+    from flwr.cli.build import build_fab_from_disk
+
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(ROOT))) as fab:
+        fab.extractall(dest)
+    shutil.rmtree(dest / ".info")  # Flower's manifest of the bundle, rebuilt by every `flwr run`
+    return dest
+
+
+def approve(app: Path, allow_list: Path) -> str:
+    """What a site runs after auditing ``app``: `python -m deploy.approve APP --allow-list FILE`; the hash."""
+    proc = subprocess.run([sys.executable, "-m", "deploy.approve", str(app), "--allow-list", str(allow_list)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
 def write_node_config(path: Path, **values) -> Path:
     """The site's node config as TOML (keys like data-path); JSON string quoting is valid TOML."""
     path.write_text("".join(f"{key.replace('_', '-')} = {json.dumps(value)}\n" for key, value in values.items()))
@@ -61,11 +85,21 @@ def superlink(workdir: Path, port: int, creds: Path):
         yield proc
 
 
+def flwr_home(workdir: Path, name: str) -> Path:
+    """A SuperNode's FLWR_HOME: where its approved bundles are unpacked."""
+    return workdir / name / "flwr-home"
+
+
+def allow_list(workdir: Path, name: str) -> Path:
+    """A site's app allow-list (FEDSLM_APPROVED_APPS), on the site's side of the tree."""
+    return workdir / name / "approved-apps.txt"
+
+
 def supernode_env(workdir: Path, name: str, superlink_port: int, ca: Path, key: Path, node_config: Path,
                   runtime_port: int) -> dict:
-    return script_env(workdir / name / "flwr-home", FEDSLM_SUPERLINK=f"127.0.0.1:{superlink_port}",
+    return script_env(flwr_home(workdir, name), FEDSLM_SUPERLINK=f"127.0.0.1:{superlink_port}",
                       FEDSLM_CA=str(ca), FEDSLM_KEY=str(key), FEDSLM_NODE_CONFIG=str(node_config),
-                      FEDSLM_RUNTIME_PORT=str(runtime_port))
+                      FEDSLM_RUNTIME_PORT=str(runtime_port), FEDSLM_APPROVED_APPS=str(allow_list(workdir, name)))
 
 
 @contextmanager

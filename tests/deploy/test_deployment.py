@@ -1,14 +1,20 @@
 """A real deployment on loopback: SuperLink with TLS and SuperNode authentication, two SuperNodes, `flwr run`.
 
-Each SuperNode has its own records, ledger directory and budget (node config), as a hospital
-would; every message runs in a fresh flwr-clientapp process that loads the tiny base from the
-session's model cache. Checked: the run directory of a 2-round run; after a restart and a new
-run a node's ledger continues (epsilon grows, entries are only appended); a node whose local
-budget is spent refuses; an unregistered key is turned away; nothing listens beyond 127.0.0.1.
+Each SuperNode has its own records, ledger directory, budget (node config) and app allow-list,
+as a hospital would; every message runs in a fresh flwr-clientapp process, behind the site's
+app guard, that loads the tiny base from the session's model cache. Both sites approve the
+repository's app with `python -m deploy.approve` before it is submitted. Checked: the run
+directory of a 2-round run, and that the hash the sites approved is the one Flower reports for
+the submission and the one the guard computed from the bytes it received; after a restart and
+a new run a node's ledger continues (epsilon grows, entries are only appended); a node whose
+local budget is spent refuses; a modified copy of the app is refused before any of it is
+unpacked or imported; an unregistered key is turned away; nothing listens beyond 127.0.0.1.
 """
 
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -16,9 +22,13 @@ from pathlib import Path
 import pytest
 from harness import (
     CONNECTION,
+    allow_list,
+    app_snapshot,
+    approve,
     certs,
     cli_home,
     flwr,
+    flwr_home,
     non_loopback_listeners,
     run_until_exit,
     superlink,
@@ -32,15 +42,32 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SITES = ("site-a", "site-b")
 SMALL = ("model.name='tiny' model.max-length=48 data.max-eval-examples=8 train.batch-size=4 train.local-steps=2 "
-         "server.rounds=2 server.min-clients=2")
+         "server.min-clients=2")
+# Appended to the modified copy's client/app.py: importing it leaves a file naming the FLWR_HOME it ran under.
+MARK = """
+import os as _os, pathlib as _pathlib
+_pathlib.Path({markers!r}, str(_os.getpid())).write_text(_os.environ.get("FLWR_HOME", ""))
+"""
+# What flwr-clientapp does with a bundle when nothing guards it: unpack it, import its ClientApp.
+UNGUARDED = """
+import sys
+from pathlib import Path
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.install import install_from_fab
+from flwr.supercore.object_ref import load_app
+load_app("client.app:app", RuntimeError, install_from_fab(build_fab_from_disk(Path(sys.argv[1])), skip_prompt=True))
+"""
 
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, model_cache):
-    """Credentials, a running SuperLink and the two sites' keys registered with it."""
+    """Credentials, a running SuperLink, the two sites' keys registered with it, the app both sites approved."""
     from slm.base import resolve_model_dir
 
     work = tmp_path_factory.mktemp("deployment")
+    app = app_snapshot(work / "app")
+    app_hash = {approve(app, allow_list(work, site)) for site in SITES}
+    assert len(app_hash) == 1
     creds = work / "creds"
     certs("superlink", str(creds))
     certs("supernode", str(creds), *SITES, "intruder")
@@ -52,7 +79,7 @@ def federation(tmp_path_factory, model_cache):
             registered = flwr(home, "supernode", "register", str(creds / f"{site}.pub"), CONNECTION, timeout=120)
             assert registered.returncode == 0, registered.stdout + registered.stderr
         yield {"work": work, "creds": creds, "port": port, "home": home, "superlink": proc, "tiny": tiny,
-               "tiny_stat": os.stat(tiny)}
+               "tiny_stat": os.stat(tiny), "app": app, "app_hash": app_hash.pop()}
 
 
 def site_files(work: Path, site: str, records: list[dict], max_epsilon: float, tag: str) -> Path:
@@ -79,22 +106,32 @@ def start_sites(fed: dict, stack: ExitStack, configs: dict[str, Path], tag: str)
         return list(pool.map(start, configs))
 
 
-def run_app(fed: dict, run_id: str, extra: str) -> list[dict]:
-    proc = flwr(fed["home"], "run", str(ROOT), CONNECTION, "--stream", "--run-config",
+def run_app(fed: dict, run_id: str, extra: str, app: Path | None = None) -> list[dict]:
+    """Submit ``app`` (default: the approved snapshot of the repository's app); the run's metrics rows."""
+    proc = flwr(fed["home"], "run", str(app or fed["app"]), CONNECTION, "--stream", "--run-config",
                 f"{SMALL} {extra} run.id='{run_id}' run.root='{fed['work'] / 'runs'}'", timeout=400)
     run_dir = fed["work"] / "runs" / run_id
     assert proc.returncode == 0 and (run_dir / "metrics.jsonl").is_file(), proc.stdout[-4000:] + proc.stderr[-2000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def reported_hashes(fed: dict) -> list[str]:
+    """The fab hash of every run, as Flower's SuperLink records and reports it (`flwr ls`)."""
+    proc = flwr(fed["home"], "ls", CONNECTION, "--format", "json", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [run["fab-hash"] for run in json.loads(proc.stdout)["runs"]]
+
+
 def ledger(work: Path, site: str) -> list[dict]:
-    (path,) = (work / site / "ledger").glob("ledger-*.json")
-    return json.loads(path.read_text())["entries"]
+    from privacy.mechanism.ledger import LEDGER_FILE
+
+    return json.loads((work / site / "ledger" / LEDGER_FILE).read_text())["entries"]
 
 
 def test_an_unregistered_supernode_is_rejected(federation):
     fed = federation
     config = site_files(fed["work"], "intruder", [{"question": "q", "answer": "a"}], max_epsilon=8.0, tag="only")
+    allow_list(fed["work"], "intruder").write_text("")  # approves nothing; the key is what is refused here
     env = supernode_env(fed["work"], "intruder", fed["port"], fed["creds"] / "ca.crt",
                         fed["creds"] / "intruder.key", config, free_port())
     log = fed["work"] / "intruder.log"
@@ -111,9 +148,14 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
         assert non_loopback_listeners(groups) == []
         # Spend about 3 of each site's 8: the next run still has budget. The coordinator's attempt to switch
         # DP off and fix the noise seed is overruled by the sites.
-        rows = run_app(fed, "first", "dp.target-epsilon=3.0 dp.enabled=false dp.noise-seed=7")
+        rows = run_app(fed, "first", "server.rounds=2 dp.target-epsilon=3.0 dp.enabled=false dp.noise-seed=7")
         assert non_loopback_listeners(groups) == []
     assert [r["round"] for r in rows] == [0, 1, 2]
+    # deploy.approve's hash is the one Flower reports for the submission and the one each site's guard
+    # computed from the bundle bytes its SuperNode handed to flwr-clientapp.
+    assert reported_hashes(fed) == [fed["app_hash"]]
+    for site in SITES:
+        assert f"fedslm app guard: app sha256 {fed['app_hash']} approved" in (work / site / "first.log").read_text()
     assert all({p["client"] for p in r["participants"]} == set(SITES) and not r["refused"] for r in rows[1:])
     run_dir = work / "runs" / "first"
     view = json.loads((run_dir / "privacy" / "ledger.json").read_text())["clients"]
@@ -131,7 +173,7 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
     second = {"site-a": first["site-a"], "site-b": site_files(work, "site-b", qa_records, max_epsilon=1.0, tag="second")}
     with ExitStack() as stack:
         start_sites(fed, stack, second, "second")
-        rows = run_app(fed, "second", "dp.target-epsilon=8.0")
+        rows = run_app(fed, "second", "server.rounds=2 dp.target-epsilon=8.0")
     after = {site: ledger(work, site) for site in SITES}
     a_before, a_after = before["site-a"], after["site-a"]
     assert a_after[:2] == a_before and a_after[2]["run_id"] == "second" and a_after[2]["status"] == "committed"
@@ -144,3 +186,39 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
     # Every ClientApp process read the cached base; none rebuilt it.
     assert os.stat(fed["tiny"]).st_ino == fed["tiny_stat"].st_ino
     assert os.stat(fed["tiny"]).st_mtime_ns == fed["tiny_stat"].st_mtime_ns
+
+
+def test_a_modified_app_is_refused_before_any_of_it_runs(federation, qa_records):
+    """The repository's app with client/app.py changed: the sites run none of it, and say so."""
+    from deploy.approve import bundle, fab_hash
+
+    fed, work = federation, federation["work"]
+    markers = work / "markers"
+    markers.mkdir()
+    modified = app_snapshot(work / "modified-app")
+    client_app = modified / "client" / "app.py"
+    client_app.write_text(client_app.read_text() + MARK.format(markers=str(markers)))
+    modified_hash = fab_hash(bundle(modified))
+    configs = {site: site_files(work, site, qa_records, max_epsilon=8.0, tag="modified") for site in SITES}
+    with ExitStack() as stack:
+        start_sites(fed, stack, configs, "modified")
+        rows = run_app(fed, "modified", "server.rounds=1", app=modified)
+
+    refusal = f"app {modified_hash[:16]} is not approved by this site"
+    assert [r["round"] for r in rows] == [0, 1]
+    assert len(rows[0]["eval_errors"]) == 2 and all(refusal in e for e in rows[0]["eval_errors"])
+    assert rows[1]["skipped"] and not rows[1]["participants"] and not rows[1]["refused"]
+    assert len(rows[1]["failed"]) == 2 and all(refusal in f["reason"] for f in rows[1]["failed"])
+    site_homes = {str(flwr_home(work, site)) for site in SITES}
+    assert not site_homes & {marker.read_text() for marker in markers.iterdir()}  # never imported on a site
+    for site in SITES:
+        log = (work / site / "modified.log").read_text()
+        assert f"fedslm app guard: REFUSED app sha256 {modified_hash}: not in this site's allow-list" in log
+        assert not (flwr_home(work, site) / "approved" / modified_hash).exists()  # nor unpacked
+        assert not (flwr_home(work, site) / "apps").exists()  # Flower's default place: nothing ever went there
+
+    # Control: unpacked and loaded by Flower without the guard, the same bundle does leave its mark.
+    control = work / "control-home"
+    subprocess.run([sys.executable, "-c", UNGUARDED, str(modified)], env={**os.environ, "FLWR_HOME": str(control)},
+                   cwd=work, check=True, capture_output=True, timeout=300)
+    assert str(control) in {marker.read_text() for marker in markers.iterdir()}
