@@ -13,6 +13,7 @@ unpacked or imported; an unregistered key is turned away; nothing listens beyond
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -222,3 +223,71 @@ def test_a_modified_app_is_refused_before_any_of_it_runs(federation, qa_records)
     subprocess.run([sys.executable, "-c", UNGUARDED, str(modified)], env={**os.environ, "FLWR_HOME": str(control)},
                    cwd=work, check=True, capture_output=True, timeout=300)
     assert str(control) in {marker.read_text() for marker in markers.iterdir()}
+
+
+# The run-config half of the hostile coordinator: every site-owned setting it could try to move.
+HOSTILE_RUN_CONFIG = ("dp.delta=0.2 dp.max-epsilon=1000.0 dp.enabled=false dp.noise-seed=7 dp.noise-multiplier=0.01 "
+                      "data.seed=5 data.test-fraction=0.5 data.max-train-examples=3 "
+                      f"dp.ledger-dir='{Path('/tmp') / 'hostile-fresh-ledger'}'")
+
+
+def test_a_hostile_coordinator_gets_refusals_and_never_more_than_the_sites_budget(federation, qa_records):
+    """docs/THREAT-MODEL.md, attacks 1-3, 6, 10, 11 against real SuperNodes (TLS, node auth, app guard).
+
+    The coordinator runs its own ServerApp (tests/attacks/hostile_server.py) bundled with the
+    unmodified ClientApp; the sites approved that bundle (a hostile coordinator controls its
+    SuperLink, so approving the ClientApp is all a site can do). Every attack must be refused
+    with its reason in the site's own log, or accounted; the honest round trains; and what each
+    site released, recomputed from the replies with dp_accounting's PLD, stays within its budget.
+    """
+    sys.path.insert(0, str(ROOT / "tests" / "attacks"))
+    from coordinator import independent_epsilon
+
+    fed, work = federation, federation["work"]
+    hostile = app_snapshot(work / "hostile-app")
+    shutil.copy(ROOT / "tests" / "attacks" / "hostile_server.py", hostile / "hostile_server.py")
+    pyproject = hostile / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('serverapp = "server.app:app"',
+                                                       'serverapp = "hostile_server:app"'))
+    for site in SITES:
+        approve(hostile, allow_list(work, site))
+    budget = 3.0
+    configs = {}
+    for site in SITES:
+        folder = work / site / "hostile"
+        folder.mkdir(parents=True)
+        data = folder / "records.jsonl"
+        data.write_text("".join(json.dumps({**r, "question": f"{site}: {r['question']}"}) + "\n" for r in qa_records))
+        configs[site] = write_node_config(folder / "node.toml", data_path=str(data), ledger_dir=str(folder / "ledger"),
+                                          max_epsilon=budget, model_dir="tiny", name=site)
+    with ExitStack() as stack:
+        start_sites(fed, stack, configs, "hostile")
+        proc = flwr(fed["home"], "run", str(hostile), CONNECTION, "--stream", "--run-config",
+                    f"{SMALL} {HOSTILE_RUN_CONFIG} run.id='hostile' run.root='{work / 'runs'}'", timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    replies = json.loads((work / "runs" / "hostile.hostile.json").read_text())
+    assert not [r for r in replies if "error" in r], replies
+    by_attack = {}
+    for r in replies:
+        by_attack.setdefault(r["attack"], []).append(r)
+    for site in SITES:
+        mine = {attack: next(r for r in rs if r["privacy"]["client"] == site) for attack, rs in by_attack.items()}
+        assert mine["honest-1"]["privacy"]["status"] == "committed"
+        for attack, why in (("round-past-the-end", "round 5 of 3 is not a round of the run"),
+                            ("a-billion-rounds", "exceed the site's max-rounds 1000")):
+            assert mine[attack]["privacy"]["status"] == "rejected" and why in mine[attack]["privacy"]["reason"]
+            assert not mine[attack]["released"]
+        lasts = [mine[f"always-the-last-round-{k}"]["privacy"] for k in "ab"]
+        assert any(p["status"] == "refused" and "budget exhausted" in p["reason"] for p in lasts)
+        released = [r["privacy"] for r in mine.values() if r["released"]]
+        assert all(r["metrics"] == ["num-examples", "steps"] for r in mine.values() if r["released"])
+        assert all(p["dp"] and p["noise_seed"] == "os-entropy" and p["noise_multiplier"] >= 0.3 for p in released)
+        ledger_file = json.loads((work / site / "hostile" / "ledger" / "ledger.json").read_text())
+        assert ledger_file["delta"] < 0.1 / 20 and all(p["delta"] == ledger_file["delta"] for p in released)
+        assert len([e for e in ledger_file["entries"] if e["status"] != "refused"]) == len(released)
+        assert independent_epsilon(released, ledger_file["delta"]) <= budget + 0.02
+        log = (work / site / "hostile.log").read_text()
+        assert "refused a train request: round 5 of 3 is not a round of the run" in log
+        for key in ("dp.delta=0.2", "dp.max-epsilon=1000.0", "data.seed=5", "dp.enabled=False"):
+            assert f"ignored the coordinator's {key}" in log
+    assert not Path("/tmp/hostile-fresh-ledger").exists()
