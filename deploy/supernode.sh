@@ -15,6 +15,12 @@
 #                          delta = 1e-6                            # optional (default min(1e-5, 0.1/records))
 #                          model-dir = "smollm2"                   # optional: 'smollm2', 'tiny' or an HF directory
 #                          shipped-dir = "/var/lib/fedslm/models"  # optional: where verified shipped GGUF files go
+#                                                                  # (without it the site accepts no shipped models)
+#                          test-data-path = "/srv/fedslm/held.jsonl" # optional: the held-out records (else
+#                          test-fraction = 0.1                     #   this share of data-path, by record hash)
+#                          evaluate = true                         # optional: false = answer no evaluation request
+#                        and max-train-examples, max-eval-examples, max-noise-multiplier, max-rounds,
+#                        max-local-steps (client/site.py NODE_KEYS; docs/THREAT-MODEL.md)
 #   FEDSLM_APPROVED_APPS this site's app allow-list: one `<sha256>  <comment>` line per approved app bundle,
 #                        written by `python -m deploy.approve APP_DIR --allow-list FILE`; required (it may be
 #                        empty: then every run is refused). Every ClientApp process checks the submitted
