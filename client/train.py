@@ -6,7 +6,9 @@ never replaced by shuffling). Opacus computes per-example gradients of the adapt
 (hooks mode), clips each to ``clip_norm``, sums, adds N(0, (sigma * C)^2) and divides by
 the EXPECTED batch size. An empty Poisson batch still takes a step: the released noise
 is part of the mechanism. ``train.grad-sample-mode`` and ``train.autocast`` choose how
-(defaults: the fastest measured, BENCHMARKS.md).
+(defaults: the fastest measured, BENCHMARKS.md). Clipping norms are always taken in fp32,
+also under bf16 autocast (fp32_grad_samples, _GhostClippingFp32Norms); ghost clipping with
+bf16 autocast is refused under DP, because its clipped sum comes from a bf16 backward pass.
 
 Randomness (sampling and noise) comes from one explicit generator per client and round,
 whose whole Mersenne-Twister state is derived from the ``seed`` entropy

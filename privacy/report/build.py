@@ -10,8 +10,11 @@ protected as plainly as what is.
 report.json follows ``SCHEMA``; a field never changes meaning (add fields instead). Top
 level: run (what, how far, PARTIAL or not, config, events), summary (the plain-words
 page), utility (per round), clients (per client: parameters, recomputed epsilons, budget,
-refusals, every round), accounting (accountants, disagreements), user_level (null unless
-user-level DP ran), protection (what is and is not protected), audit (the empirical audit,
+refusals, every round; replace-one epsilons next to the add/remove ones), accounting
+(accountants, neighbouring relation, disagreements), user_level (null unless user-level
+DP ran), per_client_statistics (null unless user-level DP ran: the per-client tables are
+the coordinator's secret material, not covered by the user-level guarantee), protection
+(what is and is not protected), audit (the empirical audit,
 privacy.audit.doc schema fedslm-audit/1, from <run>/audit.json; null when none was run;
 summary.audit is its one sentence), plots (file names under plots/).
 Non-finite numbers are written as null: epsilon is null when a client trained without
@@ -30,7 +33,8 @@ from privacy.audit.doc import read_audit, summary_sentence
 from slm.jsonfiles import write_json_atomic
 from privacy.report.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
 from privacy.report.html import render_report
-from privacy.report.text import describe_run, protection_notes, summary_sentences
+from privacy.report.neighbouring import RELATION, REPLACE_ONE_METHOD, STATEMENT
+from privacy.report.text import PER_CLIENT_SECRET, describe_run, protection_notes, summary_sentences
 from privacy.report.run_files import RunFiles
 
 SCHEMA = "fedslm-report/1"
@@ -77,12 +81,16 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
         "clients": clients,
         "accounting": {"accountant": "prv", "cross_check": "rdp", "sampling": "poisson",
                        "sample_level_unit": "one training record of one client",
+                       "neighbouring_relation": RELATION, "record_count_in_clear": True, "statement": STATEMENT,
+                       "replace_one": REPLACE_ONE_METHOD,
                        "client_selection_amplification": False, "disagreements": disagreements},
         "user_level": _user_doc(user),
+        "per_client_statistics": _per_client_doc(user),
         "protection": protection_notes(seeds={r.get("noise_seed") for a in accounts.values() for r in a.rounds},
                                        aggregation=run["aggregation"], user=user,
                                        server_noise_seed=files.config["server.noise-seed"],
-                                       dp_enabled=run["dp_enabled"]),
+                                       dp_enabled=run["dp_enabled"],
+                                       train_metrics_in_clear=_train_metrics_in_clear(files.rows)),
         "audit": read_audit(files.path),  # <run>/audit.json of `fedslm audit --run`, else None
     }
     doc["summary"]["audit"] = summary_sentence(doc["audit"]) if doc["audit"] else None
@@ -123,6 +131,7 @@ def _client_doc(account: ClientAccount, eval_records: int | None) -> dict:
         "epsilon": account.epsilon, "epsilon_rdp": account.epsilon_rdp,
         "epsilon_run": account.epsilon_run, "epsilon_run_rdp": account.epsilon_run_rdp,
         "epsilon_before": account.epsilon_before, "recomputed": account.recomputable,
+        "epsilon_replace_one": account.epsilon_replace_one, "epsilon_run_replace_one": account.epsilon_run_replace_one,
         "budget": account.budget, "remaining": account.remaining, "refused": account.refused,
         "source": account.source, "disagreements": account.disagreements, "rounds": account.rounds,
     }
@@ -134,6 +143,29 @@ def _user_doc(user: UserLevelAccount | None) -> dict | None:
     return {"mechanism": "DP-FedAvg, fixed clipping, Poisson client sampling (McMahan et al. 2018)",
             "clip_norm": user.clip_norm, "noise_multiplier": user.noise_multiplier, "sample_rate": user.sample_rate,
             "delta": user.delta, "epsilon": user.epsilon, "rounds": user.rounds}
+
+
+def _per_client_doc(user: UserLevelAccount | None) -> dict | None:
+    """Under user-level DP: which parts of this report the user-level guarantee does NOT cover."""
+    if user is None:
+        return None
+    return {"covered_by_user_level_dp": False, "coordinator_secret": True,
+            "user_level_dp_covers": "the released models only (global adapters and the files shipped from them)",
+            "tables": ["clients (record counts, privacy records and participation per client and round)",
+                       "utility.rounds[].eval_clients (each client's evaluation)",
+                       "user_level.rounds (eligible, cohort, clipped_fraction)", "plots (per-client curves)"],
+            "text": PER_CLIENT_SECRET}
+
+
+def _train_metrics_in_clear(rows: list[dict]) -> bool:
+    """Whether metrics.jsonl holds train losses or training times that clients sent (a row may have none)."""
+    for row in rows:
+        if row.get("train_loss") is not None:
+            return True
+        for reply in row.get("participants") or []:
+            if isinstance(reply, dict) and (reply.get("train_loss") is not None or reply.get("seconds") is not None):
+                return True
+    return False
 
 
 def _figures(utility: dict, accounts: dict[str, ClientAccount], user: UserLevelAccount | None,

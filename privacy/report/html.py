@@ -16,6 +16,7 @@ from pathlib import Path
 
 from privacy.report import plots
 from privacy.audit.doc import audit_sentences
+from privacy.report.neighbouring import STATEMENT
 from privacy.report.text import EPSILON_HELP, fmt_budget, fmt_delta, protection_notes
 
 CSS = """
@@ -121,14 +122,19 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
                  + "<p><b>Privacy guarantees</b></p>" + bullets(summary["guarantees"])
                  + paragraphs([summary["check"]] + ([summary["audit"]] if summary.get("audit") else []))
                  + paragraphs([summary["how_to_read"]], "help") + "</div>")
-    parts.append(section("Per-client privacy", _client_table(doc["clients"]), _round_table(doc["clients"])))
+    secret = doc.get("per_client_statistics")
+    secret_banner = banner(secret["text"], "warn") if secret else ""
+    parts.append(section("Per-client privacy", secret_banner,
+                         paragraphs([f"Sample-level ε: {STATEMENT}. Replace-one ε: one record swapped for another "
+                                     "(same δ; see 'Accounting check')."], "help"),
+                         _client_table(doc["clients"]), _round_table(doc["clients"])))
     if figures:
-        parts.append(section("Plots", '<div class="figs">' + "".join(
+        parts.append(section("Plots", secret_banner, '<div class="figs">' + "".join(
             figure(png, name, CAPTIONS[name]) for name, png in figures.items()) + "</div>"))
     if doc["utility"].get("shipped"):
         parts.append(_shipped_section(doc["utility"]["shipped"]))
     if doc["user_level"]:
-        parts.append(_user_section(doc["user_level"]))
+        parts.append(_user_section(doc["user_level"], secret))
     parts.append(_accounting_section(doc))
     parts.append(section("What is and is not protected", definitions(doc["protection"])))
     parts.append(_audit_section(doc["audit"]))
@@ -161,7 +167,7 @@ def _client_table(clients: dict) -> str:
     rows = []
     for name, c in clients.items():
         if not c["trained"]:
-            rows.append([name, "—", "—", "not trained in this run", "", "", "", "", "", "", "", ""])
+            rows.append([name, "—", "—", "not trained in this run", "", "", "", "", "", "", "", "", ""])
             continue
         sigmas = " / ".join(f"{s:.3g}" for s in c["noise_multipliers"].values()) or "—"
         refused = ", ".join(f"round {r['round']}" for r in c["refused"]) or "none"
@@ -169,12 +175,13 @@ def _client_table(clients: dict) -> str:
             prv, rdp = eps(c["epsilon"]) + ("" if c["recomputed"] else " (reported)"), eps(c["epsilon_rdp"])
         else:
             prv, rdp = ("bad", "no DP"), ("bad", "no DP")
+        replace = eps(c.get("epsilon_replace_one")) if c["dp"] else ("bad", "no DP")
         rows.append([name, num(c["records"]), fmt_delta(c["delta"]) if c["delta"] else "—", sigmas,
-                     num(c["clip_norm"]), _rate(c["sample_rate"]), c["steps"], prv, rdp, num(c["budget"]),
+                     num(c["clip_norm"]), _rate(c["sample_rate"]), c["steps"], prv, rdp, replace, num(c["budget"]),
                      num(c["remaining"], ".3f"), ("bad", refused) if c["refused"] else refused])
-    head = ["client", "records", "delta", "sigma per round", "clip C", "sample rate q", "steps", "eps (PRV)",
-            "eps (RDP)", "budget", "remaining", "refused"]
-    return table(head, rows, numeric={1, 2, 4, 5, 6, 7, 8, 9, 10})
+    head = ["client", "records (in clear)", "delta", "sigma per round", "clip C", "sample rate q", "steps",
+            "eps (PRV)", "eps (RDP)", "eps replace-one", "budget", "remaining", "refused"]
+    return table(head, rows, numeric={1, 2, 4, 5, 6, 7, 8, 9, 10, 11})
 
 
 def _rate(value) -> str:
@@ -208,7 +215,7 @@ def _round_table(clients: dict) -> str:
             "client reported:</p>" + table(head, rows, numeric={1, 3, 4, 5, 6, 7, 8, 9}))
 
 
-def _user_section(user: dict) -> str:
+def _user_section(user: dict, secret: dict | None) -> str:
     rows = [[r["round"], r.get("eligible", "—"), r.get("cohort", "—"), f"{r.get('clipped_fraction', 0):.0%}",
              eps(r["epsilon"]), eps(r.get("epsilon_reported"))] for r in user["rounds"]]
     return section(
@@ -217,7 +224,9 @@ def _user_section(user: dict) -> str:
                     f"each client is sampled independently with probability q = {user['sample_rate']:g} per round, "
                     f"and Gaussian noise with multiplier z = {user['noise_multiplier']:g} is added to the mean "
                     f"(std z·S / expected cohort). User-level (ε, δ) = ({eps(user['epsilon'])}, "
-                    f"{fmt_delta(user['delta'])}) after {len(user['rounds'])} round(s), PRV accountant."]),
+                    f"{fmt_delta(user['delta'])}) after {len(user['rounds'])} round(s), PRV accountant, under "
+                    "adding or removing one whole client."]),
+        banner(secret["text"], "warn") if secret else "",
         table(["round", "eligible clients", "cohort", "updates clipped", "user-level eps", "reported"], rows,
               numeric={0, 1, 2, 3, 4, 5}))
 
@@ -272,7 +281,9 @@ def _accounting_section(doc: dict) -> str:
     return section("Accounting check", status, paragraphs([
         "Accountant: PRV (Gopi et al. 2021, through Opacus), the reported numbers; RDP (Mironov et al. 2019) as a "
         "looser cross-check. Each DP-SGD step is a Poisson-subsampled Gaussian mechanism; a client's epsilon "
-        "composes every step of every round and run on the same data. No amplification from client selection."]),
+        "composes every step of every round and run on the same data. No amplification from client selection.",
+        f"Neighbouring relation: {STATEMENT}. Replace-one ε (one record swapped for another, the count unchanged) "
+        f"is shown next to it: {acc['replace_one']}. Group privacy gives the cruder bound (2ε, 2e^ε·δ)."]),
         bullets(sources))
 
 
@@ -322,7 +333,8 @@ def _ledger_section(doc: dict) -> str:
     spent, budget, remaining = doc["spent_epsilon"], doc["max_epsilon"], doc["remaining_epsilon"]
     sentence = (f"Each of the {doc['dataset']['records']} records of this dataset is protected with (ε, δ) = "
                 f"({spent:.2f}, {fmt_delta(doc['delta'])}) over everything recorded in this ledger; "
-                f"{fmt_budget(budget, remaining)}.")
+                f"{fmt_budget(budget, remaining)}. This is {doc['statement']}. Under replacing one record by another "
+                f"(the count unchanged): ε = {doc['spent_epsilon_replace_one']:.2f} at the same δ.")
     rows, mismatches = [], 0
     for r in doc["entries"]:
         stored, recomputed = r["epsilon_after"], r["epsilon_recomputed"]

@@ -15,6 +15,10 @@ report never repeats that number on trust. It recomputes epsilon from the DP-SGD
 
 Same events give the same number to ~1e-12 (the accountant is deterministic); a
 difference above ``TOLERANCE`` means another history or another accountant version.
+
+All of these are add/remove-one-record epsilons; each account also carries the
+replace-one epsilon of the same events (privacy.report.neighbouring), None where the
+events behind the total are not all in this run's files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from functools import lru_cache
 
 from privacy.mechanism.accountant import SgmEvent, epsilon
 from privacy.mechanism.ledger import SPENDING, Ledger
+from privacy.report.neighbouring import epsilon_replace_one
 
 TOLERANCE = 1e-3
 
@@ -61,6 +66,11 @@ class ClientAccount:
     source: str  # where the events came from
     recomputable: bool = True  # False: the total was reported by the client, not recomputed
     disagreements: list[str] = field(default_factory=list)
+    events: list[SgmEvent] = field(default_factory=list)  # what ``epsilon`` composes (when recomputable)
+    run_events: list[SgmEvent] = field(default_factory=list)  # what ``epsilon_run`` composes
+    # replace-one neighbouring (privacy.report.neighbouring), same delta; None where the events are not all here
+    epsilon_replace_one: float | None = None
+    epsilon_run_replace_one: float | None = None
 
     @property
     def remaining(self) -> float | None:
@@ -80,11 +90,13 @@ def account_client(name: str, records: list[dict], ledger: Ledger | None, run_id
                              epsilon=math.inf, epsilon_rdp=math.inf, epsilon_run=math.inf, epsilon_run_rdp=math.inf,
                              epsilon_before=0.0, source="server view (no DP)")
     try:
-        if ledger is not None:
-            return _from_ledger(name, rounds, ledger, run_id)
-        return _from_view(name, rounds)
+        account = _from_ledger(name, rounds, ledger, run_id) if ledger is not None else _from_view(name, rounds)
     except (KeyError, TypeError, ValueError) as err:
         return _unreadable(name, rounds, f"{name}: privacy record unreadable ({err}); no epsilon recomputed")
+    account.epsilon_run_replace_one = epsilon_replace_one(account.run_events, delta=account.delta)
+    if account.recomputable:
+        account.epsilon_replace_one = epsilon_replace_one(account.events, delta=account.delta)
+    return account
 
 
 def _from_ledger(name: str, rounds: list[dict], ledger: Ledger, run_id: str) -> ClientAccount:
@@ -108,10 +120,11 @@ def _from_ledger(name: str, rounds: list[dict], ledger: Ledger, run_id: str) -> 
                                          f"from the client's ledger {entries[index].event()}")
         row["epsilon"], row["epsilon_rdp"] = _eps_pair(upto(index), ledger.delta)
         _compare(account, row, outside_spend_possible=False)
-    account.epsilon, account.epsilon_rdp = _eps_pair(upto(mine[-1]), ledger.delta)
+    account.events = upto(mine[-1])
+    account.epsilon, account.epsilon_rdp = _eps_pair(account.events, ledger.delta)
     account.epsilon_before = _eps_pair(upto(mine[0] - 1), ledger.delta)[0]
-    run_events = [spending[i] for i in mine if spending[i] is not None]
-    account.epsilon_run, account.epsilon_run_rdp = _eps_pair(run_events, ledger.delta)
+    account.run_events = [spending[i] for i in mine if spending[i] is not None]
+    account.epsilon_run, account.epsilon_run_rdp = _eps_pair(account.run_events, ledger.delta)
     return account
 
 
@@ -126,6 +139,7 @@ def _from_view(name: str, rounds: list[dict]) -> ClientAccount:
         _compare(account, row, outside_spend_possible=True)
     account.epsilon_run, account.epsilon_run_rdp = _eps_pair(events, delta)
     account.epsilon, account.epsilon_rdp = account.epsilon_run, account.epsilon_run_rdp
+    account.events, account.run_events = list(events), list(events)
     if any(r.get("reported_outside_spend") for r in account.rounds):
         # epsilons do not subtract: the earlier spend itself is unknown here, only that there was some
         last = account.rounds[-1]
@@ -133,6 +147,7 @@ def _from_view(name: str, rounds: list[dict]) -> ClientAccount:
         account.epsilon = max(account.epsilon, last["epsilon_reported"] or 0.0)
         account.epsilon_rdp = max(account.epsilon_rdp, last["epsilon_rdp_reported"] or 0.0)
         account.epsilon_before = math.nan
+        account.events = []  # the earlier spend's events are not in this run's files
     return account
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.mechanism.ledger import Ledger
+from privacy.mechanism.ledger import LEDGER_FILE, Ledger
 from slm.config import defaults
 from slm.errors import UserError
 from slm.jsonfiles import iter_json_lines, read_json
@@ -85,14 +85,15 @@ def _jsonl(path: Path, *, required: bool) -> list[dict]:
 
 
 def _client_ledgers(files: RunFiles, names: list[str]) -> dict[str, Ledger]:
-    """Each client's ledger holding this run's entries (a client may have one per dataset)."""
+    """Each client's ledger holding this run's entries (one per site: <ledger root>/<name>/ledger.json)."""
     roots = [files.path / "ledgers"]
     if files.config.get("dp.ledger-dir"):
         roots.append(Path(files.config["dp.ledger-dir"]).expanduser())
     found = {}
     for name in names:
         for root in roots:
-            for candidate in sorted((root / name).glob("ledger-*.json")):
+            candidate = root / name / LEDGER_FILE
+            if candidate.is_file():
                 ledger = Ledger.load(candidate)
                 if any(e.run_id == files.run_id for e in ledger.entries):
                     found[name] = ledger

@@ -1,7 +1,9 @@
 """A client's budget statement: its ledger as a table (people) or JSON (machines).
 
 Epsilon is recomputed from the ledger's events here, not copied from the entries, so
-the statement is reproducible from the stored history alone.
+the statement is reproducible from the stored history alone. It is stated under
+add/remove-one-record neighbouring, with the record count said to be released in clear,
+and the replace-one epsilon next to it (privacy.report.neighbouring).
 """
 
 from __future__ import annotations
@@ -10,20 +12,21 @@ import math
 from pathlib import Path
 
 from privacy.mechanism.accountant import epsilon
-from privacy.mechanism.ledger import SPENDING, Ledger
+from privacy.mechanism.ledger import LEDGER_FILE, SPENDING, Ledger
+from privacy.report.neighbouring import RELATION, REPLACE_ONE_METHOD, STATEMENT, STATEMENT_ASCII, epsilon_replace_one
 from slm.errors import UserError
 
 
 def find_ledgers(path: str) -> list[Path]:
-    """A ledger file, or every ledger-*.json below a directory."""
+    """A ledger file, or every site ledger (ledger.json) below a directory."""
     target = Path(path)
     if target.is_file():
         return [target]
     if target.is_dir():
-        found = sorted(target.rglob("ledger-*.json"))
+        found = sorted(target.rglob(LEDGER_FILE))
         if found:
             return found
-        raise UserError(f"ledger directory {path}: holds no ledger-*.json file")
+        raise UserError(f"ledger directory {path}: holds no {LEDGER_FILE} file")
     raise UserError(f"ledger {path}: not found")
 
 
@@ -41,7 +44,12 @@ def statement(ledger: Ledger) -> dict:
         "dataset": {"fingerprint": ledger.fingerprint, "records": ledger.records},
         "delta": ledger.delta,
         "accountant": "prv",
+        "neighbouring_relation": RELATION,
+        "record_count_in_clear": True,
+        "statement": STATEMENT,
         "spent_epsilon": spent,
+        "spent_epsilon_replace_one": epsilon_replace_one(events, delta=ledger.delta),
+        "replace_one": REPLACE_ONE_METHOD,
         "spent_epsilon_rdp": epsilon(events, delta=ledger.delta, accountant="rdp"),
         "max_epsilon": budget,
         "remaining_epsilon": max(budget - spent, 0.0) if not math.isnan(budget) else math.nan,
@@ -63,4 +71,7 @@ def render_table(doc: dict) -> str:
     lines.append("-" * len(cols))
     lines.append(f"spent eps {doc['spent_epsilon']:.3f} (RDP {doc['spent_epsilon_rdp']:.3f})   "
                  f"budget {doc['max_epsilon']:g}   remaining {doc['remaining_epsilon']:.3f}   at delta {doc['delta']:.3g}")
+    lines.append(f"{STATEMENT_ASCII}.")
+    lines.append(f"replace-one (one record swapped for another, count unchanged): eps "
+                 f"{doc['spent_epsilon_replace_one']:.3f} at the same delta (dp_accounting PLD)")
     return "\n".join(lines)

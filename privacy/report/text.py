@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from privacy.report.neighbouring import STATEMENT
 from privacy.report.reconcile import ClientAccount, UserLevelAccount
 from privacy.report.run_files import RunFiles
 from server.aggregate import resolve_aggregation
@@ -21,8 +22,16 @@ TASKS = {"sft": "instruction fine-tuning: answering a prompt, with the loss on t
          "next-word": "next-word prediction"}
 EPSILON_HELP = ("How to read (ε, δ): smaller ε is stronger protection. Whatever anyone can learn from the trained "
                 "model is almost as likely whether or not one given record was in the training data: at most e^ε "
-                "times more likely, except with probability δ. ε ≤ 1 is strong; ε around 8 is what published DP "
-                "fine-tuning of language models typically reports.")
+                "times more likely, except with probability δ (\"in or not in\": add/remove-one-record "
+                "neighbouring, which does not hide how many records there are). ε ≤ 1 is strong; ε around 8 is what "
+                "published DP fine-tuning of language models typically reports.")
+PER_CLIENT_SECRET = (
+    "Not covered by the user-level guarantee: the per-client statistics in this report — which clients took part "
+    "in which round (participation), each client's evaluation results on its held-out records, each client's "
+    "privacy records (record count, σ, sample rate, steps, ε), and the cohort sizes and clipped shares per round. "
+    "They come from the clients without the server's noise: they are the coordinator's secret material. The "
+    "user-level guarantee covers only the released models (the global adapters and the files shipped from them); "
+    "keep this report with the coordinator.")
 
 
 def fmt_delta(delta: float) -> str:
@@ -95,7 +104,9 @@ def summary_sentences(run: dict, utility: dict, accounts: dict[str, ClientAccoun
     if user is not None:
         guarantees.append(f"In addition, the server protected each WHOLE client's data in the model it released "
                           f"(user-level DP): (ε, δ) = ({user.epsilon:.2f}, {fmt_delta(user.delta)}) over "
-                          f"{len(user.rounds)} round(s).")
+                          f"{len(user.rounds)} round(s), under adding or removing one whole client. It covers the "
+                          "released models only, not the per-client tables of this report (the coordinator's secret "
+                          "material).")
     unverifiable = [a.name for a in accounts.values() if a.dp and not a.recomputable]
     if disagreements:
         check = (f"WARNING: {len(disagreements)} recomputed epsilon(s) disagree with what was reported; see "
@@ -133,7 +144,10 @@ def _client_sentence(a: ClientAccount) -> str:
     if math.isnan(a.epsilon):
         return f"Client {a.name}: its privacy records could not be read, so no guarantee can be stated."
     text = (f"Each record of client {a.name}{records} is protected with (ε, δ) = "
-            f"({a.epsilon:.2f}, {fmt_delta(a.delta)}) over all training on these records so far")
+            f"({a.epsilon:.2f}, {fmt_delta(a.delta)}) over all training on these records so far, under adding or "
+            "removing one record (its record count is sent in clear, so it is not hidden)")
+    if a.epsilon_replace_one is not None and math.isfinite(a.epsilon_replace_one):
+        text += f"; under replacing one record by another, ε = {a.epsilon_replace_one:.2f} at the same δ"
     if not a.recomputable:
         text += (f" (this run: ε = {a.epsilon_run:.2f}; the total includes earlier spend that the client "
                  "reported and only its own ledger holds)")
@@ -148,11 +162,14 @@ def _client_sentence(a: ClientAccount) -> str:
 
 
 def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLevelAccount | None,
-                     server_noise_seed: int | None = None, dp_enabled: bool = True) -> list[dict]:
+                     server_noise_seed: int | None = None, dp_enabled: bool = True,
+                     train_metrics_in_clear: bool = False) -> list[dict]:
     """What is and is not protected, as {"topic", "text"} items.
 
     ``seeds``: the noise_seed fields of the privacy records (None: a client ledger, which
-    does not record them); ``aggregation``: None when unknown (a client's own view).
+    does not record them); ``aggregation``: None when unknown (a client's own view);
+    ``train_metrics_in_clear``: the run's files hold train losses or training times the
+    clients sent (older versions did; under DP they no longer send them).
     """
     update = ("its LoRA B factors; A is fixed by the shared seed, FFA-LoRA" if aggregation == "ffa"
               else "its LoRA adapter factors")
@@ -160,15 +177,21 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
         {"topic": "Unit of privacy",
          "text": "One training record (one example, e.g. one question-answer pair) of one client. A person with k "
                  "records in a client's data is protected roughly k times more weakly (group privacy)."},
+        {"topic": "Neighbouring relation",
+         "text": f"Every sample-level guarantee in this report is {STATEMENT}. It bounds what anyone can tell "
+                 "about one record being in the training data or not; it does not hide how many records there "
+                 "are. The replace-one ε (one record swapped for another, the count unchanged) is shown next to "
+                 "it wherever this run's files hold all the events; it is the larger number."},
         {"topic": "Sample-level DP (on each client)",
          "text": "Each client trains with DP-SGD (Opacus): every example's gradient is clipped to the clip norm C "
-                 "and Gaussian noise of standard deviation sigma·C is added to each step. Epsilon composes every "
-                 "step of every round and run the client took part in (PRV accountant; RDP as a cross-check)."},
+                 "(its norm taken in fp32, also under bf16 autocast) and Gaussian noise of standard deviation "
+                 "sigma·C is added to each step. Epsilon composes every step of every round and run the client "
+                 "took part in (PRV accountant; RDP as a cross-check)."},
         {"topic": "User-level DP (on the server)",
          "text": ("ON: the server clips each client's whole update, samples clients at random (Poisson) and adds "
-                  "noise to their mean (DP-FedAvg), so the released adapter also protects each whole client. It "
-                  "protects what the server releases, not what the server sees, and is weak when few clients take "
-                  "part in every round.") if user else
+                  "noise to their mean (DP-FedAvg), so the released adapter also protects each whole client "
+                  "(adding or removing one client). It protects what the server releases, not what the server "
+                  "sees, and is weak when few clients take part in every round. " + PER_CLIENT_SECRET) if user else
                  "OFF: a whole client's data set is not protected as a unit; only each record is (sample-level)."},
         {"topic": "Poisson sampling",
          "text": "Each DP-SGD step includes every record independently with probability q (the sample rate). This "
@@ -177,20 +200,43 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
         {"topic": "No amplification from client selection",
          "text": "When the server picks only some clients for a round, no privacy gain is claimed for it: a client "
                  "knows when it was picked, so its epsilon counts every round it actually trained in."},
-        {"topic": "Opacus secure_mode is OFF",
-         "text": "secure_mode needs torchcsprng, whose last release (2021) cannot be installed with this torch. The "
-                 "noise comes from torch's Mersenne Twister generator (fast, not cryptographically secure), "
-                 + _seed_text(seeds) + " Floating-point attacks on the noise sampler are not mitigated."},
-        {"topic": "What the server still sees",
+        {"topic": "Randomness: not a cryptographic generator, Opacus secure_mode OFF",
+         "text": "The noise and the Poisson sampling come from torch's Mersenne Twister, "
+                 + _seed_text(seeds) + " The Mersenne Twister is not a cryptographically secure generator "
+                 "(a CSPRNG). Opacus' secure_mode, which would use one, needs torchcsprng, whose last release "
+                 "(2021) cannot be installed with this torch. Floating-point attacks on the noise sampler "
+                 "(Mironov, CCS 2012; Jin et al., IEEE S&P 2022) are not mitigated."},
+        {"topic": "What the server sees, covered by DP",
          "text": f"Each client's adapter update ({update}), in clear: there is no secure aggregation. The update is "
-                 "the output of DP-SGD, so it is covered by the client's sample-level guarantee. Not covered: "
-                 "each client's record count, its train loss per round (computed on the training records without "
-                 "noise), and its privacy record (sigma, sample rate, steps, epsilon)."},
-        {"topic": "Metrics reported in clear",
+                 "the output of DP-SGD, so it is covered by the client's sample-level guarantee."},
+        {"topic": "Not protected: the record count",
+         "text": "Each client sends the number of its training records in clear (the server weights the average "
+                 "by it). Add/remove-one DP does not hide it, and nothing else does."},
+        {"topic": "Not protected: participation",
+         "text": "Which clients are connected, selected, refuse (budget exhausted) or reply in each round is seen by "
+                 "the server and written to the run's files and this report, as is each client's privacy record "
+                 "(sigma, sample rate, steps, delta, epsilon)."},
+        {"topic": "Not protected: held-out evaluation records",
          "text": "Evaluation loss and accuracy are computed on each client's held-out records, which are never "
-                 "trained on and are NOT protected by DP; they are sent to the server and written to this report "
-                 "in clear."},
+                 "trained on and are NOT protected by DP: their metrics leave the client in clear for any adapter "
+                 "the coordinator sends to evaluate, and are written to this report. The client pins which of its "
+                 "records are held out; anything about them that these metrics reveal is not covered."},
+        {"topic": "Not protected: the model architecture",
+         "text": "The base model, the LoRA configuration and the shapes of every update are known to the server and "
+                 "to every client."},
+        {"topic": "Not protected: timing",
+         "text": "When each client replies, and how long its rounds take, is visible to the server (and to anyone "
+                 "watching the network), and can depend on the client's data (its record count, the lengths of its "
+                 "records, the Poisson batch sizes)."},
+        {"topic": "Not protected: a compromised site",
+         "text": "The guarantee assumes each client runs fedslm's code as shipped. If a site's own code, machine or "
+                 "ledger is compromised, nothing about its records is protected."},
     ]
+    if train_metrics_in_clear:
+        notes.append({"topic": "Not protected: training metrics in this run's files",
+                      "text": "This run's metrics hold train losses or training times that clients sent. They are "
+                              "computed on the training records without noise, so they are NOT covered by the "
+                              "sample-level guarantee (fedslm no longer sends them from DP clients)."})
     if not dp_enabled:
         notes.insert(0, {"topic": "Sample-level DP is OFF in this run",
                          "text": "The clients trained without DP-SGD: their updates carry no privacy guarantee, and "
@@ -203,15 +249,19 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
     return notes
 
 
+ENTROPY = ("whose whole 624-word state is derived afresh for every round from 256 bits of OS entropy "
+           "(privacy/mechanism/entropy.py), so the seed cannot be guessed")
+
+
 def _seed_text(seeds: set | None) -> str:
     if seeds is None:
-        return ("seeded from OS entropy by default, or from a fixed seed when dp.noise-seed >= 0; the ledger does not "
-                "record which (the server's privacy/ledger.json does, as noise_seed).")
+        return (f"{ENTROPY}, by default; from a fixed seed when dp.noise-seed >= 0. The ledger does not record "
+                "which (the server's privacy/ledger.json does, as noise_seed).")
     if any(str(seed).startswith("fixed") for seed in seeds):
         return ("seeded from a FIXED seed (dp.noise-seed >= 0) in at least one round: anyone who knows the seed can "
                 "regenerate and subtract the noise, so there is no guarantee against them.")
     if seeds == {"os-entropy"}:
-        return "seeded afresh from OS entropy for every round (the server cannot derive the seed)."
-    return ("seeded from OS entropy by default, or from a fixed seed when dp.noise-seed >= 0; these privacy records "
-            "carry no noise_seed field (written before fedslm recorded it), so which one was used cannot be "
-            "confirmed from the files.")
+        return f"{ENTROPY}."
+    return (f"{ENTROPY}, by default; from a fixed seed when dp.noise-seed >= 0. These privacy records carry no "
+            "noise_seed field (written before fedslm recorded it), so which one was used cannot be confirmed from "
+            "the files.")

@@ -31,6 +31,10 @@ def test_reserve_commit_and_reopen_continue_the_spend(tmp_path):
     assert second.epsilon_after > first.epsilon_after
     assert second.epsilon_after == pytest.approx(
         epsilon([SgmEvent(1.0, 0.05, 20)], delta=1e-5), rel=1e-9)
+    from test_accountant import pld_epsilon  # an independent accountant, composing the two rounds one by one
+
+    reference = pld_epsilon([SgmEvent(1.0, 0.05, 10)] * 2, 1e-5)
+    assert reference * 0.995 <= second.epsilon_after <= reference * 1.02, (second.epsilon_after, reference)
     assert second.epsilon_rdp_after >= second.epsilon_after
 
 

@@ -146,7 +146,7 @@ def test_a_run_without_an_end_event_and_missing_rounds_is_partial(run):
     (lambda run: (run / "privacy" / "ledger.json").write_text("{not json"), "ledger.json"),
     (lambda run: (run / "privacy" / "ledger.json").unlink(), "ledger.json"),
     (lambda run: (run / "events.jsonl").write_text("[1, 2]\n"), "events.jsonl"),
-    (lambda run: next((run / "ledgers" / "beta").glob("ledger-*.json")).write_text("{}"), "ledgers/beta/ledger-"),
+    (lambda run: next((run / "ledgers" / "beta").glob("ledger*.json")).write_text("{}"), "ledgers/beta/ledger"),
 ])
 def test_missing_or_corrupt_files_give_one_line_naming_the_file(run, damage, named):
     damage(run)
@@ -212,7 +212,7 @@ def test_a_client_without_dp_has_no_guarantee(run):
 
 
 def test_budget_html_renders_a_client_ledger_next_to_it(finished, tmp_path):
-    source = next((finished / "ledgers" / "alpha").glob("ledger-*.json"))
+    source = next((finished / "ledgers" / "alpha").glob("ledger*.json"))
     ledger = shutil.copy(source, tmp_path / source.name)
     assert main(["budget", str(ledger), "--html"]) == 0
     page = (tmp_path / "budget.html").read_text()
@@ -222,3 +222,120 @@ def test_budget_html_renders_a_client_ledger_next_to_it(finished, tmp_path):
     assert references and all(ref.startswith("data:image/png;base64,") for ref in references)
     assert main(["budget", str(ledger), "--html", str(tmp_path / "out" / "page.html")]) == 0
     assert (tmp_path / "out" / "page.html").is_file()
+
+
+def test_the_neighbouring_relation_is_stated_and_the_replace_one_epsilon_reported(run):
+    """add/remove-one with the record count in clear, said in report.json, the summary and the page."""
+    from privacy.report.neighbouring import STATEMENT, epsilon_replace_one
+
+    html = write_report(run).read_text()
+    doc = json.loads((run / "report.json").read_text())
+    accounting = doc["accounting"]
+    assert accounting["neighbouring_relation"] == "add/remove one record" and accounting["record_count_in_clear"]
+    assert accounting["statement"] == STATEMENT
+    assert "add/remove-one-record neighbouring" in STATEMENT and "number of records is released in clear" in STATEMENT
+    assert STATEMENT in html and "REPLACE_ONE" in accounting["replace_one"]
+    for name in SIGMA:
+        client = doc["clients"][name]
+        expected = epsilon_replace_one(_client_events(name, 2), delta=DELTA)  # checked against closed forms
+        assert client["epsilon_replace_one"] == pytest.approx(expected, rel=1e-9)  # in test_neighbouring.py
+        assert client["epsilon_run_replace_one"] == pytest.approx(expected, rel=1e-9)
+        assert client["epsilon"] < client["epsilon_replace_one"] <= 2 * client["epsilon"]
+        sentence = next(s for s in doc["summary"]["guarantees"] if f"client {name} " in s)
+        assert "record count is sent in clear" in sentence
+        assert f"replacing one record by another, ε = {client['epsilon_replace_one']:.2f}" in sentence
+        assert f"{client['epsilon_replace_one']:.3f}" in html
+    assert any(n["topic"] == "Neighbouring relation" and STATEMENT in n["text"] for n in doc["protection"])
+
+
+def test_replace_one_is_null_where_the_earlier_spend_is_not_in_the_files(run):
+    shutil.rmtree(run / "ledgers")
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    for record in view["clients"]["beta"]:
+        record["epsilon"] += 1.0  # earlier spend only the client's ledger knows
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    doc, _ = build_report(run)
+    assert doc["clients"]["beta"]["epsilon_replace_one"] is None
+    assert doc["clients"]["beta"]["epsilon_run_replace_one"] > doc["clients"]["beta"]["epsilon_run"]
+    assert doc["clients"]["alpha"]["epsilon_replace_one"] is not None
+
+
+def test_under_user_level_dp_the_per_client_tables_are_said_to_be_outside_its_guarantee(finished, tmp_path):
+    from privacy.report.text import PER_CLIENT_SECRET
+
+    run = _write_run(tmp_path / "user-dp", user_dp=True)
+    html = write_report(run).read_text()
+    doc = json.loads((run / "report.json").read_text())
+    secret = doc["per_client_statistics"]
+    assert secret["covered_by_user_level_dp"] is False and secret["coordinator_secret"] is True
+    assert secret["user_level_dp_covers"].startswith("the released models only")
+    assert secret["text"] == PER_CLIENT_SECRET and "coordinator's secret material" in PER_CLIENT_SECRET
+    for what in ("participation", "evaluation results", "privacy records"):
+        assert what in PER_CLIENT_SECRET
+    per_client = html.index("<h2>Per-client privacy</h2>")
+    # next to the tables: between the section heading and the client table, and in the user-level section
+    assert per_client < html.index(PER_CLIENT_SECRET.replace("'", "&#x27;"), per_client) < html.index("<table",
+                                                                                                      per_client)
+    user_section = html.index("User-level DP (whole clients")
+    assert PER_CLIENT_SECRET.replace("'", "&#x27;") in html[user_section:html.index("<h2>", user_section + 10)]
+    assert any("covers the released models only" in s for s in doc["summary"]["guarantees"])
+    plain, _ = build_report(finished)
+    assert plain["per_client_statistics"] is None
+    assert PER_CLIENT_SECRET.replace("'", "&#x27;") not in write_report(finished).read_text()
+
+
+def test_what_is_not_protected_is_listed(run):
+    doc, _ = build_report(run)
+    notes = {n["topic"]: n["text"] for n in doc["protection"]}
+    for topic, words in [("Not protected: the record count", "in clear"),
+                         ("Not protected: participation", "selected"),
+                         ("Not protected: held-out evaluation records", "any adapter the coordinator sends"),
+                         ("Not protected: the model architecture", "LoRA configuration"),
+                         ("Not protected: timing", "how long"),
+                         ("Not protected: a compromised site", "nothing about its records is protected")]:
+        assert words in notes[topic], topic
+    assert "pins which of its records are held out" in notes["Not protected: held-out evaluation records"]
+    randomness = notes["Randomness: not a cryptographic generator, Opacus secure_mode OFF"]
+    for words in ("Mersenne Twister", "256 bits of OS entropy", "privacy/mechanism/entropy.py",
+                  "not a cryptographically secure generator", "secure_mode", "Floating-point attacks",
+                  "not mitigated"):
+        assert words in randomness, words
+
+
+def test_rounds_whose_replies_carry_no_train_loss_are_reported(run):
+    """Under DP the sites send no training metrics: no train_loss in the rows, none in the replies."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    doc, _ = build_report(run)
+    assert any(n["topic"] == "Not protected: training metrics in this run's files" for n in doc["protection"])
+    for row in rows:
+        row.pop("train_loss", None)
+        for reply in row.get("participants", []):
+            reply.pop("train_loss")
+            reply.pop("seconds")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    html = write_report(run).read_text()
+    doc = json.loads((run / "report.json").read_text())
+    assert [r["train_loss"] for r in doc["utility"]["rounds"]] == [None, None, None]
+    assert doc["utility"]["final"]["eval_loss"] == pytest.approx(2.8)
+    assert not any(n["topic"].startswith("Not protected: training metrics") for n in doc["protection"])
+    assert "Per-client privacy" in html and set(doc["plots"]) == {"epsilon", "noise", "utility", "privacy_utility"}
+
+
+def test_budget_statement_says_the_neighbouring_relation(finished, tmp_path, capsys):
+    from privacy.report.neighbouring import STATEMENT, STATEMENT_ASCII, epsilon_replace_one
+
+    source = next((finished / "ledgers" / "alpha").glob("ledger*.json"))
+    ledger = shutil.copy(source, tmp_path / source.name)
+    replace_one = epsilon_replace_one(_client_events("alpha", 2), delta=DELTA)
+    assert main(["budget", str(ledger)]) == 0
+    text = capsys.readouterr().out
+    assert STATEMENT_ASCII in text and f"replace-one (one record swapped for another, count unchanged): eps " \
+                                       f"{replace_one:.3f}" in text
+    assert main(["budget", str(ledger), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["statement"] == STATEMENT and doc["record_count_in_clear"] is True
+    assert doc["neighbouring_relation"] == "add/remove one record"
+    assert doc["spent_epsilon_replace_one"] == pytest.approx(replace_one, rel=1e-9)
+    assert main(["budget", str(ledger), "--html"]) == 0
+    page = (tmp_path / "budget.html").read_text()
+    assert STATEMENT in page and f"ε = {replace_one:.2f} at the same δ" in page
