@@ -7,39 +7,42 @@ progress lines, the clients' privacy records kept per round, clients that refuse
 user-level DP, a checkpoint after every round, and a run that stops cleanly (keeping its
 outputs) when too few clients remain.
 
-Clients are ordered by the names they report (not by Flower's node ids, which change
-with every simulation), so sampling is reproducible across a resume.
+Client selection. Without user-level DP a seeded ``random.Random(server.seed)`` picks
+ceil(fraction-train * N) clients, ordered by the names they report (not by Flower's node
+ids, which change with every simulation), so a resumed run picks the same ones; no
+privacy is claimed from that selection, so its predictability costs nothing. With
+user-level DP the cohort is Poisson-sampled from OS entropy (server.user_dp): the
+user-level epsilon assumes that nobody can tell whether a client was in a round, so
+metrics.jsonl and the console then give the cohort's size, never who was in it.
+
+Release order under user-level DP: the noise is drawn and the round's event counted,
+the checkpoint is written, and only then is anything of the round released (the adapter
+on disk, evaluation messages carrying it, metrics). A run stopped in between resumes with
+that event still counted and trains the round again with a fresh cohort and fresh noise:
+both releases are composed (metrics.jsonl keeps the interrupted one as a row marked
+"interrupted").
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
-import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from privacy.mechanism.accountant import SgmEvent, epsilon
 from server import checkpoint
 from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState
+from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
+from server.intake import Names, check_training
 from server.rundir import RunDir
 from server.ship import build_artifacts, parse_quants, ship_messages
-from server.user_dp import UserDpSpec, clip_update, noisy_mean
-from server.validate import Rejected, validate_update
+from server.user_dp import UserDpSpec, cohort_rng, noise_generator, poisson_cohort, private_round
 from slm.errors import UserError
-from slm.lora import (
-    LoraSpec,
-    a_factor_digest,
-    from_arrays,
-    save_adapter,
-    sent_tensors,
-    through_wire,
-    to_arrays,
-)
+from slm.lora import LoraSpec, a_factor_digest, save_adapter, sent_tensors, through_wire, to_arrays
 
 
 @dataclass
@@ -101,8 +104,11 @@ class Federation:
         self.lora = LoraSpec.from_config(config)
         self.base_model_path = base_model_path
         self.view = PrivacyView.from_dict(state.privacy_view)
-        self.names: dict[int, str] = {}
+        self.committed_view = copy.deepcopy(state.privacy_view)  # the view as of the last completed round
+        self.names = Names()
         self.user_dp: UserDpSpec | None = None
+        self.cohorts = cohort_rng()  # user-level cohorts: OS entropy, never saved
+        self.noise = None  # user-level noise: created in run(), once per process, never saved
         self.last_trained, self.last_eval = 0, {}
         self.base_cfg = {"num-rounds": self.spec.rounds, "run-id": rundir.path.name, "run-dir": str(rundir.path),
                          "aggregation": self.spec.aggregation,
@@ -116,39 +122,14 @@ class Federation:
         messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
         return list(self.grid.send_and_receive(messages, timeout=self.spec.timeout))
 
-    def _name(self, node_id: int) -> str:
-        return self.names.get(node_id, f"node-{node_id}")
-
     # ---- evaluation ----------------------------------------------------------------
     def evaluate(self, server_round: int, nodes, replies=None, label: str = "eval") -> dict:
         """Token-weighted federated eval loss (and accuracies) over the clients' held-out splits."""
-        per_client, loss_sum, tokens, errors = {}, 0.0, 0.0, []
         if replies is None:
             replies = self._send(nodes, "evaluate", server_round)
-        for reply in replies:
-            if reply.has_error():
-                errors.append(f"{self._name(reply.metadata.src_node_id)}: {_last_line(reply.error.reason)}")
-                continue
-            name = str(reply.content["info"]["client"])
-            self.names[reply.metadata.src_node_id] = name
-            metrics = dict(reply.content["metrics"])
-            per_client[name] = metrics
-            loss_sum += metrics["eval_loss"] * metrics["eval_tokens"]
-            tokens += metrics["eval_tokens"]
-        summary = {"eval_loss": loss_sum / tokens if tokens else math.nan, "eval_clients": per_client}
-        for key in ("accuracy", "top1_accuracy", "top3_accuracy"):
-            weighted = [(m[key], m["eval_examples"]) for m in per_client.values() if key in m]
-            if weighted:
-                summary[key] = sum(v * n for v, n in weighted) / max(sum(n for _, n in weighted), 1)
-        if errors:
-            summary["eval_errors"] = errors
-        clients = ", ".join(f"{n} {m['eval_loss']:.4f}" for n, m in sorted(per_client.items()))
-        if len(per_client) > 8:  # phones: a range, not a thousand names
-            losses = sorted(m["eval_loss"] for m in per_client.values())
-            clients = f"{len(per_client)} clients, {losses[0]:.4f} to {losses[-1]:.4f}"
-        say(f"round {server_round}: {label} loss {summary['eval_loss']:.4f}  ({clients})")
-        for error in errors:
-            say(f"round {server_round}: evaluation failed on {error}")
+        summary = summarize(self.names.take_in(replies, evaluation_name), self.names)
+        for line in describe(summary, label):
+            say(f"round {server_round}: {line}")
         return summary
 
     # ---- shipping ------------------------------------------------------------------
@@ -168,81 +149,57 @@ class Federation:
 
     # ---- training ------------------------------------------------------------------
     def sample(self, available: list[int]) -> list[int]:
-        ordered = sorted(available, key=lambda n: (self._name(n), n))
-        if self.user_dp is not None:  # Poisson over clients: what the user-level accountant assumes
-            return [n for n in ordered if self.state.sampling.random() < self.user_dp.sample_rate]
+        ordered = sorted(available, key=lambda n: (self.names(n), n))
+        if self.user_dp is not None:  # Poisson over clients from OS entropy: what the user-level accountant assumes
+            return poisson_cohort(ordered, self.user_dp.sample_rate, self.cohorts)
+        # Seeded and replayed on resume: no amplification is claimed from this selection.
         k = max(self.spec.min_clients, math.ceil(self.spec.fraction_train * len(ordered)))
         return sorted(self.state.sampling.sample(ordered, min(k, len(ordered))))
 
     def train(self, server_round: int, sampled: list[int], eligible: int) -> tuple[dict | None, dict]:
-        """Send the adapter to the sampled clients; return (new sent tensors or None, metrics row)."""
-        wire = self.config["server.wire-dtype"]
+        """Send the adapter to the sampled clients; return (new sent tensors or None, metrics row).
+
+        Under user-level DP the row and the console name nobody of the sample (who was in
+        it is what the amplification hides): the cohort's size, and refusals, failures and
+        rejections by reason only. Duplicate site names are the exception: that rejection
+        depends on configuration only, never on a site's data, and the operator must see it.
+        """
+        wire, private = self.config["server.wire-dtype"], self.user_dp is not None
         sent = through_wire(sent_tensors(self.state.adapter, self.spec.aggregation), wire)  # what clients get
-        states, weights, losses = [], [], []
         row = {"sampled": len(sampled), "participants": [], "refused": [], "failed": [], "rejected": []}
-        replies = self._send(sampled, "train", server_round)
-        for node in set(sampled) - {r.metadata.src_node_id for r in replies}:
-            row["failed"].append({"client": self._name(node), "reason": f"no reply within {self.spec.timeout:g}s"})
-            say(f"round {server_round}: {self._name(node)} did not reply within {self.spec.timeout:g}s")
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                row["failed"].append({"client": self._name(node), "reason": _last_line(reply.error.reason)})
-                say(f"round {server_round}: {self._name(node)} failed: {_last_line(reply.error.reason)}")
-                continue
-            privacy, metrics = dict(reply.content["privacy"]), dict(reply.content["metrics"])
-            name = str(privacy.get("client", self._name(node)))
-            self.names[node] = name
-            self.view.record(server_round, name, privacy)
-            if privacy.get("status") == "refused":
-                row["refused"].append({"client": name, "reason": privacy.get("reason", "")})
-                say(f"round {server_round}: {name} refused: {privacy.get('reason', '')}")
-                continue
-            try:
-                if "arrays" not in reply.content:
-                    raise Rejected("no adapter tensors in the reply")
-                state = from_arrays(reply.content["arrays"])
-                norm = validate_update(state, sent, self.spec.max_update_norm)
-            except Rejected as why:
-                row["rejected"].append({"client": name, "reason": str(why)})
-                say(f"round {server_round}: {name} rejected: {why}")
-                continue
-            states.append(state)
-            weights.append(metrics["num-examples"])
-            losses.append((metrics["train_loss"], metrics["num-examples"]))
-            eps = f", eps {privacy['epsilon']:.3f} (sigma {privacy['noise_multiplier']:.3f})" if "epsilon" in privacy else ""
-            say(f"round {server_round}: {name} train loss {metrics['train_loss']:.4f} on "
-                f"{int(metrics['num-examples'])} records in {metrics['seconds']:.1f}s{eps}")
-            row["participants"].append({"client": name, "update_norm": norm, **metrics})
+        intake = self.names.take_in(self._send(sampled, "train", server_round), _train_name, sampled, self.spec.timeout)
+        replies = check_training(intake.usable, sent, self.spec.max_update_norm,
+                                 lambda name, privacy: self.view.record(server_round, name, privacy))
+        for what, named, entries in (
+                ("failed", not private, [(self.names(node), why) for node, why in intake.failed]),
+                ("rejected", True, [(name, why) for _, name, why in intake.duplicate]),
+                ("refused", not private, replies.refused), ("rejected", not private, replies.rejected)):
+            for name, why in entries:
+                row[what].append({"client": name, "reason": why} if named else {"reason": why})
+                say(f"round {server_round}: {name if named else 'a sampled client'} {what}: {why}")
+        states = [u.state for u in replies.updates]
         row["bytes_up"] = sum(to_arrays(s, wire).count_bytes() for s in states)
         row["bytes_down"] = to_arrays(sent, wire).count_bytes() * len(sampled)
-        if len(states) < self.spec.min_clients and self.user_dp is None:
+        if private:  # the cohort's size only; even its mean train loss would be an un-noised statistic of it
+            del row["participants"]
+            row["cohort"] = len(states)
+            new, row["user_dp"] = private_round(server_round, states, sent, self.user_dp, eligible, self.noise,
+                                                self.state.user_dp_events)
+            self.view.user_level.append(row["user_dp"])
+            return new, row
+        for u in replies.updates:
+            say(f"round {server_round}: {u.name} {_trained(u.metrics, u.privacy)}")
+            row["participants"].append({"client": u.name, "update_norm": u.norm, **u.metrics})
+        if len(states) < self.spec.min_clients:
             say(f"round {server_round}: {len(states)} valid replies < min-clients {self.spec.min_clients}; "
                 "round skipped")
             row["skipped"] = True
             return None, row
+        losses = [(u.metrics["train_loss"], u.metrics["num-examples"]) for u in replies.updates
+                  if u.metrics.get("train_loss") is not None]  # DP replies carry none
         if losses:
             row["train_loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
-        if self.user_dp is not None:
-            return self._private_mean(server_round, states, sent, eligible, row), row
-        return aggregate(self.spec.aggregation, states, weights), row
-
-    def _private_mean(self, server_round: int, states, sent, eligible: int, row: dict) -> dict:
-        spec = self.user_dp
-        clipped, norms = zip(*(clip_update({k: s[k] - sent[k] for k in sent}, spec.clip_norm) for s in states)) \
-            if states else ((), ())
-        delta = noisy_mean(list(clipped), sent, spec, eligible, self.state.noise)
-        self.state.user_dp_events.append(spec.event().to_dict())
-        eps = epsilon([SgmEvent(**e) for e in self.state.user_dp_events], delta=spec.delta)
-        record = {"round": server_round, "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier,
-                  "sample_rate": spec.sample_rate, "eligible": eligible, "cohort": len(states),
-                  "clipped_fraction": sum(n > spec.clip_norm for n in norms) / max(len(norms), 1),
-                  "delta": spec.delta, "epsilon": eps, "accountant": "prv", "sampling": "poisson"}
-        self.view.user_level.append(record)
-        row["user_dp"] = record
-        say(f"round {server_round}: user-level DP over {len(states)} clients (expected {spec.sample_rate * eligible:.1f}), "
-            f"user-level eps {eps:.3f} at delta {spec.delta:.2g}")
-        return {k: (sent[k].double() + delta[k]).to(sent[k].dtype) for k in sent}
+        return aggregate(self.spec.aggregation, states, [u.metrics["num-examples"] for u in replies.updates]), row
 
     # ---- the run -------------------------------------------------------------------
     def run(self, resumed: bool) -> dict:
@@ -251,6 +208,8 @@ class Federation:
             say(f"only {len(nodes)} clients connected, fewer than min-clients {self.spec.min_clients}; stopping")
             return {"stopped": "too few clients", "rounds_completed": self.state.round}
         self.user_dp = UserDpSpec.from_config(self.config, len(nodes))
+        if self.user_dp is not None:
+            self.noise = noise_generator(self.config["server.noise-seed"], len(self.state.user_dp_events))
         say(f"run directory {self.rundir.path}  ({len(nodes)} clients, {self.spec.rounds} rounds, "
             f"aggregation {self.spec.aggregation}{', user-level DP' if self.user_dp else ''})")
         nodes = evaluation_sample(nodes, self.config["server.fraction-evaluate"], self.config["server.seed"])
@@ -258,6 +217,7 @@ class Federation:
         if resumed:
             say(f"resuming after round {self.state.round}")
             self.rundir.log_event({"event": "resumed", "after_round": self.state.round})
+            self._count_interrupted()
             self.evaluate(self.state.round, nodes)  # also learns the clients' names for ordered sampling
         else:
             save_adapter(self.state.adapter, self.lora, self.base_model_path, self.rundir.adapter_dir(0))
@@ -267,13 +227,20 @@ class Federation:
         outcome = {}
         for server_round in range(self.state.round + 1, self.spec.rounds + 1):
             t0 = time.time()
-            available = [n for n in sorted(self.grid.get_node_ids()) if self._name(n) not in self.view.exhausted]
+            available = [n for n in sorted(self.grid.get_node_ids())
+                         if self.names(n) not in self.view.exhausted and not self.names.is_ambiguous(n)]
             if len(available) < self.spec.min_clients:
                 outcome = {"stopped": f"only {len(available)} clients still have budget "
                                       f"(min-clients {self.spec.min_clients})"}
                 say(f"round {server_round}: {outcome['stopped']}; stopping cleanly")
                 break
             new, row = self.train(server_round, self.sample(available), len(available))
+            if "user_dp" in row:  # counted and on disk before anything of the round leaves
+                self._checkpoint_pending()
+                record = row["user_dp"]
+                say(f"round {server_round}: user-level DP over {record['cohort']} clients (expected "
+                    f"{record['sample_rate'] * record['eligible']:.1f}), user-level eps {record['epsilon']:.3f} "
+                    f"at delta {record['delta']:.2g}")
             if new is not None:
                 self.state.adapter = {**self.state.adapter, **new}
                 save_adapter(self.state.adapter, self.lora, self.base_model_path,
@@ -298,29 +265,55 @@ class Federation:
             self.ship(server_round, nodes, fp32)
 
     def _checkpoint(self) -> None:
+        """After a completed round: everything, the round's release included."""
         self.state.privacy_view = self.view.to_dict()
         checkpoint.save(self.rundir.path, self.state)
+        self.committed_view = copy.deepcopy(self.state.privacy_view)
+
+    def _checkpoint_pending(self) -> None:
+        """After a round's user-level noise is drawn, before its release: the last round's state, this event counted.
+
+        Resuming from it trains the round again from the previous adapter; the event and
+        the user-level record stay (the first draw may have been released). The clients'
+        records of the unfinished round are left out as in any interrupted round: their
+        own ledgers keep those reservations.
+        """
+        view = {**self.committed_view, "user_level": copy.deepcopy(self.view.user_level)}
+        checkpoint.save(self.rundir.path, replace(self.state, privacy_view=view))
+
+    def _count_interrupted(self) -> None:
+        """On resume: user-level releases drawn after the checkpoint's round stay counted, in metrics.jsonl too.
+
+        privacy.report recomputes the user-level epsilon from metrics.jsonl's rows, so each
+        interrupted draw gets a row of its own (after the rows kept up to the checkpoint).
+        """
+        for record in self.view.user_level:
+            if record["round"] > self.state.round:
+                record["interrupted"] = True
+                self.rundir.append_metrics({"round": record["round"], "interrupted": True, "user_dp": record})
+                say(f"round {record['round']} was interrupted after its user-level noise was drawn: that release "
+                    f"stays counted (user-level eps {record['epsilon']:.3f}); the round is trained again with a "
+                    "fresh cohort and fresh noise")
 
 
 def initial_state(adapter: dict, config: dict) -> ServerState:
-    seed = config["server.seed"]
-    noise_seed = config["server.noise-seed"] if config["server.noise-seed"] >= 0 else secrets.randbits(63)
-    return ServerState(round=0, adapter=adapter, sampling=random.Random(seed),
-                       noise=torch.Generator().manual_seed(noise_seed))
+    """Round 0. ``sampling`` serves the seeded selection without user-level DP only."""
+    return ServerState(round=0, adapter=adapter, sampling=random.Random(config["server.seed"]))
 
 
-def evaluation_sample(nodes: list[int], fraction: float, seed: int) -> list[int]:
-    """The clients that evaluate (and receive shipped models): all, or a fixed seeded sample.
+def _train_name(reply) -> str | None:
+    return str(reply.content["privacy"]["client"]) if "client" in reply.content.get("privacy", {}) else None
 
-    With thousands of phones, evaluating every client every round costs more than the
-    training; the same sample every round keeps the rounds' losses comparable.
-    """
-    if not 0 < fraction <= 1:
-        raise UserError("config key 'server.fraction-evaluate': must be in (0, 1]")
-    if fraction == 1:
-        return nodes
-    k = max(1, math.ceil(fraction * len(nodes)))
-    return sorted(random.Random(seed).sample(sorted(nodes), k))
+
+def _trained(metrics: dict, privacy: dict) -> str:
+    """'train loss 2.1 on 225 records in 3.0s, eps ...', or 'trained on 225 records, eps ...' (DP replies
+    carry neither loss nor time: both come from the training records)."""
+    loss, seconds = metrics.get("train_loss"), metrics.get("seconds")
+    text = f"train loss {loss:.4f} on" if loss is not None else "trained on"
+    text += f" {int(metrics['num-examples'])} records" + (f" in {seconds:.1f}s" if seconds is not None else "")
+    if "epsilon" in privacy:
+        text += f", eps {privacy['epsilon']:.3f} (sigma {privacy['noise_multiplier']:.3f})"
+    return text
 
 
 def _wait_for_nodes(grid, minimum: int, timeout: float) -> list[int]:
@@ -329,7 +322,3 @@ def _wait_for_nodes(grid, minimum: int, timeout: float) -> list[int]:
         time.sleep(1.0)
     return nodes
 
-
-def _last_line(text: str) -> str:
-    lines = [line for line in str(text).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "unknown error"

@@ -5,11 +5,17 @@
     <run>/privacy/ledger.json  the server's view of every client's privacy records
     <run>/adapters/round-<k>/  the global adapter after round k, in PEFT format
     <run>/ledgers/<client>/    (simulation) each client's own ledger
-    <run>/checkpoint.safetensors  the server state after the last completed round
+    <run>/checkpoint.safetensors  the server state after the last completed round (under user-level
+                               DP also after a round's noise draw, before its release)
     <run>/events.jsonl         run-level events: finished, stopped early, resumed
 
 JSON files are replaced atomically; metrics.jsonl is appended line by line and fsynced,
 so a crash loses at most the line being written.
+
+The run directory (metrics.jsonl, privacy/ledger.json, checkpoint.safetensors) is secret
+material: anyone who reads it learns who took part, against whom the user-level
+amplification does not hold (the privacy view names every site's reported records per
+round, and so does the report built from it).
 """
 
 from __future__ import annotations

@@ -12,19 +12,32 @@ This protects a whole client's data in what the server RELEASES (the global adap
 the server itself still sees each client's clipped update. Meaningful for many-client
 federations (phones): for a few hospitals sampled every round (q = 1) epsilon is large.
 
-Randomness: one explicit torch.Generator owned by the server, seeded from OS entropy
-unless ``server.noise-seed`` is set (then anyone knowing the seed and the clean mean
-could remove the noise), and saved in the checkpoint so a resumed run continues it.
+Randomness, and why it is never saved:
+
+- The cohort is drawn from the OS CSPRNG (``secrets.SystemRandom``), never from
+  ``server.seed``: the amplification by sampling assumes nobody can tell whether a given
+  client was in the round; a seed written to config.json would let anyone recompute
+  every cohort.
+- The noise comes from a generator created once per process from 256 bits of OS
+  entropy (``privacy.mechanism.entropy``; torch's ``manual_seed`` would keep 32 bits).
+  It is never written to the checkpoint nor restored from one: a resumed run that
+  replayed the noise of a redone round would release two adapters whose difference is
+  the noise-free update. ``server.noise-seed`` >= 0 derives it from the seed instead
+  (debugging only: NOT private against whoever knows the seed), mixed with the number of
+  rounds already counted, so even then a resumed run does not replay earlier noise.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import secrets
 from dataclasses import dataclass
 
 import torch
 
-from privacy.mechanism.accountant import SgmEvent
+from privacy.mechanism.accountant import SgmEvent, epsilon
+from privacy.mechanism.entropy import fresh_entropy, generator_from_entropy, seed_entropy
 
 
 @dataclass(frozen=True)
@@ -69,3 +82,45 @@ def noisy_mean(clipped: list[dict[str, torch.Tensor]], reference: dict[str, torc
         noise = torch.normal(0.0, std, size=tuple(ref.shape), generator=generator, dtype=torch.float64)
         out[name] = total / expected + noise
     return out
+
+
+def cohort_rng() -> random.Random:
+    """The source of user-level Poisson cohorts: the OS CSPRNG, no state to save or to guess."""
+    return secrets.SystemRandom()
+
+
+def poisson_cohort(nodes: list, sample_rate: float, rng: random.Random) -> list:
+    """Each node independently with probability q: the sampling the accountant composes."""
+    return [n for n in nodes if rng.random() < sample_rate]
+
+
+def noise_generator(noise_seed: int, counted: int) -> torch.Generator:
+    """This process's noise generator: fresh OS entropy, or (debugging) the seed and ``counted``.
+
+    ``counted`` is the number of user-level rounds already accounted when the process
+    starts; mixing it into a debugging seed keeps a resumed run from replaying the noise
+    of the process before it.
+    """
+    if noise_seed < 0:
+        return generator_from_entropy(fresh_entropy())
+    return generator_from_entropy(seed_entropy(noise_seed, "server-user-dp", counted))
+
+
+def private_round(server_round: int, states: list[dict[str, torch.Tensor]], sent: dict[str, torch.Tensor],
+                  spec: UserDpSpec, eligible: int, generator: torch.Generator,
+                  events: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
+    """One DP-FedAvg step: the noised new tensors and the round's user-level record.
+
+    The round's event is appended to ``events`` here, together with the draw: from this
+    point the release is counted, whatever happens to it afterwards.
+    """
+    updates = [clip_update({k: s[k] - sent[k] for k in sent}, spec.clip_norm) for s in states]
+    norms = [norm for _, norm in updates]
+    delta = noisy_mean([clipped for clipped, _ in updates], sent, spec, eligible, generator)
+    events.append(spec.event().to_dict())
+    eps = epsilon([SgmEvent(**e) for e in events], delta=spec.delta)
+    record = {"round": server_round, "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier,
+              "sample_rate": spec.sample_rate, "eligible": eligible, "cohort": len(states),
+              "clipped_fraction": sum(n > spec.clip_norm for n in norms) / max(len(norms), 1),
+              "delta": spec.delta, "epsilon": eps, "accountant": "prv", "sampling": "poisson"}
+    return {k: (sent[k].double() + delta[k]).to(sent[k].dtype) for k in sent}, record

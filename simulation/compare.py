@@ -18,7 +18,9 @@ def summarize(run_dir: str) -> dict:
         raise UserError(f"run directory {run_dir}: {Path(err.filename).name} is missing") from None
     except json.JSONDecodeError as err:
         raise UserError(f"run directory {run_dir}: corrupt JSON ({err})") from None
-    trained = [r for r in rows if r["round"] > 0 and not r.get("skipped") and "shipped" not in r]
+    # rows marked "interrupted" hold only a counted user-level release of a round trained again after a resume
+    trained = [r for r in rows if r["round"] > 0 and not r.get("skipped") and "shipped" not in r
+               and not r.get("interrupted")]
     eps = [p.get("epsilon") for r in _privacy_rows(path) for p in [r] if p.get("epsilon") is not None]
     return {
         "run": path.name,
@@ -27,10 +29,15 @@ def summarize(run_dir: str) -> dict:
         "rounds": len(trained),
         "eval_loss_round0": rows[0]["eval_loss"] if rows else None,
         "eval_loss_final": trained[-1]["eval_loss"] if trained else None,
-        "bytes_up_per_client_round": _mean([r["bytes_up"] / max(len(r["participants"]), 1) for r in trained]),
+        "bytes_up_per_client_round": _mean([r["bytes_up"] / max(_contributors(r), 1) for r in trained]),
         "bytes_down_per_client_round": _mean([r["bytes_down"] / max(r.get("sampled", 1), 1) for r in trained]),
         "max_client_epsilon": max(eps) if eps else None,
     }
+
+
+def _contributors(row: dict) -> int:
+    """Under user-level DP a row gives the cohort's size, never its members."""
+    return row["cohort"] if "cohort" in row else len(row["participants"])
 
 
 def _privacy_rows(path: Path) -> list[dict]:

@@ -1,10 +1,12 @@
-"""Server-side DP-FedAvg: clipping bound, noise moments, seed determinism, accounting."""
+"""Server-side DP-FedAvg: clipping bound, noise moments, where its randomness comes from, accounting."""
+
+import random
 
 import pytest
 import torch
 
 from privacy.mechanism.accountant import epsilon
-from server.user_dp import UserDpSpec, clip_update, noisy_mean
+from server.user_dp import UserDpSpec, clip_update, cohort_rng, noise_generator, noisy_mean, poisson_cohort
 
 REF = {"w": torch.zeros(200, 50)}
 
@@ -41,3 +43,32 @@ def test_user_level_accounting_matches_dp_notes():
     spec = UserDpSpec(clip_norm=1.0, noise_multiplier=1.0, sample_rate=0.01, delta=1e-5)
     assert epsilon([spec.event()] * 100, delta=1e-5) == pytest.approx(0.72, rel=0.03)
     assert epsilon([spec.event()] * 1000, delta=1e-5) == pytest.approx(1.83, rel=0.02)
+
+
+def test_noise_generator_is_filled_from_fresh_os_entropy(monkeypatch):
+    """Not a 32-bit manual_seed, not a saved state: the generator is built from fresh_entropy() in each process."""
+    import server.user_dp as user_dp
+    from privacy.mechanism.entropy import generator_from_entropy
+
+    assert not torch.equal(torch.randn(64, generator=noise_generator(-1, 0)),
+                           torch.randn(64, generator=noise_generator(-1, 0)))
+    monkeypatch.setattr(user_dp, "fresh_entropy", lambda: b"\x42" * 32)
+    assert torch.equal(torch.randn(64, generator=noise_generator(-1, 0)),
+                       torch.randn(64, generator=generator_from_entropy(b"\x42" * 32)))
+
+
+def test_debugging_noise_seed_is_reproducible_but_not_replayed_after_a_resume():
+    def draw(seed, counted):
+        return torch.randn(64, generator=noise_generator(seed, counted))
+
+    assert torch.equal(draw(3, 0), draw(3, 0))  # the same fresh run twice: same noise (debugging only)
+    assert not torch.equal(draw(3, 0), draw(3, 2))  # a process resuming after 2 counted rounds: other noise
+    assert not torch.equal(draw(3, 0), torch.randn(64, generator=torch.Generator().manual_seed(3)))
+
+
+def test_cohorts_come_from_the_os_csprng():
+    rng = cohort_rng()
+    assert isinstance(rng, random.SystemRandom)
+    nodes = list(range(512))
+    assert poisson_cohort(nodes, 1.0, rng) == nodes
+    assert poisson_cohort(nodes, 0.5, rng) != poisson_cohort(nodes, 0.5, rng)  # a tie: 2^-512

@@ -1,0 +1,66 @@
+"""Federated evaluation: which clients evaluate, and one summary over their replies."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from server.intake import Intake, Names
+from slm.errors import UserError
+
+ACCURACIES = ("accuracy", "top1_accuracy", "top3_accuracy")
+
+
+def evaluation_name(reply) -> str:
+    return str(reply.content["info"]["client"])
+
+
+def summarize(intake: Intake, names: Names) -> dict:
+    """Token-weighted eval loss (example-weighted accuracies) over the usable replies.
+
+    Replies under a duplicate site name are listed in ``eval_rejected``, never merged:
+    one entry per name would let one site's loss stand for several.
+    """
+    per_client, loss_sum, tokens = {}, 0.0, 0.0
+    for _, name, reply in intake.usable:
+        metrics = dict(reply.content["metrics"])
+        per_client[name] = metrics
+        loss_sum += metrics["eval_loss"] * metrics["eval_tokens"]
+        tokens += metrics["eval_tokens"]
+    summary = {"eval_loss": loss_sum / tokens if tokens else math.nan, "eval_clients": per_client}
+    for key in ACCURACIES:
+        weighted = [(m[key], m["eval_examples"]) for m in per_client.values() if key in m]
+        if weighted:
+            summary[key] = sum(v * n for v, n in weighted) / max(sum(n for _, n in weighted), 1)
+    if intake.failed:
+        summary["eval_errors"] = [f"{names(node)}: {why}" for node, why in intake.failed]
+    if intake.duplicate:
+        summary["eval_rejected"] = [{"client": name, "reason": why} for _, name, why in intake.duplicate]
+    return summary
+
+
+def describe(summary: dict, label: str) -> list[str]:
+    """Console lines for one evaluation."""
+    per_client = summary["eval_clients"]
+    clients = ", ".join(f"{n} {m['eval_loss']:.4f}" for n, m in sorted(per_client.items()))
+    if len(per_client) > 8:  # phones: a range, not a thousand names
+        losses = sorted(m["eval_loss"] for m in per_client.values())
+        clients = f"{len(per_client)} clients, {losses[0]:.4f} to {losses[-1]:.4f}"
+    return ([f"{label} loss {summary['eval_loss']:.4f}  ({clients})"]
+            + [f"evaluation failed on {error}" for error in summary.get("eval_errors", [])]
+            + [f"{label} reply rejected: {entry['reason']}" for entry in summary.get("eval_rejected", [])])
+
+
+def evaluation_sample(nodes: list[int], fraction: float, seed: int) -> list[int]:
+    """The clients that evaluate (and receive shipped models): all, or a fixed seeded sample.
+
+    With thousands of phones, evaluating every client every round costs more than the
+    training; the same sample every round keeps the rounds' losses comparable. It is
+    drawn once, whatever the training cohorts are, so it says nothing about who trained.
+    """
+    if not 0 < fraction <= 1:
+        raise UserError("config key 'server.fraction-evaluate': must be in (0, 1]")
+    if fraction == 1:
+        return nodes
+    k = max(1, math.ceil(fraction * len(nodes)))
+    return sorted(random.Random(seed).sample(sorted(nodes), k))
