@@ -58,7 +58,7 @@ def site_and_data(context: Context, run_dir: str = "") -> tuple[dict, SitePolicy
         policy = SitePolicy.from_node_config(context.node_config)
         local = replace(load_local_data(policy.data_spec(config), 0, 1), name=policy.name)
         for ignored in policy.ignored_requests(context.run_config):
-            site_log(policy.name, f"ignored the coordinator's {ignored}: that is the site's setting")
+            site_log(policy, f"ignored the coordinator's {ignored}: that is the site's setting")
         return config, policy, local
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
@@ -66,9 +66,15 @@ def site_and_data(context: Context, run_dir: str = "") -> tuple[dict, SitePolicy
     return config, SitePolicy.for_simulation(config, local.name, run_dir), local
 
 
-def site_log(name: str, text: str) -> None:
-    """The site's own log: the ClientApp's stderr (the SuperNode's log in a deployment)."""
-    print(f"[fedslm site {name}] {text}", file=sys.stderr, flush=True)
+def site_log(policy: SitePolicy, text: str) -> None:
+    """The site's own log: the ClientApp's stderr, which is the SuperNode's log in a deployment.
+
+    A simulated site keeps quiet: its console is the researcher's, where lines naming who
+    trained would sit next to a user-level DP run's cohort-size-only lines; the server's
+    metrics already record every refusal with its reason.
+    """
+    if policy.deployment:
+        print(f"[fedslm site {policy.name}] {text}", file=sys.stderr, flush=True)
 
 
 def _model(config: dict, policy: SitePolicy, msg: Message, aggregation: str):
@@ -104,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         request, problems = None, [f"malformed request ({type(err).__name__}: {err})"]
     if problems:
         reason = "; ".join(problems)
-        site_log(local.name, f"refused a train request: {reason}")
+        site_log(policy, f"refused a train request: {reason}")
         return _reply(msg, {**privacy, "status": "rejected", "reason": reason}, {"num-examples": 0})
     started = time.time()
     model, tokenizer = _model(config, policy, msg, request.aggregation)
@@ -129,7 +135,7 @@ def train(msg: Message, context: Context) -> Message:
             sigma = decision.noise_multiplier
             entry = ledger.reserve(replace(entry, noise_multiplier=sigma), budget=policy.max_epsilon)
         if entry.status == "refused":  # on disk before anything is trained; spends nothing
-            site_log(local.name, f"refused round {request.server_round} of run {request.run_id}: {entry.reason}")
+            site_log(policy, f"refused round {request.server_round} of run {request.run_id}: {entry.reason}")
             return _reply(msg, {**privacy, **_privacy_fields(entry, ledger)}, {"num-examples": 0})
     with frozen_a_factors(model, freeze=request.aggregation == "ffa"):
         result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps,
@@ -141,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
     if ledger is not None:
         entry = ledger.commit(entry)
         privacy.update(_privacy_fields(entry, ledger))
-        site_log(local.name, f"round {request.server_round} of run {request.run_id}: trained with sigma "
+        site_log(policy, f"round {request.server_round} of run {request.run_id}: trained with sigma "
                              f"{sigma:.3f}, spent {entry.epsilon_after:.3f} of {policy.max_epsilon:g}")
     else:  # no DP, no privacy claim: the training metrics may as well leave
         privacy.update({"status": "no-dp", "sample_rate": q, "steps": steps})
@@ -178,7 +184,7 @@ def evaluate_shipped(msg: Message, context: Context) -> Message:
     config, policy, local = site_and_data(context, str(announced.get("run-dir", "")))
     _check_evaluates(policy)
     if policy.deployment and not policy.shipped_dir:  # else the coordinator's run-dir would pick the directory
-        site_log(policy.name, "refused a shipped model: no shipped-dir in the node config")
+        site_log(policy, "refused a shipped model: no shipped-dir in the node config")
         raise UserError(f"site {policy.name} accepts no shipped models (its node config has no shipped-dir)")
     config = {**config, "model.name": policy.model_name(config), "ship.dir": policy.shipped_dir}
     path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local)
@@ -203,5 +209,5 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
 
 def _check_evaluates(policy: SitePolicy) -> None:
     if not policy.evaluate:
-        site_log(policy.name, "refused an evaluation request (node config evaluate = false)")
+        site_log(policy, "refused an evaluation request (node config evaluate = false)")
         raise UserError(f"site {policy.name} does not evaluate (its node config says evaluate = false)")

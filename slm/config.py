@@ -73,13 +73,14 @@ SCHEMA: dict[str, Key] = {
     "server.fraction-train": Key(1.0, "share of available clients sampled per round"),
     "server.fraction-evaluate": Key(1.0, "share of clients evaluated each round (a fixed sample, so rounds compare)"),
     "server.timeout": Key(3600.0, "seconds to wait for a round's replies"),
-    "server.seed": Key(0, "seed of client sampling"),
+    "server.seed": Key(0, "seed of client sampling without user-level DP (with it, cohorts come from OS entropy)"),
     "server.aggregation": Key("auto", "auto = ffa with DP, else fedavg; svd = rank-r SVD of the mean product",
                               ("auto", "fedavg", "ffa", "svd")),
     "server.wire-dtype": Key("float16", "dtype of adapter tensors on the wire, both ways (float16 halves the bytes, "
                                         "rounding < 1e-3 relative; every party computes in fp32)", ("float16", "float32")),
     "server.max-update-norm": Key(1000.0, "replies whose update norm exceeds this are rejected (0 = no bound)"),
-    "server.noise-seed": Key(-1, "user-level DP noise seed; -1 = OS entropy (a known seed lets anyone remove the noise)"),
+    "server.noise-seed": Key(-1, "user-level DP noise seed; -1 = 256 bits of OS entropy; >= 0 is for debugging only "
+                                "(a known seed lets anyone remove the noise)"),
     # user-level DP (DP-FedAvg on the server, whole-client privacy)
     "user-dp.enabled": Key(False, "clip each client update and add noise to the mean (McMahan et al. 2018)"),
     "user-dp.clip-norm": Key(1.0, "L2 bound S on each client's update"),

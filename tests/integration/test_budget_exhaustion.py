@@ -25,7 +25,7 @@ def test_second_run_on_the_same_data_continues_the_spend_and_refuses(tmp_path, m
     assert "refused: budget exhausted" in second.stdout
     assert "clients still have budget (min-clients 1); stopping cleanly" in second.stdout
 
-    files = sorted(ledgers.glob("*/ledger-*.json"))
+    files = sorted(ledgers.glob("*/ledger.json"))
     assert [f.parent.name for f in files] == ["client-0", "client-1"]  # one ledger per client, shared by both runs
     for path in files:
         entries = json.loads(path.read_text())["entries"]

@@ -21,7 +21,7 @@ def started(marker: Path) -> list[str]:
 
 
 def check(ledger_dir: Path, marker: Path) -> Ledger:
-    ledger = Ledger.load(next(ledger_dir.glob("ledger-*.json")))  # parses: never torn
+    ledger = Ledger.load(next(ledger_dir.glob("ledger.json")))  # parses: never torn
     keys = {f"{e.run_id}:{e.round}" for e in ledger.entries}
     assert set(started(marker)) <= keys, "a training started without its spend on disk"
     assert all(e.status in SPENDING for e in ledger.entries)
@@ -50,7 +50,7 @@ def test_kill_minus_nine_never_corrupts_and_counts_reserved_spend(tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        if any(ledger_dir.glob("ledger-*.json")):
+        if any(ledger_dir.glob("ledger.json")):
             check(ledger_dir, marker)
     final = check(ledger_dir, marker)
     reserved = [e for e in final.entries if e.status == "reserved"]
