@@ -45,15 +45,27 @@ class SgmEvent:
         return asdict(self)
 
 
-def epsilon(events: Iterable[SgmEvent], *, delta: float, accountant: str = "prv") -> float:
-    """(eps, delta)-DP epsilon of the composition of ``events``; 0 for none, inf without noise."""
-    history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0 and e.sample_rate > 0]
+def history_of(events: Iterable[SgmEvent]) -> list[tuple[float, float, int]]:
+    """(sigma, q, steps) of the events that release anything (no steps or q = 0: nothing released)."""
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0 and e.sample_rate > 0]
+
+
+def trivial_epsilon(history: list[tuple[float, float, int]], delta: float) -> float | None:
+    """0 for an empty history, inf when any step had no noise; None when an accountant must compute it."""
     if not history:
         return 0.0
     if any(sigma == 0 for sigma, _, _ in history):
         return math.inf
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    return None
+
+
+def epsilon(events: Iterable[SgmEvent], *, delta: float, accountant: str = "prv") -> float:
+    """(eps, delta)-DP epsilon of the composition of ``events``; 0 for none, inf without noise."""
+    history = history_of(events)
+    if (trivial := trivial_epsilon(history, delta)) is not None:
+        return trivial
     # Opacus warns "optimal order is the largest alpha" when an RDP bound (RDP itself, or
     # the RDP tail bound PRV uses to size its grid) could be tighter; both stay valid bounds.
     with warnings.catch_warnings():

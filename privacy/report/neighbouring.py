@@ -37,11 +37,10 @@ PLD number above is tighter and is the one reported.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from functools import lru_cache
 
-from privacy.mechanism.accountant import SgmEvent
+from privacy.mechanism.accountant import SgmEvent, history_of, trivial_epsilon
 
 RELATION = "add/remove one record"
 STATEMENT = "(ε, δ)-DP under add/remove-one-record neighbouring; the number of records is released in clear"
@@ -55,14 +54,10 @@ INTERVAL = 1e-3
 
 def epsilon_replace_one(events: Iterable[SgmEvent], *, delta: float) -> float:
     """Replace-one epsilon of a DP-SGD history at ``delta``; 0 for none, inf without noise."""
-    history = tuple((e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0 and e.sample_rate > 0)
-    if not history:
-        return 0.0
-    if any(sigma == 0 for sigma, _, _ in history):
-        return math.inf
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    return _replace_one(history, delta)
+    history = history_of(events)
+    if (trivial := trivial_epsilon(history, delta)) is not None:
+        return trivial
+    return _replace_one(tuple(history), delta)
 
 
 @lru_cache(maxsize=None)

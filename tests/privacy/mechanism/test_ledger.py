@@ -173,3 +173,16 @@ def test_noise_cap_turns_crumbs_of_budget_into_a_refusal(tmp_path):
     assert not lenient.refused and 5.0 < lenient.noise_multiplier <= 20.0 and lenient.planned_epsilon <= 1.0
     strict = decide(ledger, max_noise_multiplier=5.0, **common)
     assert strict.refused and "sigma > 5" in strict.reason
+
+
+def test_a_tiny_requested_sigma_is_never_evaluated_as_it_is(tmp_path, monkeypatch):
+    """PRV at sigma 0.01 takes minutes and GiBs: a coordinator asking for it must not make the site compute it."""
+    import privacy.mechanism.policy as policy
+    from privacy.mechanism.calibrate import SIGMA_MIN
+
+    seen, real = [], policy.planned_epsilon
+    monkeypatch.setattr(policy, "planned_epsilon",
+                        lambda past, sigma, **kw: seen.append(sigma) or real(past, sigma, **kw))
+    decision = decide(open_ledger(tmp_path), max_epsilon=8.0, requested_sigma=0.01, target_epsilon=0.0,
+                      sample_rate=0.05, steps=10, rounds_left=3)
+    assert seen and min(seen) >= SIGMA_MIN and decision.noise_multiplier >= SIGMA_MIN
