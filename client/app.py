@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 from client.data import DataSpec, LocalData, load_local_data
 from client.request import RoundRequest
 from client.shipment import receive_and_evaluate
-from client.site import NODE_KEYS, SitePolicy, is_deployment, site_name  # noqa: F401  (deploy.node_config)
+from client.site import SitePolicy, is_deployment
 from client.train import train_adapter
 from privacy.mechanism.entropy import round_entropy
 from privacy.mechanism.ledger import Entry, Ledger, fingerprint
