@@ -22,7 +22,9 @@ from dataclasses import replace
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import secure_aggregation
 from client.data import DataSpec, LocalData, load_local_data
+from client.progress import site_progress
 from client.request import RoundRequest
 from client.shipment import receive_and_evaluate
 from client.site import SitePolicy, is_deployment
@@ -30,7 +32,9 @@ from client.train import train_adapter
 from privacy.mechanism.entropy import round_entropy
 from privacy.mechanism.ledger import Entry, Ledger, fingerprint
 from privacy.mechanism.policy import decide, default_delta
-from slm.config import from_run_config
+from slm.allocator import return_freed_memory, trim_freed_memory
+from slm.base import resolve_device
+from slm.config import request_config
 from slm.errors import UserError
 from slm.evaluate import evaluate
 from slm.lora import (
@@ -45,6 +49,7 @@ from slm.lora import (
     to_arrays,
 )
 from slm.quiet import quiet_libraries
+from slm.recompute import recomputed_layers
 from slm.tasks import Task
 
 quiet_libraries()
@@ -52,17 +57,22 @@ app = ClientApp()
 
 
 def site_and_data(context: Context, run_dir: str = "") -> tuple[dict, SitePolicy, LocalData]:
-    """(the coordinator's validated run config, the site's policy, the site's records)."""
-    config = from_run_config(context.run_config)
+    """(the coordinator's validated run config, the site's policy, the site's records).
+
+    A label task's verbalizers are the ones resolved against the site's records: the run
+    config's when given (every label covered), else the site's own word labels.
+    """
+    config = request_config(context.run_config)
     if is_deployment(context.node_config):
         policy = SitePolicy.from_node_config(context.node_config)
         local = replace(load_local_data(policy.data_spec(config), 0, 1), name=policy.name)
         for ignored in policy.ignored_requests(context.run_config):
             site_log(policy, f"ignored the coordinator's {ignored}: that is the site's setting")
-        return config, policy, local
+        return {**config, "data.verbalizers": local.verbalizers}, policy, local
     partition_id = int(context.node_config.get("partition-id", 0))
     num_partitions = int(context.node_config.get("num-partitions", 1))
     local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+    config = {**config, "data.verbalizers": local.verbalizers}
     return config, SitePolicy.for_simulation(config, local.name, run_dir), local
 
 
@@ -80,7 +90,11 @@ def site_log(policy: SitePolicy, text: str) -> None:
 def _model(config: dict, policy: SitePolicy, msg: Message, aggregation: str):
     """The base with the received adapter; with FFA-LoRA, our own A factors must be the server's."""
     round_cfg = msg.content["config"]
-    model, tokenizer = attach(policy.model_name(config), LoraSpec.from_config(config), config["model.dtype"])
+    device = resolve_device(policy.device_name(config),
+                            "node config key 'device'" if policy.device else "config key 'model.device'")
+    if config["model.return-freed-memory"]:
+        return_freed_memory()  # process-wide, before the base is loaded
+    model, tokenizer = attach(policy.model_name(config), LoraSpec.from_config(config), config["model.dtype"], device)
     received = from_arrays(msg.content["arrays"])
     if aggregation == "ffa":
         if a_factor_digest(adapter_state(model)) != round_cfg["lora-a-sha256"]:
@@ -99,6 +113,13 @@ def _reply(msg: Message, privacy: dict, metrics: dict, arrays=None) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A clear train round, or one stage of a secure one (client.secure_aggregation masks the reply)."""
+    if secure_aggregation.requested(msg):
+        return secure_aggregation.masked_train(msg, context, train_clear)
+    return train_clear(msg, context)
+
+
+def train_clear(msg: Message, context: Context) -> Message:
     round_cfg = msg.content["config"]
     config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
     privacy = {"client": local.name, "dp": policy.dp_enabled, "noise_seed": "os-entropy"
@@ -137,12 +158,18 @@ def train(msg: Message, context: Context) -> Message:
         if entry.status == "refused":  # on disk before anything is trained; spends nothing
             site_log(policy, f"refused round {request.server_round} of run {request.run_id}: {entry.reason}")
             return _reply(msg, {**privacy, **_privacy_fields(entry, ledger)}, {"num-examples": 0})
-    with frozen_a_factors(model, freeze=request.aggregation == "ffa"):
+    with frozen_a_factors(model, freeze=request.aggregation == "ffa"), \
+            recomputed_layers(model, config["train.recompute"]):  # a memory setting: same gradients
         result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps,
                                batch_size=request.batch_size, lr=request.lr, noise_multiplier=sigma,
                                clip_norm=request.clip_norm,
                                seed=round_entropy(policy.noise_seed, local.name, request.run_id, request.server_round),
-                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"])
+                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"],
+                               # a memory setting, never the update's: a negative request runs in one piece
+                               physical_batch_size=max(0, config["train.physical-batch-size"]),
+                               on_step=site_progress(policy, config, lambda text: site_log(policy, text)).step)
+    if config["model.return-freed-memory"]:
+        trim_freed_memory()  # what training left in the heap, before this process evaluates
     metrics = {"num-examples": records, "steps": result.steps}
     if ledger is not None:
         entry = ledger.commit(entry)
@@ -201,7 +228,8 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
     _check_evaluates(policy)
     model, tokenizer = _model(config, policy, msg, str(round_cfg["aggregation"]))
-    metrics = evaluate(model, tokenizer, Task.from_config(config), local.test)
+    progress = site_progress(policy, config, lambda text: site_log(policy, text))
+    metrics = evaluate(model, tokenizer, Task.from_config(config), local.test, on_progress=progress.evaluated)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
                           "info": ConfigRecord({"client": local.name})})
     return Message(content=content, reply_to=msg)

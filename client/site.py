@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.data import DataSpec
+from slm.config import DELTA, DEVICE
 from slm.errors import UserError
 
 # node config key -> (type, default, meaning). Keys not listed here are refused by deploy/node_config.py.
@@ -38,8 +39,8 @@ NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "max-local-steps": (int, 1000, "most DP-SGD steps one round may ask for"),
     "model-dir": (str, "", "'smollm2', 'tiny' or a local HF model directory (else the run config's)"),
     "shipped-dir": (str, "", "where verified shipped models are stored"),
+    "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
 }
-MAX_DELTA = 1e-3  # a larger delta is no guarantee worth the name (it must also stay below 1/records)
 REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon")
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under a ledger dir
 
@@ -77,6 +78,7 @@ class SitePolicy:
     noise_seed: int  # -1 = fresh OS entropy per round (always, in a deployment)
     evaluate: bool
     model_dir: str  # '' = the run config's model.name
+    device: str  # '' = the run config's model.device
     shipped_dir: str  # '' = <run dir>/shipped (simulation)
     data_path: str
     test_data_path: str
@@ -101,8 +103,9 @@ class SitePolicy:
             max_epsilon=values["max-epsilon"], delta=values["delta"],
             max_noise_multiplier=values["max-noise-multiplier"], max_rounds=values["max-rounds"],
             max_local_steps=values["max-local-steps"], dp_enabled=True, noise_seed=-1, evaluate=values["evaluate"],
-            model_dir=values["model-dir"], shipped_dir=values["shipped-dir"], data_path=values["data-path"],
-            test_data_path=values["test-data-path"], test_fraction=values["test-fraction"],
+            model_dir=values["model-dir"], device=values["device"], shipped_dir=values["shipped-dir"],
+            data_path=values["data-path"], test_data_path=values["test-data-path"],
+            test_fraction=values["test-fraction"],
             max_train=values["max-train-examples"], max_eval=values["max-eval-examples"])
         policy.check(where)
         return policy
@@ -115,7 +118,7 @@ class SitePolicy:
             name=name, deployment=False, ledger_dir=ledger_root / name, max_epsilon=config["dp.max-epsilon"],
             delta=config["dp.delta"], max_noise_multiplier=config["dp.max-noise-multiplier"], max_rounds=10**6,
             max_local_steps=10**6, dp_enabled=config["dp.enabled"], noise_seed=config["dp.noise-seed"],
-            evaluate=True, model_dir="", shipped_dir=config["ship.dir"], data_path=config["data.path"],
+            evaluate=True, model_dir="", device="", shipped_dir=config["ship.dir"], data_path=config["data.path"],
             test_data_path="", test_fraction=config["data.test-fraction"],
             max_train=config["data.max-train-examples"], max_eval=config["data.max-eval-examples"])
         policy.check("run config")
@@ -125,10 +128,12 @@ class SitePolicy:
         def bad(key: str, why: str):
             raise UserError(f"{where}: '{key}' {why}")
 
+        if self.device and not DEVICE.fullmatch(self.device):
+            bad("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
             bad("max-epsilon", f"must be a positive number, got {self.max_epsilon!r}")
-        if not (self.delta == 0 or 0 < self.delta <= MAX_DELTA):
-            bad("delta", f"must be in (0, {MAX_DELTA:g}] (or 0 for the default), got {self.delta!r}")
+        if not DELTA.admits(self.delta):  # the same rule as the run config's dp.delta (slm.config)
+            bad("delta", f"must be {DELTA} (0 = the default), got {self.delta!r}")
         if not (math.isfinite(self.max_noise_multiplier) and self.max_noise_multiplier > 0):
             bad("max-noise-multiplier", f"must be a positive number, got {self.max_noise_multiplier!r}")
         if not 0 <= self.test_fraction < 1:
@@ -160,6 +165,10 @@ class SitePolicy:
 
     def model_name(self, request_config: dict) -> str:
         return self.model_dir or request_config["model.name"]
+
+    def device_name(self, request_config: dict) -> str:
+        """The site's device, else the run config's model.device (the hardware is the site's)."""
+        return self.device or request_config["model.device"]
 
     def ignored_requests(self, run_config) -> list[str]:
         """Site-owned settings the coordinator's run config tried to set (logged, never applied)."""

@@ -10,11 +10,24 @@ is part of the mechanism. ``train.grad-sample-mode`` and ``train.autocast`` choo
 also under bf16 autocast (fp32_grad_samples, _GhostClippingFp32Norms); ghost clipping with
 bf16 autocast is refused under DP, because its clipped sum comes from a bf16 backward pass.
 
-Randomness (sampling and noise) comes from one explicit generator per client and round,
-whose whole Mersenne-Twister state is derived from the ``seed`` entropy
-(privacy.mechanism.entropy: torch's manual_seed would keep only 32 bits). secure_mode is
-off: Opacus' cryptographically secure RNG needs torchcsprng, which is not installable
-here; reports say so.
+Virtual steps: a logical (Poisson) batch of any size is processed in physical micro-batches
+of at most ``physical_batch_size`` examples. Each micro-batch's per-example gradients are
+clipped and added to Opacus' running clipped sum (``signal_skip_step``: clip and
+accumulate, no noise, no update); after the last one the noise N(0, (sigma C)^2) is added
+ONCE and the sum divided by the expected batch size once. So the released update, the
+sensitivity C and the accounting are those of the one-piece step (Abadi et al. 2016,
+Algorithm 1: one noise draw per lot); only the memory is bounded by the physical batch.
+The loss computes logits only at loss positions, in checkpointed chunks (slm/loss.py).
+
+Randomness (sampling and noise) comes from one explicit CPU generator per client and
+round, whose whole Mersenne-Twister state is derived from the ``seed`` entropy
+(privacy.mechanism.entropy: torch's manual_seed would keep only 32 bits). On a GPU the
+noise is still drawn from that CPU generator and then moved to the parameter's device
+(_HostNoise): a CUDA generator is a Philox whose whole state is a 64-bit key and a
+counter, so it could not hold the 256 bits of entropy, and the CPU draw of 0.5 M normals
+per step costs milliseconds. The released noise for a given entropy is then the same on
+every device. secure_mode is off: Opacus' cryptographically secure RNG needs torchcsprng,
+which is not installable here; reports say so.
 """
 
 from __future__ import annotations
@@ -26,11 +39,13 @@ import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from privacy.mechanism.entropy import generator_from_entropy, seed_entropy
 from slm.errors import UserError
-from slm.tasks import Task, collate, encode, per_example_loss
+from slm.loss import per_example_loss
+from slm.tasks import Task, collate, encode
 
 # How Opacus gets each example's clipped gradient (BENCHMARKS.md, "DP overhead"):
 # hooks = per-example gradients from captured activations and backprops (one backward);
@@ -58,10 +73,10 @@ def sample_rate(batch_size: int, records: int, where: str = "client") -> float:
     return batch_size / records
 
 
-def autocast_context(autocast: str):
-    """bf16 autocast of the forward pass on CPU (matmuls in bf16, losses and LoRA factors in fp32)."""
+def autocast_context(autocast: str, device: torch.device | str = "cpu"):
+    """bf16 autocast of the forward pass on the model's device (matmuls in bf16, losses and LoRA factors in fp32)."""
     if autocast == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
     if autocast != "none":
         raise UserError(f"config key 'train.autocast': {autocast!r} is not one of {', '.join(AUTOCAST)}")
     return contextlib.nullcontext()
@@ -106,6 +121,37 @@ def fp32_grad_samples(optimizer) -> None:
             p.grad_sample = [s.float() for s in sample]
 
 
+class _HostNoise:
+    """Opacus' add_noise with the noise drawn on the generator's device (the CPU), then moved.
+
+    Opacus 1.6.0 ``_generate_noise`` draws ``torch.normal(..., device=reference.device,
+    generator=generator)``, which fails for a CPU generator and a CUDA parameter. The draw
+    here is that same call on a CPU reference (the very values Opacus draws on the CPU, so
+    the CPU path is unchanged) and the result is copied to the parameter's device. Why not a
+    CUDA generator: see the module docstring (entropy).
+    """
+
+    def add_noise(self):
+        sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)  # as Opacus' ghost optimizer
+        host = self.generator.device if self.generator is not None else torch.device("cpu")
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            reference = p.summed_grad if p.summed_grad.device == host else torch.empty(
+                p.summed_grad.shape, dtype=p.summed_grad.dtype, device=host)
+            noise = _generate_noise(std=sigma * self.max_grad_norm, reference=reference, generator=self.generator,
+                                    secure_mode=self.secure_mode)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+class _DPOptimizer(_HostNoise, DPOptimizer):
+    pass
+
+
+class _DPOptimizerGhost(_HostNoise, DPOptimizerFastGradientClipping):
+    pass
+
+
 def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_norm: float, batch_size: int,
                  generator: torch.Generator):
     """(forward module, DP optimizer) for a grad-sample mode; ``forward._close()`` undoes it."""
@@ -114,33 +160,67 @@ def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_n
     if mode == "ghost":
         forward = _GhostClippingFp32Norms(model, batch_first=True, loss_reduction="mean",
                                           max_grad_norm=clip_norm, use_ghost_clipping=True)
-        optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=noise_multiplier,
+        optimizer = _DPOptimizerGhost(optimizer, noise_multiplier=noise_multiplier,
                                                     max_grad_norm=clip_norm, expected_batch_size=batch_size,
                                                     loss_reduction="mean", generator=generator)
         return forward, optimizer
     forward = GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
-    optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+    optimizer = _DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
                             expected_batch_size=batch_size, generator=generator)
     return forward, optimizer
 
 
-def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: str = "none") -> float:
-    """One optimizer step on one batch; ``mode`` None = non-private. Returns the batch loss.
+def micro_batches(batch: dict, physical_batch_size: int) -> list[dict]:
+    """A logical batch cut into consecutive pieces of at most ``physical_batch_size`` rows (0 = one piece).
 
-    Shared by training and the DP-overhead benchmark, so the benchmark times exactly this.
+    Each piece is cut to its own longest example (right padding: the columns dropped are
+    padding of every row in it, which neither attention nor the loss sees).
     """
+    size = len(batch["input_ids"])
+    if physical_batch_size <= 0 or size <= physical_batch_size:
+        return [batch]
+    pieces = []
+    for start in range(0, size, physical_batch_size):
+        piece = {k: v[start:start + physical_batch_size] for k, v in batch.items()}
+        width = max(int(piece["attention_mask"].sum(dim=1).max()), 1)
+        pieces.append({k: v[:, :width] for k, v in piece.items()})
+    return pieces
+
+
+def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: str = "none",
+              physical_batch_size: int = 0, loss=per_example_loss) -> float:
+    """One logical optimizer step on one batch; ``mode`` None = non-private. Returns the batch loss.
+
+    The batch runs in micro-batches of at most ``physical_batch_size`` examples. Under DP
+    every micro-batch but the last is clipped and accumulated only
+    (``signal_skip_step``); the last one's ``step`` adds the noise once, divides by the
+    expected batch once and updates (Opacus DPOptimizer.pre_step). Non-private, the
+    micro-batch gradients sum to that of the mean loss over the whole batch.
+    Shared by training and the DP-overhead benchmark, so the benchmark times exactly this.
+    ``loss(forward, batch)`` -> (B,) is slm.loss.per_example_loss (benchmarks pass the full-logits one).
+    """
+    device = next(p for group in optimizer.param_groups for p in group["params"]).device
     optimizer.zero_grad(set_to_none=True)
-    with autocast_context(autocast):
-        logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    losses = per_example_loss(logits, batch["labels"])
-    if mode == "ghost":
-        DPTensorFastGradientClipping(forward, optimizer, losses, "mean").backward()
-    else:
-        losses.mean().backward()
-        if mode is not None:
+    pieces = micro_batches(batch, physical_batch_size)
+    size, total = len(batch["input_ids"]), 0.0
+    for i, piece in enumerate(pieces):
+        piece = {k: v.to(device) for k, v in piece.items()}
+        with autocast_context(autocast, device):
+            losses = loss(forward, piece)
+        if mode == "ghost":
+            DPTensorFastGradientClipping(forward, optimizer, losses, "mean").backward()
+        elif mode is None:
+            (losses.sum() / size).backward()  # accumulates to the gradient of the whole batch's mean loss
+        else:
+            losses.mean().backward()
             fp32_grad_samples(optimizer)  # clipping norms in fp32, also under bf16 autocast
+        total += float(losses.detach().sum())
+        if mode is not None and i < len(pieces) - 1:
+            optimizer.signal_skip_step(do_skip=True)
+            optimizer.step()  # clip and add to the clipped sum; no noise, no update
+            optimizer.zero_grad(set_to_none=True)  # per-example gradients only: the clipped sum is kept
     optimizer.step()
-    return float(losses.detach().mean())
+    return total / size
 
 
 def _empty_step(optimizer, params, mode: str) -> None:
@@ -149,23 +229,56 @@ def _empty_step(optimizer, params, mode: str) -> None:
         if mode == "ghost":
             p.grad = torch.zeros_like(p)
         else:
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
     optimizer.step()
+
+
+def lora_snapshot(model) -> tuple[dict, dict]:
+    """Copies of the adapter tensors that must train and of the LoRA factors that must not (FFA's A)."""
+    lora = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    return ({n: p.detach().clone() for n, p in lora.items() if p.requires_grad},
+            {n: p.detach().clone() for n, p in lora.items() if not p.requires_grad})
+
+
+def check_first_update(model, before: tuple[dict, dict], *, noised: bool) -> None:
+    """After the first optimizer step: frozen LoRA factors unchanged and, when noise was released, every
+    trainable one changed.
+
+    The failure this catches is Opacus issue #820: with the base moved to a device after
+    PEFT wrapped it (or an optimizer built over other tensors than the model's), training
+    runs and the adapter silently never changes. A noised step moves every coordinate of
+    every trained tensor (a continuous Gaussian), so "unchanged" cannot be bad luck.
+    """
+    trained, frozen = before
+    now = dict(model.named_parameters())
+    stuck = [n for n, v in trained.items() if noised and torch.equal(now[n].detach(), v)]
+    moved = [n for n, v in frozen.items() if not torch.equal(now[n].detach(), v)]
+    if stuck or moved:
+        what = f"{stuck[0]} did not change" if stuck else f"frozen {moved[0]} changed"
+        raise RuntimeError(f"LoRA update check after the first step: {what} (the optimizer does not update the "
+                           "model's adapter: was the model moved to its device after PEFT wrapped it?)")
 
 
 def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: int, batch_size: int, lr: float,
                   noise_multiplier: float | None, clip_norm: float, seed: bytes | int,
-                  make_optimizer=None, grad_sample_mode: str = "hooks", autocast: str = "none") -> TrainResult:
+                  make_optimizer=None, grad_sample_mode: str = "hooks", autocast: str = "none",
+                  physical_batch_size: int = 0, on_step=None) -> TrainResult:
     """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None.
 
     ``seed``: entropy bytes (>= 16; a site passes fresh OS entropy), or an int for a
     reproducible run (tests, benchmarks), expanded by privacy.mechanism.entropy.
     ``make_optimizer(params)`` replaces the default Adam(lr) (tests use plain SGD to
     compare an update with hand-computed clipped gradients).
+    ``physical_batch_size``: most examples per forward/backward pass (0 = the whole Poisson
+    batch at once); the update is the same (virtual steps, see the module docstring).
+    The model runs where its parameters are (slm.lora.attach places it); batches follow.
+    ``on_step(step, steps)`` is called after each logical step (1-based): a site's progress lines.
     """
     examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(records)]
     q = sample_rate(batch_size, len(examples))
     autocast_context(autocast)  # reject a bad value before any step
+    if physical_batch_size < 0:
+        raise UserError("config key 'train.physical-batch-size': must be 0 (one piece) or a positive number")
     if noise_multiplier is not None and grad_sample_mode == "ghost" and autocast == "bf16":
         raise UserError("config keys 'train.grad-sample-mode' = ghost and 'train.autocast' = bf16 do not go together "
                         "under DP: ghost clipping recomputes the clipped sum in a second bf16 backward pass, so a "
@@ -180,19 +293,27 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
         forward, optimizer = make_private(model, optimizer, mode=grad_sample_mode, noise_multiplier=noise_multiplier,
                                           clip_norm=clip_norm, batch_size=batch_size, generator=generator)
     mode = grad_sample_mode if private else None
+    noised = private and noise_multiplier > 0 and all(group["lr"] > 0 for group in optimizer.param_groups)
+    first = lora_snapshot(model)
     model.train()
     losses, seen = [], 0
     try:
-        for _ in range(steps):
+        for step in range(steps):
             chosen = (torch.rand(len(examples), generator=generator) < q).nonzero().flatten().tolist()
             if not chosen:
                 optimizer.zero_grad(set_to_none=True)
                 if private:
                     _empty_step(optimizer, params, grad_sample_mode)
-                continue
-            batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id)
-            losses.append(take_step(forward, optimizer, batch, mode=mode, autocast=autocast))
-            seen += len(chosen)
+            else:
+                batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id)
+                losses.append(take_step(forward, optimizer, batch, mode=mode, autocast=autocast,
+                                        physical_batch_size=physical_batch_size))
+                seen += len(chosen)
+            if step == 0:
+                check_first_update(model, first, noised=noised)
+                first = None
+            if on_step is not None:
+                on_step(step + 1, steps)
     finally:
         optimizer.zero_grad(set_to_none=True)
         if private:

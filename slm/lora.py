@@ -66,16 +66,22 @@ class LoraSpec:
 _attached: dict[tuple, object] = {}
 
 
-def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32"):
-    """The base model with this adapter attached, built once per process.
+def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32", device: torch.device | str = "cpu"):
+    """The base model with this adapter attached, on ``device``, built once per process.
 
     PEFT injects adapter layers into the base in place, so one base serves one spec; the
     adapter values are then swapped per round with ``set_adapter_state``. The initial A
     factors come from ``spec.seed`` so every party derives the same starting adapter.
+    The base goes to its device BEFORE PEFT wraps it, so the LoRA factors are created there
+    and are the very tensors the optimizer updates: moving a PEFT model afterwards is the
+    order behind Opacus issue #820 (LoRA updates silently lost); client.train checks the
+    first update (check_first_update).
     """
-    key = (model_ref, dtype, spec)
+    device = torch.device(device)
+    key = (model_ref, dtype, spec, str(device))
     if key not in _attached:
         base = load_base.__wrapped__(model_ref, dtype)  # a private copy: PEFT mutates it
+        base.model.to(device)
         names = {name.rsplit(".", 1)[-1] for name, _ in base.model.named_modules()}
         unknown = [t for t in spec.target_modules if t not in names]
         if unknown:
@@ -99,7 +105,7 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32"):
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """Only the trainable adapter tensors, under PEFT's saved names (no adapter name)."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}  # any device
 
 
 def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:

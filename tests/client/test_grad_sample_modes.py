@@ -8,17 +8,13 @@ from slm.errors import UserError
 from slm.lora import set_adapter_state
 from slm.tasks import Task
 from test_train import RecordingSGD, assert_noise_only_step  # tests/client is on sys.path (pytest rootdir import)
+from start_point import nonzero_lora_b
 
 
 def _update(model, tok, records, **options):
     """The parameter change of one sigma=0, q=1 DP-SGD step from a fixed non-zero adapter."""
     set_adapter_state(model, model._fedslm_initial)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-    params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
+    params, before = nonzero_lora_b(model)
     train_adapter(model, tok, Task(kind="sft", max_length=48), records, steps=1, batch_size=len(records), lr=1.0,
                   noise_multiplier=0.0, clip_norm=0.05, seed=0, make_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
                   **options)

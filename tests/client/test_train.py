@@ -7,6 +7,7 @@ from client.train import train_adapter
 from slm.errors import UserError
 from slm.lora import adapter_state
 from slm.tasks import Task, collate, encode, per_example_loss
+from start_point import nonzero_lora_b
 
 
 def manual_clipped_mean(model, tok, task, records, clip):
@@ -29,13 +30,7 @@ def test_dp_step_with_zero_noise_equals_manual_per_example_clipping(tiny, qa_rec
     model, tok = tiny
     task = Task(kind="sft", max_length=48)
     records = qa_records[:6]
-    # Step from a point where lora_B != 0, so A's gradients are not trivially zero.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-    params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
+    params, before = nonzero_lora_b(model)
     expected = manual_clipped_mean(model, tok, task, records, clip=0.05)
     assert any(float(e.abs().max()) > 0 for e in expected)
     train_adapter(model, tok, task, records, steps=1, batch_size=len(records), lr=1.0, noise_multiplier=0.0,

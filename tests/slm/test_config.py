@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from slm.config import SCHEMA, defaults, parse_assignment, resolve
+from slm.config import RANGES, SCHEMA, defaults, parse_assignment, request_config, resolve
 from slm.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,3 +41,44 @@ def test_parse_assignment():
     assert parse_assignment("lora.r = 4") == ("lora.r", "4")
     with pytest.raises(UserError, match="key=value"):
         parse_assignment("lora.r")
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("dp.delta", 2, "in (0, 0.001] or 0"),
+    ("dp.delta", -1e-6, "in (0, 0.001] or 0"),
+    ("user-dp.delta", 0.5, "in (0, 0.001] or 0"),
+    ("dp.max-epsilon", -1, "> 0"),
+    ("dp.target-epsilon", -1, ">= 0"),
+    ("dp.clip-norm", 0, "> 0"),
+    ("dp.noise-multiplier", -0.5, ">= 0"),
+    ("dp.max-noise-multiplier", 0, "> 0"),
+    ("train.lr", 0, "> 0"),
+    ("train.lr", "nan", "> 0"),
+    ("train.local-steps", 0, ">= 1"),
+    ("server.fraction-train", 0, "in (0, 1]"),
+    ("server.fraction-evaluate", 1.5, "in (0, 1]"),
+    ("data.test-fraction", 1, "in [0, 1)"),
+    ("data.dirichlet-alpha", 0, "> 0"),
+    ("lora.r", 0, ">= 1"),
+    ("lora.dropout", 1, "in [0, 1)"),
+    ("model.max-length", 4, ">= 16"),
+    ("user-dp.clip-norm", 0, "> 0"),
+    ("user-dp.noise-multiplier", -1, ">= 0"),
+])
+def test_out_of_range_values_are_one_line_naming_the_key_and_the_range(key, value, words):
+    with pytest.raises(UserError) as err:
+        resolve({key: value})
+    assert str(err.value).startswith(f"config key '{key}': must be {words}, got ") and "\n" not in str(err.value)
+
+
+def test_ranges_name_real_keys_and_admit_the_defaults_and_special_values():
+    assert set(RANGES) <= set(SCHEMA)
+    resolve({"dp.delta": 0, "user-dp.delta": 1e-3, "dp.target-epsilon": 0, "data.test-fraction": 0,
+             "server.fraction-train": 1, "dp.noise-seed": -1})
+
+
+def test_a_sites_request_is_typed_but_its_ranges_are_the_sites_to_judge():
+    """A deployed site refuses or ignores an out-of-range request with a reason (client.request, client.site)."""
+    assert request_config({"dp.delta": 0.2, "dp.clip-norm": 0.0})["dp.delta"] == 0.2
+    with pytest.raises(UserError, match="unknown config key"):
+        request_config({"dp.epsilon": 1})
