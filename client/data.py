@@ -17,6 +17,7 @@ from pathlib import Path
 
 from slm.errors import UserError
 from slm.jsonfiles import iter_json_lines
+from slm.tasks import derive_verbalizers, parse_verbalizers, uncovered
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "medquad_4_institutes.jsonl"
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
@@ -112,14 +113,48 @@ def _check_jsonl(file: Path) -> None:
 
 
 def check_fields(table, spec: DataSpec) -> None:
+    """Every field the task reads is a column, and no record leaves it empty (the first one is named)."""
     for field in spec.required_fields():
+        key = {spec.prompt_field: "prompt-field", spec.response_field: "response-field",
+               spec.text_field: "text-field", spec.label_field: "label-field"}[field]
         if field not in table.column_names:
-            key = {spec.prompt_field: "prompt-field", spec.response_field: "response-field",
-                   spec.text_field: "text-field", spec.label_field: "label-field"}[field]
             raise UserError(
                 f"data file {spec.path}: field '{field}' (data.{key}) is missing; "
                 f"columns are {', '.join(table.column_names)}"
             )
+        index = _first_empty(table, field)
+        if index is not None:
+            raise UserError(f"data file {spec.path}: record {index + 1} has an empty '{field}' (data.{key})")
+
+
+@lru_cache(maxsize=8)
+def _first_empty(table, field: str) -> int | None:
+    """Once per (cached) table: a worker serving a thousand phone clients scans each column once."""
+    return next((i for i, v in enumerate(table[field]) if v is None or not str(v).strip()), None)
+
+
+@lru_cache(maxsize=8)
+def _label_values(table, field: str) -> frozenset:
+    return frozenset(str(v).strip() for v in table[field])
+
+
+def resolve_verbalizers(spec: DataSpec, *tables) -> str:
+    """A label task's data.verbalizers, checked against every label in ``tables``.
+
+    Empty: the label values themselves when they are words (sorted: every party that derives
+    them from the same file scores the same candidates). Given: every label found must have one.
+    """
+    if spec.task != "label":
+        return spec.verbalizers
+    values = set().union(*(_label_values(table, spec.label_field) for table in tables))
+    if not spec.verbalizers.strip():
+        return derive_verbalizers(values, f"data file {spec.path}")
+    missing = uncovered(parse_verbalizers(spec.verbalizers), values)
+    if missing:
+        shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+        raise UserError(f"config key 'data.verbalizers': labels {shown} in data file {spec.path} have no "
+                        "verbalizer (add value=word pairs, or leave the key empty to use word labels as they are)")
+    return spec.verbalizers
 
 
 def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
@@ -171,11 +206,13 @@ def _partitioner(table, spec: DataSpec, num_partitions: int):
 
 @dataclass(frozen=True)
 class LocalData:
-    """What one client holds: its name, and its train and test records (lists of dicts)."""
+    """What one client holds: its name, its train and test records (lists of dicts), and for a
+    label task the verbalizers resolved against its file (client.app puts them into the task)."""
 
     name: str
     train: list
     test: list
+    verbalizers: str = ""
 
 
 def split(records, spec: DataSpec, name: str) -> LocalData:
@@ -237,10 +274,13 @@ def _load_local_data(spec: DataSpec, partition_id: int, num_partitions: int, *_v
         held = read_table(spec.test_path)
         check_fields(held, replace(spec, path=spec.test_path))
         train = list(table)[: spec.max_train or None]
-        return LocalData(name="site", train=train, test=list(held)[: spec.max_eval or None])
+        return LocalData(name="site", train=train, test=list(held)[: spec.max_eval or None],
+                         verbalizers=resolve_verbalizers(spec, table, held))
+    # A simulated client reads the whole shared file: it resolves what the preflight resolved.
+    verbalizers = resolve_verbalizers(spec, table)
     part = partition(table, spec, partition_id, num_partitions)
     if spec.partition == "natural" and num_partitions > 1:
         name = str(part[0][spec.partition_by])
     else:
         name = f"client-{partition_id}"
-    return split(part, spec, name)
+    return replace(split(part, spec, name), verbalizers=verbalizers)

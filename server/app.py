@@ -7,7 +7,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privacy.report.build import write_report
 from server import checkpoint
-from server.rounds import Federation, initial_state, say
+from server.rounds import Federation, closing_line, initial_state, say
 from server.rundir import RunDir
 from slm.base import resolve_model_dir
 from slm.config import from_run_config
@@ -31,8 +31,7 @@ def main(grid: Grid, context: Context) -> None:
         state = initial_state(adapter_state(model), config)
     federation = Federation(grid, config, rundir, state, str(resolve_model_dir(config["model.name"])))
     outcome = federation.run(resumed=config["run.resume"])
-    stopped = f" (stopped early: {outcome['stopped']})" if "stopped" in outcome else ""
-    say(f"done: {outcome['rounds_completed']} of {config['server.rounds']} rounds completed{stopped}")
+    say(closing_line(outcome, config["server.rounds"]))
     say(f"run directory: {rundir.path}")
     try:
         say(f"privacy report: {write_report(rundir.path)}")

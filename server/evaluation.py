@@ -9,6 +9,7 @@ from server.intake import Intake, Names
 from slm.errors import UserError
 
 ACCURACIES = ("accuracy", "top1_accuracy", "top3_accuracy")
+SHOWN = (("accuracy", "accuracy"), ("top1_accuracy", "top-1"))  # the accuracy on the console: label, next-word
 
 
 def evaluation_name(reply) -> str:
@@ -40,15 +41,27 @@ def summarize(intake: Intake, names: Names) -> dict:
 
 
 def describe(summary: dict, label: str) -> list[str]:
-    """Console lines for one evaluation."""
+    """Console lines for one evaluation: the loss and the task's accuracy (label tasks: accuracy,
+    next-word: top-1), weighted over clients and per client."""
     per_client = summary["eval_clients"]
-    clients = ", ".join(f"{n} {m['eval_loss']:.4f}" for n, m in sorted(per_client.items()))
-    if len(per_client) > 8:  # phones: a range, not a thousand names
-        losses = sorted(m["eval_loss"] for m in per_client.values())
-        clients = f"{len(per_client)} clients, {losses[0]:.4f} to {losses[-1]:.4f}"
-    return ([f"{label} loss {summary['eval_loss']:.4f}  ({clients})"]
+    key, name = next(((key, name) for key, name in SHOWN if key in summary), (None, None))
+
+    def client(m: dict) -> str:
+        return f"{m['eval_loss']:.4f}" + (f" {m[key]:.1%}" if key in m else "")
+
+    clients = ", ".join(f"{n} {client(m)}" for n, m in sorted(per_client.items()))
+    if len(per_client) > 8:  # phones: ranges, not a thousand names
+        clients = f"{len(per_client)} clients, {_range([m['eval_loss'] for m in per_client.values()], '.4f')}"
+        if key:
+            clients += f", {name} {_range([m[key] for m in per_client.values() if key in m], '.1%')}"
+    head = f"{label} loss {summary['eval_loss']:.4f}" + (f", {name} {summary[key]:.1%}" if key else "")
+    return ([f"{head}  ({clients})"]
             + [f"evaluation failed on {error}" for error in summary.get("eval_errors", [])]
             + [f"{label} reply rejected: {entry['reason']}" for entry in summary.get("eval_rejected", [])])
+
+
+def _range(values: list[float], spec: str) -> str:
+    return f"{min(values):{spec}} to {max(values):{spec}}" if values else "none"
 
 
 def evaluation_sample(nodes: list[int], fraction: float, seed: int) -> list[int]:

@@ -26,6 +26,7 @@ both releases are composed (metrics.jsonl keeps the interrupted one as a row mar
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
@@ -37,10 +38,12 @@ from server import checkpoint
 from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState
 from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
-from server.intake import Names, check_training
+from server.intake import Names, check_secure_training, check_training
 from server.rundir import RunDir
-from server.ship import build_artifacts, parse_quants, ship_messages
+from server.secure_aggregation import check_config, max_weight, secure_mean
+from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_messages, shipping_warning
 from server.user_dp import UserDpSpec, cohort_rng, noise_generator, poisson_cohort, private_round
+from server.validate import Rejected, validate_update
 from slm.errors import UserError
 from slm.lora import LoraSpec, a_factor_digest, save_adapter, sent_tensors, through_wire, to_arrays
 
@@ -75,6 +78,7 @@ class RoundSpec:
     timeout: float
     aggregation: str
     max_update_norm: float
+    secure: bool = False  # server.secure-aggregation: the sites' B summed by SecAgg+ (server.secure_aggregation)
 
     @classmethod
     def from_config(cls, config: dict) -> "RoundSpec":
@@ -87,7 +91,7 @@ class RoundSpec:
             raise UserError("server.rounds and server.min-clients must be at least 1")
         return cls(rounds=config["server.rounds"], min_clients=config["server.min-clients"],
                    fraction_train=config["server.fraction-train"], timeout=config["server.timeout"],
-                   aggregation=aggregation,
+                   aggregation=aggregation, secure=_secure(config, aggregation),
                    max_update_norm=config["server.max-update-norm"])
 
 
@@ -134,17 +138,19 @@ class Federation:
 
     # ---- shipping ------------------------------------------------------------------
     def ship(self, server_round: int, nodes, fp32: dict) -> None:
-        """Export this round's model, ship each file to every client, record their evaluations."""
-        quants = parse_quants(self.config["ship.quantizations"])
-        artifacts = build_artifacts(self.rundir.path, self.config, server_round, quants,
-                                    eval_metrics={"eval_loss": fp32.get("eval_loss")})
+        """Export this round's files (server.ship: ship.kind), ship each to every client, record their evaluations."""
+        shipments = plan_shipments(self.rundir.path, self.config, server_round,
+                                   eval_metrics={"eval_loss": fp32.get("eval_loss")})
         results = {"fp32": {k: fp32[k] for k in ("eval_loss", "eval_clients", "accuracy") if k in fp32}}
-        for artifact in artifacts:
-            messages = ship_messages(artifact, nodes, {**self.base_cfg, "server-round": server_round})
+        untrained = round0_eval_loss(self.rundir.path)
+        for shipment in shipments:
+            messages = ship_messages(shipment, nodes, {**self.base_cfg, "server-round": server_round})
             replies = list(self.grid.send_and_receive(messages, timeout=self.spec.timeout))
-            summary = self.evaluate(server_round, nodes, replies=replies, label=f"shipped {artifact.quant} eval")
-            results[artifact.quant] = {**summary, "sha256": artifact.sha256, "bytes": artifact.bytes,
-                                       "file": artifact.path.name}
+            summary = self.evaluate(server_round, nodes, replies=replies, label=f"shipped {shipment.label} eval")
+            results[shipment.label] = {**summary, **shipment.record()}
+            warning = shipping_warning(shipment, summary.get("eval_loss"), untrained)
+            if warning:
+                say(f"round {server_round}: WARNING shipped {warning}")
         self.rundir.append_metrics({"round": server_round, "shipped": results})
 
     # ---- training ------------------------------------------------------------------
@@ -167,6 +173,8 @@ class Federation:
         wire, private = self.config["server.wire-dtype"], self.user_dp is not None
         sent = through_wire(sent_tensors(self.state.adapter, self.spec.aggregation), wire)  # what clients get
         row = {"sampled": len(sampled), "participants": [], "refused": [], "failed": [], "rejected": []}
+        if self.spec.secure:
+            return self._train_securely(server_round, sampled, sent, row)
         intake = self.names.take_in(self._send(sampled, "train", server_round), _train_name, sampled, self.spec.timeout)
         replies = check_training(intake.usable, sent, self.spec.max_update_norm,
                                  lambda name, privacy: self.view.record(server_round, name, privacy))
@@ -201,12 +209,56 @@ class Federation:
             row["train_loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
         return aggregate(self.spec.aggregation, states, [u.metrics["num-examples"] for u in replies.updates]), row
 
+    def _train_securely(self, server_round: int, sampled: list[int], sent: dict, row: dict) -> tuple[dict | None, dict]:
+        """One round through Flower's SecAgg+: the server learns the sum, the participation, the clear
+        metrics and privacy records, never one site's B (its checks moved to the sites)."""
+        request = RecordDict({"arrays": to_arrays(sent, self.config["server.wire-dtype"]),
+                              "config": ConfigRecord({**self.base_cfg, "server-round": server_round})})
+        cap = max_weight([int(r["records"]) for entries in self.view.clients.values() for r in entries
+                          if r.get("records")])
+        result = secure_mean(self.grid, sampled, request, sent, cap, server_round, self.spec.timeout)
+        intake = self.names.take_in(result.replies, _train_name, sampled, self.spec.timeout)
+        replies = check_secure_training(intake.usable, lambda name, privacy: self.view.record(server_round, name,
+                                                                                                privacy))
+        for what, entries in (("failed", [(self.names(node), why) for node, why in intake.failed]),
+                              ("rejected", [(name, why) for _, name, why in intake.duplicate]),
+                              ("refused", replies.refused), ("rejected", replies.rejected)):
+            for name, why in entries:
+                row[what].append({"client": name, "reason": why})
+                say(f"round {server_round}: {name} {what}: {why}")
+        for u in replies.updates:
+            say(f"round {server_round}: {u.name} {_trained(u.metrics, u.privacy)}")
+            row["participants"].append({"client": u.name, **u.metrics})
+        row["bytes_up"], row["bytes_down"] = result.bytes_up, result.bytes_down
+        row["secure_aggregation"] = {"sampled": len(sampled), "in_sum": len(replies.updates),
+                                     "threshold": result.threshold, "max_weight": cap, "messages": result.messages}
+        why = None
+        if result.mean is None:
+            why = f"secure aggregation halted (fewer than {result.threshold} of {len(sampled)} sites stayed)"
+        elif intake.duplicate:
+            why = "duplicate site names in a secure round (a masked sum cannot leave one out)"
+        elif len(replies.updates) < self.spec.min_clients:
+            why = f"{len(replies.updates)} updates in the secure sum < min-clients {self.spec.min_clients}"
+        else:
+            try:
+                validate_update(result.mean, sent, self.spec.max_update_norm)
+            except Rejected as err:
+                why = f"the secure sum is invalid ({err})"
+        if why is not None:
+            say(f"round {server_round}: {why}; round skipped")
+            row["skipped"] = True
+            return None, row
+        say(f"round {server_round}: securely aggregated {len(replies.updates)} updates (SecAgg+, threshold "
+            f"{result.threshold} of {len(sampled)}): the server saw only their sum")
+        return result.mean, row
+
     # ---- the run -------------------------------------------------------------------
     def run(self, resumed: bool) -> dict:
         nodes = _wait_for_nodes(self.grid, self.spec.min_clients, self.spec.timeout)
         if len(nodes) < self.spec.min_clients:
             say(f"only {len(nodes)} clients connected, fewer than min-clients {self.spec.min_clients}; stopping")
-            return {"stopped": "too few clients", "rounds_completed": self.state.round}
+            return {"stopped": "too few clients", "rounds_completed": self.state.round,
+                    "rounds_trained": self._rounds_trained()}
         self.user_dp = UserDpSpec.from_config(self.config, len(nodes))
         if self.user_dp is not None:
             self.noise = noise_generator(self.config["server.noise-seed"], len(self.state.user_dp_events))
@@ -235,6 +287,8 @@ class Federation:
                 say(f"round {server_round}: {outcome['stopped']}; stopping cleanly")
                 break
             new, row = self.train(server_round, self.sample(available), len(available))
+            if not aggregated_update(row):
+                say(f"round {server_round}: no usable update: {_first_problem(row)}")
             if "user_dp" in row:  # counted and on disk before anything of the round leaves
                 self._checkpoint_pending()
                 record = row["user_dp"]
@@ -258,7 +312,13 @@ class Federation:
             self._ship(self.last_trained, nodes, self.last_eval)
         completed = self.state.round
         self.rundir.log_event({"event": "stopped" if outcome else "finished", "rounds": completed, **outcome})
-        return {**outcome, "rounds_completed": completed}
+        return {**outcome, "rounds_completed": completed, "rounds_trained": self._rounds_trained()}
+
+    def _rounds_trained(self) -> int:
+        """Rounds (earlier processes' included, on resume) in which at least one client's update was aggregated."""
+        path = self.rundir.path / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        return len({row["round"] for row in rows if aggregated_update(row)})
 
     def _ship(self, server_round: int, nodes, fp32: dict) -> None:
         if parse_quants(self.config["ship.quantizations"]):
@@ -299,6 +359,40 @@ class Federation:
 def initial_state(adapter: dict, config: dict) -> ServerState:
     """Round 0. ``sampling`` serves the seeded selection without user-level DP only."""
     return ServerState(round=0, adapter=adapter, sampling=random.Random(config["server.seed"]))
+
+
+def _secure(config: dict, aggregation: str) -> bool:
+    check_config(config, aggregation)
+    return bool(config["server.secure-aggregation"])
+
+
+def aggregated_update(row: dict) -> bool:
+    """Whether a round's metrics row aggregated at least one client's update (round 0, a skipped
+    or interrupted round, and a user-level DP round over an empty cohort did not: nothing was trained)."""
+    if row.get("skipped") or row.get("interrupted"):
+        return False
+    return bool(row.get("participants")) or row.get("cohort", 0) > 0
+
+
+def _first_problem(row: dict) -> str:
+    """Why a round aggregated nothing, in one line: the first failure, refusal or rejection."""
+    for what in ("failed", "refused", "rejected"):
+        for entry in row.get(what, []):
+            who = f"{entry['client']} " if "client" in entry else "a sampled client "
+            return f"{len(row.get(what, []))} of {row['sampled']} sampled {what}, first: {who}{what}: {entry['reason']}"
+    if not row.get("sampled"):
+        return "no client was sampled"
+    return "too few valid updates (see the lines above)"
+
+
+def closing_line(outcome: dict, planned: int) -> str:
+    """The run's last console line: how many rounds trained, not merely ran."""
+    trained, idle = outcome["rounds_trained"], outcome["rounds_completed"] - outcome["rounds_trained"]
+    text = f"done: {trained} of {planned} rounds trained"
+    if idle > 0:
+        text += (f" ({idle} round{'s' if idle > 1 else ''} had no usable update: every client failed or refused, "
+                 "or too few valid updates)")
+    return text + (f" (stopped early: {outcome['stopped']})" if "stopped" in outcome else "")
 
 
 def _train_name(reply) -> str | None:

@@ -15,7 +15,7 @@ from slm.quiet import quiet_libraries
 
 def cmd_simulate(args) -> int:
     from simulation.preflight import preflight
-    from simulation.scenarios import get_scenario
+    from simulation.scenarios import describe, get_scenario
     from slm.config import parse_assignment, resolve
 
     if args.resume:
@@ -36,8 +36,8 @@ def cmd_simulate(args) -> int:
         config["run.id"] = f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config["run.root"] = str(Path(config["run.root"]).expanduser().resolve())
     run_dir = Path(config["run.root"]) / config["run.id"]
-    print(f"[fedslm] scenario {scenario.name}: {scenario.about}", flush=True)
-    lines = preflight(config, clients)
+    lines = preflight(config, clients)  # resolves a label task's verbalizers into config
+    print(f"[fedslm] scenario {scenario.name}: {describe(scenario, config, clients, overrides)}", flush=True)
     for line in lines if len(lines) <= 12 else [*lines[:5], f"... and {len(lines) - 5} more clients"]:
         print(f"[fedslm]   {line}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +49,8 @@ def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
     from simulation.engine import run_in_simulation
 
     started = time.time()
-    run_in_simulation(config, clients, cpus_per_client=args.cpus_per_client, client_app=args.client_app)
+    run_in_simulation(config, clients, cpus_per_client=args.cpus_per_client, client_app=args.client_app,
+                      gpus_per_client=args.gpus_per_client, ray_address=args.ray_address)
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"the simulation ended without writing {run_dir / 'metrics.jsonl'} (see the log above)")
     print(f"[fedslm] finished in {time.time() - started:.0f}s; run directory: {run_dir}", flush=True)
@@ -142,12 +143,20 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from simulation.data_cmd import show_data
+
+    print(show_data(args.file, args.set, clients=args.clients, scenario=args.scenario))
+    return 0
+
+
 def cmd_keys(args) -> int:
-    from slm.config import SCHEMA
+    from slm.config import RANGES, SCHEMA
 
     for name, key in SCHEMA.items():
         choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
-        print(f"{name} = {key.default!r}{choices}\n    {key.help}")
+        bounds = f" ({RANGES[name]})" if name in RANGES else ""
+        print(f"{name} = {key.default!r}{choices}{bounds}\n    {key.help}")
     return 0
 
 
@@ -163,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", help="a local HF model directory (or 'smollm2', 'tiny'); same as --set model.name=")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
     sim.add_argument("--cpus-per-client", type=int, help="cores per simulated client (default: all)")
+    sim.add_argument("--gpus-per-client", type=float, default=0.0, metavar="F",
+                     help="GPUs reserved per simulated client; fractions share one (0.25 = four per GPU; default 0)")
+    sim.add_argument("--ray-address", metavar="ADDRESS",
+                     help="join this existing Ray cluster (HOST:PORT) instead of a private one on 127.0.0.1; "
+                          "its security is its operator's (README: network exposure)")
     sim.add_argument("--client-app", default="client.app:app", metavar="MODULE:ATTR",
                      help="ClientApp to simulate (default client.app:app; e.g. a wrapper that injects faults)")
     sim.set_defaults(func=cmd_simulate)
@@ -195,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="one-shot: answer this and exit (else read lines from stdin)")
     chat.add_argument("--max-new-tokens", type=int, default=200)
     chat.set_defaults(func=cmd_chat)
+    data = sub.add_parser("data", help="what each simulated client would get from a data file (no model weights)")
+    data.add_argument("file", help="a JSONL / CSV / TSV / Parquet file (sets data.path)")
+    data.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    data.add_argument("--clients", type=int, help="number of simulated clients (default: the scenario's)")
+    data.add_argument("--scenario", default="hospital", help="tiny | hospital | phone (default: hospital)")
+    data.set_defaults(func=cmd_data)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     from simulation.bench.cli import add_bench_parser

@@ -1,36 +1,67 @@
 """Check a simulated federation's inputs before any worker starts.
 
 A bad file, field or batch size found inside a Ray worker surfaces as a remote traceback
-after the engine has spun up; checked here it is one clear line and a non-zero exit.
-Also converts the default model once, in this process, before workers race to do it.
+after the engine has spun up (and the run may still end "done"); checked here it is one
+clear line and exit 2. Key ranges were checked when the config was resolved
+(slm.config.RANGES); here come the checks that need the file, the number of clients and
+the tokenizer. Also converts the default model once, in this process, before workers race
+to do it.
 """
 
 from __future__ import annotations
 
-from client.data import DataSpec, load_local_data
+from client.data import DataSpec, LocalData, check_fields, load_local_data, read_table, resolve_verbalizers
 from client.site import SitePolicy
 from client.train import sample_rate
 from server.rounds import RoundSpec
 from slm.base import resolve_model_dir
+from slm.errors import UserError
 from slm.lora import LoraSpec
-from slm.tasks import Task
+from slm.tasks import Task, encode
 
 
 def preflight(config: dict, num_clients: int) -> list[str]:
-    """Validate everything; return one description line per client."""
-    if num_clients < 1:
-        from slm.errors import UserError
+    """Validate everything; return one description line per client.
 
-        raise UserError("--clients: must be at least 1")
+    A label task's verbalizers are resolved here, once, from the whole file, and written
+    into ``config`` (which every ClientApp receives): every party scores the same candidates.
+    """
+    if config["server.min-clients"] > num_clients:
+        raise UserError(f"config key 'server.min-clients': {config['server.min-clients']} is more than the "
+                        f"{num_clients} clients: every round would be skipped")
     LoraSpec.from_config(config)
     RoundSpec.from_config(config)
-    Task.from_config(config)
+    clients = check_data(config, num_clients)
     resolve_model_dir(config["model.name"])
+    for local in clients:
+        SitePolicy.for_simulation(config, local.name, run_dir="")
+    if config["data.task"] == "label":  # do the template and the candidate words leave room for the text?
+        from slm.tokenizer import load_tokenizer
+
+        encode(Task.from_config(config), load_tokenizer(config["model.name"]), clients[0].train[0],
+               where="the first training record")
+    return [f"{local.name}: {len(local.train)} train / {len(local.test)} test records" for local in clients]
+
+
+def check_data(config: dict, num_clients: int) -> list[LocalData]:
+    """The file, its fields and labels, and every client's share (train and held out non-empty).
+
+    Resolves a label task's data.verbalizers into ``config`` (see ``preflight``).
+    """
+    if num_clients < 1:
+        raise UserError("--clients: must be at least 1")
     spec = DataSpec.from_config(config)
-    lines = []
+    table = read_table(spec.path)
+    check_fields(table, spec)
+    config["data.verbalizers"] = resolve_verbalizers(spec, table)
+    Task.from_config(config)  # the prompt template's placeholders
+    spec = DataSpec.from_config(config)
+    clients = []
     for pid in range(num_clients):
         local = load_local_data(spec, pid, num_clients)
         sample_rate(config["train.batch-size"], len(local.train), where=f"client '{local.name}'")
-        SitePolicy.for_simulation(config, local.name, run_dir="")
-        lines.append(f"{local.name}: {len(local.train)} train / {len(local.test)} test records")
-    return lines
+        if not local.test:
+            raise UserError(f"data file {spec.path}: client '{local.name}' has no held-out records "
+                            f"({len(local.train)} records; data.test-fraction {spec.test_fraction:g})")
+        clients.append(local)
+    return clients

@@ -2,9 +2,9 @@
 
 - ``sft`` (instruction tuning): prompt through the chat template, then the response and
   the end-of-turn token. Only response tokens carry loss.
-- ``label`` (label scoring): the text as the user turn, the verbalizer of the label as the
-  assistant turn (loss on it only). Accuracy = argmax over labels of the log-likelihood
-  of each verbalizer.
+- ``label`` (label scoring): the prompt template filled with the text and the candidate
+  words as the user turn, the verbalizer of the label as the assistant turn (loss on it
+  only). Accuracy = argmax over labels of the log-likelihood of each verbalizer.
 - ``next-word``: plain text, loss on every token; perplexity and next-token top-1/top-3.
 
 Privacy unit: one encoded example = one record. Per-example loss is the mean over that
@@ -15,7 +15,10 @@ what Opacus assumes with ``loss_reduction="mean"`` when it rescales per-sample g
 from __future__ import annotations
 
 import math
+import re
+import string
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,15 @@ import torch.nn.functional as F
 from slm.errors import UserError
 
 IGNORE = -100
+
+# The user turn per task kind ({labels} = the verbalizer words, comma-separated).
+# sft: the prompt alone, as the hospital demo was measured with (README numbers).
+# label: the instruction first, naming the candidates, so that an instruct model puts its
+# mass on the verbalizer words from round 0 and so that cutting a long text (from its end,
+# see _label_prompt) never cuts the instruction. No "Answer:" cue: the chat template's
+# assistant turn is where the answer goes.
+DEFAULT_TEMPLATES = {"sft": "{prompt}", "label": "Classify the text into one of: {labels}.\n\nText: {text}"}
+PLACEHOLDERS = {"sft": ("prompt",), "label": ("text", "labels")}
 
 
 @dataclass(frozen=True)
@@ -39,22 +51,60 @@ class Task:
     response_field: str = "answer"
     text_field: str = "text"
     label_field: str = "label"
-    verbalizers: tuple[tuple[str, str], ...] = ()
+    verbalizers: tuple[tuple[str, str], ...] = ()  # (label value, word)
+    prompt_template: str = ""  # empty = DEFAULT_TEMPLATES[kind]
+
+    def __post_init__(self):
+        if not self.prompt_template and self.kind in DEFAULT_TEMPLATES:
+            object.__setattr__(self, "prompt_template", DEFAULT_TEMPLATES[self.kind])
 
     @classmethod
     def from_config(cls, config: dict) -> "Task":
-        verbalizers = parse_verbalizers(config["data.verbalizers"]) if config["data.task"] == "label" else ()
+        """The task of a run config; a label task's data.verbalizers must be resolved already
+        (simulation.preflight from the whole file, client.data from a site's own records)."""
+        kind = config["data.task"]
+        if kind == "label" and not config["data.verbalizers"].strip():
+            raise UserError("config key 'data.verbalizers': empty; the labels are taken from the data file "
+                            "before training (or give value=word pairs)")
         return cls(
-            kind=config["data.task"],
+            kind=kind,
             max_length=config["model.max-length"],
             prompt_field=config["data.prompt-field"],
             response_field=config["data.response-field"],
             text_field=config["data.text-field"],
             label_field=config["data.label-field"],
-            verbalizers=verbalizers,
+            verbalizers=parse_verbalizers(config["data.verbalizers"]) if kind == "label" else (),
+            prompt_template=check_template(kind, config["data.prompt-template"]),
         )
 
+    @property
+    def words(self) -> str:
+        """The candidate words as {labels} shows them."""
+        return ", ".join(word for _, word in self.verbalizers)
 
+
+def check_template(kind: str, template: str) -> str:
+    """A data.prompt-template for ``kind``, checked: its placeholders are the task's own, its field is used."""
+    if not template:
+        return ""
+    key = "config key 'data.prompt-template'"
+    if kind not in PLACEHOLDERS:
+        raise UserError(f"{key}: a {kind} task takes no prompt template (its text is the whole example)")
+    known = PLACEHOLDERS[kind]
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise UserError(f"{key}: {err} (write a literal brace as {{{{ or }}}})") from None
+    unknown = sorted({"{" + name + "}" for name in fields if name not in known})
+    if unknown:
+        raise UserError(f"{key}: unknown placeholder {', '.join(unknown)}; a {kind} task knows "
+                        + ", ".join("{" + name + "}" for name in known))
+    if known[0] not in fields:
+        raise UserError(f"{key}: must contain {{{known[0]}}}")
+    return template
+
+
+# ---- verbalizers ------------------------------------------------------------------------
 def parse_verbalizers(text: str) -> tuple[tuple[str, str], ...]:
     pairs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -64,14 +114,113 @@ def parse_verbalizers(text: str) -> tuple[tuple[str, str], ...]:
         pairs.append((value.strip(), word.strip()))
     if len(pairs) < 2:
         raise UserError("config key 'data.verbalizers': label scoring needs at least two value=word pairs")
+    values = [value for value, _ in pairs]
+    if len(set(values)) < len(values):
+        raise UserError("config key 'data.verbalizers': a label value appears twice")
     return tuple(pairs)
 
 
-def _prompt_ids(tokenizer, text: str, budget: int) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-    )
-    return list(ids)[-budget:] if len(ids) > budget else list(ids)
+def is_word(value: str) -> bool:
+    """A label value usable as its own verbalizer: it has a letter, and no ',' or '=' (the pair syntax)."""
+    return bool(re.search(r"[^\W\d_]", value)) and not re.search(r"[,=\n]", value)
+
+
+def derive_verbalizers(values, where: str) -> str:
+    """data.verbalizers from the label values found (``where`` names them): each word its own verbalizer.
+
+    Sorted, so that every party that derives them from the same values scores the same
+    candidates in the same order.
+    """
+    found = sorted({str(v).strip() for v in values})
+    if len(found) < 2:
+        raise UserError(f"{where}: label scoring needs at least two labels, found {', '.join(map(repr, found))}")
+    not_words = [v for v in found if not is_word(v)]
+    if not_words:
+        example = ",".join(f"{v}=word{i}" for i, v in enumerate(not_words[:2]))
+        if {"0", "1"} <= set(not_words):
+            example = "0=negative,1=positive"
+        raise UserError(f"config key 'data.verbalizers': labels {_listed(not_words)} in {where} are not words; "
+                        f"give value=word pairs, e.g. {example}")
+    return ",".join(f"{v}={v}" for v in found)
+
+
+def uncovered(verbalizers: tuple[tuple[str, str], ...], values) -> list[str]:
+    """Label values that have no verbalizer, sorted."""
+    have = {value for value, _ in verbalizers}
+    return sorted({str(v).strip() for v in values} - have)
+
+
+def _listed(values: list[str], most: int = 12) -> str:
+    shown = ", ".join(values[:most])
+    return shown + (f" and {len(values) - most} more" if len(values) > most else "")
+
+
+# ---- prompts ------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _system_turn(tokenizer) -> tuple:
+    """The turns to put before a label prompt: an empty system turn where the chat template would
+    otherwise inject its own default one (SmolLM2: "You are a helpful AI assistant named SmolLM,
+    trained by Hugging Face", 16 tokens more than an empty system turn), else none."""
+    user = [{"role": "user", "content": "x"}]
+    plain = _chat(tokenizer, user)
+    try:
+        empty = _chat(tokenizer, [{"role": "system", "content": ""}, *user])
+    except Exception:  # a template without a system role
+        return ()
+    return ({"role": "system", "content": ""},) if len(empty) < len(plain) else ()
+
+
+def _chat(tokenizer, turns) -> list[int]:
+    return list(tokenizer.apply_chat_template(list(turns), add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+@lru_cache(maxsize=8)
+def _longest_completion(task: Task, tokenizer) -> int:
+    return max(len(_completion_ids(tokenizer, word)) for _, word in task.verbalizers)
+
+
+def _label_prompt(task: Task, tokenizer, text: str) -> list[int]:
+    """The filled template, its text cut from the end so that prompt + longest verbalizer fit.
+
+    Every candidate of a record then has the same prompt (label scoring compares them), and
+    the instruction and candidate words are never cut.
+    """
+    system = _system_turn(tokenizer)
+    budget = task.max_length - _longest_completion(task, tokenizer)
+
+    def render(body: str) -> list[int]:
+        content = task.prompt_template.format(text=body, labels=task.words)
+        return _chat(tokenizer, [*system, {"role": "user", "content": content}])
+
+    ids = render(text)
+    if len(ids) <= budget:
+        return ids
+    fixed = len(render(""))
+    if fixed >= budget:
+        raise UserError(f"config key 'model.max-length': {task.max_length} tokens leave no room for the text "
+                        f"(the prompt template with its labels takes {fixed}, the longest verbalizer "
+                        f"{task.max_length - budget}); raise it or shorten data.prompt-template")
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(text_ids) - (len(ids) - budget)
+    while keep > 0:  # decoding a cut may re-tokenize a little longer: shrink until it fits
+        ids = render(tokenizer.decode(text_ids[:keep]))
+        if len(ids) <= budget:
+            return ids
+        keep -= len(ids) - budget
+    return render("")
+
+
+def prompt_ids(task: Task, tokenizer, record: dict, where: str = "") -> list[int]:
+    """The tokens before the completion: the same for every candidate label of a record."""
+    if task.kind == "sft":
+        prompt = task.prompt_template.format(prompt=_value(record, task.prompt_field, where))
+        ids = _chat(tokenizer, [{"role": "user", "content": prompt}])
+        budget = task.max_length // 2  # keep at least half of the window for the response: it alone has loss
+        return ids[-budget:] if len(ids) > budget else ids
+    if task.kind == "label":
+        return _label_prompt(task, tokenizer, _value(record, task.text_field, where))
+    raise ValueError(f"a {task.kind} task has no prompt")
 
 
 def _completion_ids(tokenizer, text: str) -> list[int]:
@@ -93,17 +242,29 @@ def encode(task: Task, tokenizer, record: dict, where: str = "") -> Example:
         ids = ids[: task.max_length]
         return Example(ids, [IGNORE] + ids[1:])
     if task.kind == "sft":
-        prompt, completion = _value(record, task.prompt_field, where), _value(record, task.response_field, where)
+        completion = _value(record, task.response_field, where)
     else:
-        prompt, completion = _value(record, task.text_field, where), verbalize(task, record, where)
-    # Keep at least half of the window for the completion: it is the only part with loss.
-    prompt_ids = _prompt_ids(tokenizer, prompt, task.max_length // 2)
-    completion_ids = _completion_ids(tokenizer, completion)[: task.max_length - len(prompt_ids)]
-    return Example(prompt_ids + completion_ids, [IGNORE] * len(prompt_ids) + completion_ids)
+        completion = verbalize(task, record, where)
+    return _with_completion(task, prompt_ids(task, tokenizer, record, where), _completion_ids(tokenizer, completion))
+
+
+def encode_candidates(task: Task, tokenizer, record: dict, where: str = "") -> list[Example]:
+    """A label record encoded with each verbalizer as its completion, in task.verbalizers order.
+
+    The same examples as ``encode`` of the record with each label value, but the prompt (chat
+    template and all) is built once: label scoring runs K candidates per record.
+    """
+    prompt = prompt_ids(task, tokenizer, record, where)
+    return [_with_completion(task, prompt, _completion_ids(tokenizer, word)) for _, word in task.verbalizers]
+
+
+def _with_completion(task: Task, prompt: list[int], completion_ids: list[int]) -> Example:
+    completion_ids = completion_ids[: task.max_length - len(prompt)]
+    return Example(prompt + completion_ids, [IGNORE] * len(prompt) + completion_ids)
 
 
 def verbalize(task: Task, record: dict, where: str) -> str:
-    value = _value(record, task.label_field, where)
+    value = _value(record, task.label_field, where).strip()
     for label, word in task.verbalizers:
         if label == value:
             return word

@@ -14,6 +14,7 @@ from privacy.report.neighbouring import STATEMENT
 from privacy.report.reconcile import ClientAccount, UserLevelAccount
 from privacy.report.run_files import RunFiles
 from server.aggregate import resolve_aggregation
+from slm.config import describe_fields
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (a 135-million-parameter language model)",
           "tiny": "a tiny 1.2M-parameter test Llama (a smoke test, not a useful language model)"}
@@ -55,7 +56,8 @@ def describe_run(files: RunFiles) -> dict:
     elif partial:
         reason = (f"metrics.jsonl ends at round {completed} of {planned} and events.jsonl records no end "
                   "of the run: it crashed, was interrupted, or is still running")
-    data = config["data.path"] or "the packaged MedQuAD excerpt of medical questions and answers"
+    data = (config["data.path"] or "the packaged MedQuAD excerpt of medical questions and answers") \
+        + f" ({describe_fields(config)})"
     partition = {"natural": f"one client per value of '{config['data.partition-by']}'",
                  "dirichlet": f"a skewed split by '{config['data.partition-by']}' "
                               f"(Dirichlet alpha {config['data.dirichlet-alpha']:g})",

@@ -84,10 +84,41 @@ def _privacy_utility(args):
                                args.length, args.eval_examples, args.model, args.out)
 
 
+def _secagg(args):
+    from simulation.bench import secagg
+
+    return secagg.run(args.model, args.clients, args.rounds, args.out)
+
+
 def _quant(args):
     from simulation.bench import quant
 
     return quant.run(args)
+
+
+def _adapter_ship(args):
+    from simulation.bench import adapter_ship
+
+    return adapter_ship.run(args)
+
+
+def _virtual_steps(args):
+    from simulation.bench import virtual_steps
+
+    return virtual_steps.run(args.model, args.length, _ints(args.expected), args.physical, _strs(args.loss),
+                             args.repeats)
+
+
+def _phone_memory(args):
+    from simulation.bench import phone_memory
+
+    return phone_memory.run(args.round, _strs(args.profiles), args.steps)
+
+
+def _label_scoring(args):
+    from simulation.bench import label_scoring
+
+    return label_scoring.run(args.model, args.records, args.length, args.batch, _ints(args.classes))
 
 
 def _llamacpp(args):
@@ -138,9 +169,35 @@ def add_bench_parser(sub) -> None:
     ov.add_argument("--rounds", type=int, default=2)
     ov.add_argument("--steps", type=int, default=8)
     ov.add_argument("--out", type=Path, help="keep the federated run here")
+    sa = add("secagg", _secagg, "secure aggregation (SecAgg+) vs clear FFA: messages, bytes, seconds per round")
+    sa.add_argument("--model", default="tiny")
+    sa.add_argument("--clients", type=int, default=4)
+    sa.add_argument("--rounds", type=int, default=2)
+    sa.add_argument("--out", type=Path, help="keep the runs here")
     from simulation.bench.quant import add_arguments as quant_arguments
 
     quant_arguments(add("quant", _quant, "size and eval-loss change of F16/Q8_0/Q4_0 GGUF exports of a run's adapter"))
+    from simulation.bench.adapter_ship import add_arguments as adapter_ship_arguments
+
+    adapter_ship_arguments(add("adapter-ship", _adapter_ship, "bytes per shipped adapter update and the gain it "
+                                                              "keeps on Q8_0/Q4_0 device bases"))
+    vs = add("virtual-steps", _virtual_steps, "peak RSS and time of one DP step by expected batch, physical "
+             "batch and loss (full logits vs chunked at loss positions)")
+    vs.add_argument("--model", default="smollm2")
+    vs.add_argument("--length", type=int, default=128)
+    vs.add_argument("--expected", default="8,64,256", help="comma-separated expected (logical) batch sizes")
+    vs.add_argument("--physical", type=int, default=8, help="train.physical-batch-size (0 = one piece)")
+    vs.add_argument("--loss", default="chunked", help="comma-separated: full, chunked")
+    vs.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (median)")
+    pm = add("phone-memory", _phone_memory, "peak resident memory of one client round by stage, per memory profile")
+    pm.add_argument("--round", choices=("dp", "phone"), default="dp",
+                    help="dp = a hospital client's DP-SGD round; phone = the phone scenario's round")
+    pm.add_argument("--profiles", default="fp32,int8,phone", help="comma-separated, from simulation/bench/phone_memory.py")
+    pm.add_argument("--steps", type=int, default=3)
+    ls = add("label-scoring", _label_scoring, "label evaluation per record: one-pass scorer vs one forward of the "
+             "prompt vs the K-pass scorer, K=2 (SST-2) and K=24", 8, 128)
+    ls.add_argument("--records", type=int, default=12, help="SST-2 dev sentences")
+    ls.add_argument("--classes", default="2,24", help="comma-separated K: 2 (SST-2 labels), 24 (word labels)")
     lc = add("llamacpp", _llamacpp, "llama.cpp vs transformers on the same GGUF files (needs the llamacpp extra)")
     lc.add_argument("files", type=Path, nargs="+", help="GGUF files")
     lc.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated per prompt")

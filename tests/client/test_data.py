@@ -106,3 +106,33 @@ def test_local_data_is_named_after_its_natural_group(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS)
     local = load_local_data(spec_for(path, **{"data.partition": "natural", "data.partition-by": "source"}), 1, 2)
     assert local.name in {"A", "B"} and all(r["source"] == local.name for r in local.train + local.test)
+
+
+def label_csv(path, labels, per_label=4):
+    path.write_text("label,text\n" + "".join(f"{label},record {i} about {label}\n"
+                                             for label in labels for i in range(per_label)))
+    return path
+
+
+def test_word_labels_become_sorted_verbalizers_and_given_ones_must_cover_every_label(tmp_path):
+    from client.data import resolve_verbalizers
+
+    path = label_csv(tmp_path / "d.csv", ["Flu", "Acne", "Asthma"])
+    table = read_table(str(path))
+    assert resolve_verbalizers(spec_for(path, **{"data.task": "label"}), table) == "Acne=Acne,Asthma=Asthma,Flu=Flu"
+    given = spec_for(path, **{"data.task": "label", "data.verbalizers": "Flu=flu,Acne=acne"})
+    with pytest.raises(UserError, match=r"^config key 'data.verbalizers': labels Asthma in data file .* have no "):
+        resolve_verbalizers(given, table)
+    numeric = label_csv(tmp_path / "n.csv", [0, 1])
+    with pytest.raises(UserError, match="labels 0, 1 .* are not words"):
+        resolve_verbalizers(spec_for(numeric, **{"data.task": "label"}), read_table(str(numeric)))
+
+
+def test_a_missing_label_field_or_an_empty_value_is_named(tmp_path):
+    path = label_csv(tmp_path / "d.csv", ["Flu", "Acne"])
+    spec = spec_for(path, **{"data.task": "label", "data.label-field": "diagnosis"})
+    with pytest.raises(UserError, match=r"field 'diagnosis' \(data.label-field\) is missing; columns are label, text"):
+        check_fields(read_table(str(path)), spec)
+    holes = write_jsonl(tmp_path / "h.jsonl", [{"question": "q", "answer": "a"}, {"question": " ", "answer": "a"}])
+    with pytest.raises(UserError, match=r"record 2 has an empty 'question' \(data.prompt-field\)"):
+        check_fields(read_table(str(holes)), spec_for(holes))

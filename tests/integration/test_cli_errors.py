@@ -61,3 +61,18 @@ def test_batch_larger_than_client_data():
 ])
 def test_inconsistent_setup(args, words):
     assert_one_line_error(fedslm("simulate", "--scenario", "tiny", *args), *words)
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("dp.delta=2", ["config key 'dp.delta': must be in (0, 0.001] or 0, got 2.0"]),
+    ("dp.max-epsilon=-1", ["config key 'dp.max-epsilon': must be > 0"]),
+])
+def test_out_of_range_value(setting, words):
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", setting), *words)
+
+
+def test_numeric_labels_need_verbalizers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("label,text\n" + "".join(f"{i % 2},sentence {i}\n" for i in range(20)))
+    assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", f"data.path={path}",
+                                 "--set", "data.task=label"), "labels 0, 1 in data file", "0=negative,1=positive")

@@ -1,6 +1,7 @@
 """A real 2-client, 2-round federation through Flower's Simulation Engine (Ray), tiny model."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ def tiny_run(tmp_path_factory, model_cache):
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout + proc.stderr
 
 
 def test_metrics_have_round_zero_and_two_rounds(tiny_run):
@@ -32,6 +33,14 @@ def test_metrics_have_round_zero_and_two_rounds(tiny_run):
     assert all(set(r["eval_clients"]) == {"client-0", "client-1"} for r in rows)
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert f"run directory: {out}" in stdout and "round 2: client-1 trained on" in stdout
+    assert "done: 2 of 2 rounds trained" in stdout
+
+
+def test_sites_print_their_progress(tiny_run):
+    """Training steps and evaluated records, printed by the simulated ClientApps (forwarded by Ray)."""
+    _, output = tiny_run
+    assert re.search(r"\[fedslm\] client-[01]: step (\d+)/\1", output)
+    assert re.search(r"\[fedslm\] client-[01]: evaluated (\d+)/\1 records", output)
 
 
 def test_config_is_recorded(tiny_run):

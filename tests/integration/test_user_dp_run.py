@@ -46,6 +46,8 @@ def test_user_level_dp_is_applied_and_accounted_every_round(tmp_path, model_cach
     training_lines = [line for line in proc.stdout.splitlines()
                       if line.startswith("[fedslm] round ") and "eval loss" not in line]
     assert len(training_lines) >= 3 and not [line for line in training_lines for n in NAMES if n in line]
+    # the simulated sites keep quiet: no progress line names a site that trained (client.progress)
+    assert not [line for line in (proc.stdout + proc.stderr).splitlines() for n in NAMES if f"[fedslm] {n}:" in line]
 
 
 def pending(out):

@@ -30,8 +30,9 @@ class FakeMessage:
 
 
 class FakeGrid:
-    def __init__(self, sites: dict[int, tuple[str, str]], dp: bool = True):
+    def __init__(self, sites: dict[int, tuple[str, str]], dp: bool = True, eval_metrics=None):
         self.sites, self.dp, self.sent = sites, dp, []  # sent: (message type, node, server round)
+        self.eval_metrics = eval_metrics or (lambda node: {})  # a site's extra metrics (accuracies)
 
     def get_node_ids(self):
         return list(self.sites)
@@ -46,7 +47,8 @@ class FakeGrid:
                 continue
             if message.message_type == "evaluate":
                 out.append(reply(node, {"metrics": {"eval_loss": 2.0 + node / 100, "eval_tokens": 50,
-                                                    "eval_examples": 5, "num-examples": 5},
+                                                    "eval_examples": 5, "num-examples": 5,
+                                                    **self.eval_metrics(node)},
                                         "info": {"client": name}}))
             elif behaviour == "crash":
                 out.append(reply(node, {}, error="Traceback (most recent call last):\nRuntimeError: injected crash"))

@@ -94,3 +94,24 @@ def test_privacy_utility_names_missing_shared_data_and_leaves_other_tasks_alone(
     with pytest.raises(UserError, match=r"nowhere/sst2/train.tsv not found"):
         task_config("sst2", tmp_path)
     assert task_config("medquad", tmp_path)["data.task"] == "sft"  # the packaged excerpt needs no shared data
+
+
+def test_gpu_check_runs_its_dp_steps_on_cpu_too(model_cache, capsys):
+    """The GPU script's path (device placement, virtual steps, first-update check) smoke-tested on the CPU."""
+    from simulation.bench import gpu_check
+
+    assert gpu_check.main(["--model-dir", "tiny", "--peak-tflops", "1", "--device", "cpu", "--batches", "3",
+                           "--physical", "2", "--length", "16", "--steps", "1", "--autocast", "none"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["results"][0]["loss_finite"] and result["results"][0]["tokens_per_s"] > 0
+
+
+def test_label_scoring_compares_the_one_pass_scorer_with_the_k_pass_one(tmp_path, monkeypatch, model_cache):
+    from simulation.bench import label_scoring
+
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\na charming journey .\t1\nbleak and dull\t0\n")
+    monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path))
+    rows = label_scoring.run("tiny", records=2, length=512, batch_size=2, classes=[2])
+    assert [(r["K"], r["records"], r["same answers"]) for r in rows] == [(2, 2, "yes")]
+    assert rows[0]["max |dLL|"] < 1e-3 and rows[0]["one-pass / plain"] > 0

@@ -1,7 +1,18 @@
 import pytest
 
 from slm.errors import UserError
-from slm.tasks import IGNORE, Task, collate, encode, parse_verbalizers, per_example_loss
+from slm.tasks import (
+    IGNORE,
+    Task,
+    check_template,
+    collate,
+    derive_verbalizers,
+    encode,
+    encode_candidates,
+    parse_verbalizers,
+    per_example_loss,
+    prompt_ids,
+)
 
 
 def test_sft_loss_only_on_response_and_end_of_turn(tiny):
@@ -27,7 +38,7 @@ def test_sft_truncation_keeps_half_the_window_for_the_response(tiny):
 
 def test_label_task_scores_the_verbalizer(tiny):
     _, tok = tiny
-    task = Task(kind="label", max_length=64, verbalizers=parse_verbalizers("0=no,1=yes"))
+    task = Task(kind="label", max_length=128, verbalizers=parse_verbalizers("0=no,1=yes"))
     ex = encode(task, tok, {"text": "Is it?", "label": 1})
     target = [t for t in ex.labels if t != IGNORE]
     assert tok.decode(target[:-1]) == "yes"
@@ -66,3 +77,81 @@ def test_padding_does_not_change_per_example_loss(tiny):
     alone = collate([short], tok.pad_token_id)
     single = per_example_loss(model(input_ids=alone["input_ids"]).logits, alone["labels"])
     assert abs(float(both[0]) - float(single[0])) < 1e-5
+
+
+# A chat template that, like SmolLM2's, injects a default system prompt when none is given.
+DEFAULT_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def smollm_like_tokenizer():
+    from slm.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = DEFAULT_SYSTEM
+    return tokenizer
+
+
+def test_a_label_prompt_names_the_candidates_without_the_default_system_prompt(smollm_like_tokenizer):
+    tok = smollm_like_tokenizer
+    task = Task(kind="label", max_length=200, verbalizers=parse_verbalizers("0=no,1=yes"))
+    ids = prompt_ids(task, tok, {"text": "Is it?"})
+    text = tok.decode(ids)
+    assert "helpful AI assistant" not in text
+    assert "Classify the text into one of: no, yes.\n\nText: Is it?" in text
+    for value in ("0", "1"):  # every candidate of a record has the same prompt (label scoring compares them)
+        example = encode(task, tok, {"text": "Is it?", "label": value})
+        assert example.input_ids[: len(ids)] == ids and example.labels[: len(ids)] == [IGNORE] * len(ids)
+    sft = encode(Task(kind="sft", max_length=200), tok, {"question": "Why?", "answer": "b"})
+    assert "helpful AI assistant" in tok.decode(sft.input_ids)  # sft keeps the chat template as it is
+
+
+def test_a_long_text_is_cut_but_never_the_instruction_or_the_verbalizer(tiny):
+    _, tok = tiny
+    task = Task(kind="label", max_length=96, verbalizers=parse_verbalizers("a=alpha,b=beta"),
+                prompt_template="{text}\nOne of: {labels}?")
+    example = encode(task, tok, {"text": "word " * 200, "label": "b"})
+    assert len(example.input_ids) == 96 - 1  # room is kept for the longest verbalizer, alpha
+    assert "One of: alpha, beta?" in tok.decode(example.input_ids)
+    assert tok.decode([t for t in example.labels if t != IGNORE][:-1]) == "beta"
+    with pytest.raises(UserError, match="model.max-length"):
+        encode(Task(kind="label", max_length=40, verbalizers=task.verbalizers), tok, {"text": "x", "label": "a"})
+
+
+def test_candidates_are_the_record_encoded_with_each_label(tiny):
+    """Label scoring builds the prompt once; each candidate must be exactly encode() with that label."""
+    _, tok = tiny
+    task = Task(kind="label", max_length=128, verbalizers=parse_verbalizers("a=alpha,b=beta gamma,c=c"))
+    for text in ("short", "word " * 100):  # the second is cut to fit the window
+        record = {"text": text, "label": "a"}
+        expected = [encode(task, tok, {**record, "label": value}) for value, _ in task.verbalizers]
+        assert encode_candidates(task, tok, record) == expected
+
+
+@pytest.mark.parametrize("kind, template, words", [
+    ("label", "{txt} {labels}", "unknown placeholder {txt}"),
+    ("label", "{text} {}", "unknown placeholder {}"),
+    ("label", "just {labels}", "must contain {text}"),
+    ("sft", "{text}", "a sft task knows {prompt}"),
+    ("label", "{text", "literal brace"),
+    ("next-word", "{text}", "takes no prompt template"),
+])
+def test_a_bad_prompt_template_is_one_line_naming_the_key(kind, template, words):
+    with pytest.raises(UserError) as err:
+        check_template(kind, template)
+    assert "data.prompt-template" in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_word_labels_are_their_own_verbalizers_numbers_are_not():
+    assert derive_verbalizers([" Flu", "Acne", "Heart disease", "Acne"], "f") == \
+        "Acne=Acne,Flu=Flu,Heart disease=Heart disease"
+    with pytest.raises(UserError, match="labels 0, 1 in data file x.tsv are not words; give value=word pairs, "
+                                        "e.g. 0=negative,1=positive"):
+        derive_verbalizers([0, 1, 1], "data file x.tsv")
+    with pytest.raises(UserError, match="at least two labels, found 'Flu'"):
+        derive_verbalizers(["Flu", "Flu"], "f")

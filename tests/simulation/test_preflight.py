@@ -1,0 +1,65 @@
+"""The preflight: every value checkable before training is checked before any worker starts."""
+
+import pytest
+
+from simulation.preflight import preflight
+from slm.config import resolve
+from slm.errors import UserError
+
+LABELS = ["Psoriasis", "Acne", "Asthma", "Flu", "Migraine", "Eczema"]
+
+
+def label_csv(path, labels=LABELS, per_label=6):
+    path.write_text("label,text\n" + "".join(f"{label},patient {i} has signs of {label.lower()}\n"
+                                             for i in range(per_label) for label in labels))
+    return path
+
+
+def config_for(path, **extra):
+    return resolve({"model.name": "tiny", "model.max-length": 128, "data.path": str(path), "data.task": "label",
+                    "data.partition": "dirichlet", "data.partition-by": "label", "train.batch-size": 2,
+                    "server.min-clients": 1, **extra})
+
+
+def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_path):
+    """Under a skewed split no client sees every label: the candidates must still be the same everywhere."""
+    from client.app import site_and_data
+    from types import SimpleNamespace
+
+    config = config_for(label_csv(tmp_path / "d.csv"), **{"data.dirichlet-alpha": 0.1})
+    lines = preflight(config, 3)
+    assert len(lines) == 3
+    assert config["data.verbalizers"] == ",".join(f"{w}={w}" for w in sorted(LABELS))
+    for pid in range(3):
+        context = SimpleNamespace(run_config=config, node_config={"partition-id": pid, "num-partitions": 3})
+        assert site_and_data(context, str(tmp_path))[0]["data.verbalizers"] == config["data.verbalizers"]
+
+
+@pytest.mark.parametrize("extra, clients, words", [
+    ({"data.verbalizers": "Flu=flu,Acne=acne"}, 2, "labels Asthma, Eczema, Migraine, Psoriasis in data file"),
+    ({"data.label-field": "diagnosis"}, 2, "field 'diagnosis' (data.label-field) is missing; columns are label, text"),
+    ({"data.prompt-template": "{text} {label}"}, 2, "data.prompt-template': unknown placeholder {label}"),
+    ({"model.max-length": 40}, 2, "config key 'model.max-length': 40 tokens leave no room for the text"),
+    ({"server.min-clients": 3}, 2, "config key 'server.min-clients': 3 is more than the 2 clients"),
+    ({"data.partition": "iid", "train.batch-size": 1}, 36, "has no held-out records"),
+])
+def test_a_bad_value_stops_the_preflight_with_one_line(tmp_path, extra, clients, words):
+    config = config_for(label_csv(tmp_path / "d.csv"), **extra)
+    with pytest.raises(UserError) as err:
+        preflight(config, clients)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_banner_describes_the_data_actually_used(tmp_path):
+    from simulation.scenarios import describe, get_scenario
+
+    hospital = get_scenario("hospital")
+    assert describe(hospital, resolve(base=hospital.overrides), 4, {}) == hospital.about
+    overrides = {"data.path": str(label_csv(tmp_path / "med.csv")), "data.task": "label", "data.partition": "dirichlet",
+                 "data.partition-by": "label", "model.name": "tiny", "model.max-length": 128,
+                 "train.batch-size": 2}
+    config = resolve(overrides, base=hospital.overrides)
+    preflight(config, 4)
+    assert describe(hospital, config, 4, overrides) == (
+        "tiny, med.csv, label task (text field 'text', label field 'label', 6 labels), "
+        "dirichlet split by 'label' (alpha 0.5) over 4 clients")
