@@ -10,7 +10,11 @@
   (one user each, 3 lines to train on, 1 held out), next-word prediction (perplexity,
   top-1/top-3), about 11 clients Poisson-sampled per round, user-level DP on the server
   (the unit of privacy is the whole user); sample-level DP-SGD is off, since 3 records
-  give it nothing to average over. A fixed 5% of the users evaluate each round.
+  give it nothing to average over. A fixed 5% of the users evaluate each round. Each phone
+  trains within a phone's memory: int8 base, freed memory returned, one example per pass,
+  recomputed layers (docs/PHONE.md). At the end each evaluating phone gets the untrained
+  base as Q4_0 GGUF once (the app's install) and the global adapter as a 0.9 MB llama.cpp
+  LoRA file, evaluated on that base.
 """
 
 from __future__ import annotations
@@ -74,6 +78,13 @@ SCENARIOS = {
         overrides={
             "model.name": "smollm2",
             "model.max-length": 32,
+            # a phone's memory (BENCHMARKS.md, "Phone memory"): int8 base, freed memory returned to the OS,
+            # one example per forward/backward pass, decoder layers recomputed in the backward pass; the
+            # update is the same as without them
+            "model.dtype": "int8",
+            "model.return-freed-memory": True,
+            "train.physical-batch-size": 1,
+            "train.recompute": True,
             "data.path": str(PHONE_DATA),
             "data.task": "next-word",
             "data.text-field": "text",
@@ -92,9 +103,31 @@ SCENARIOS = {
             "server.fraction-evaluate": 0.05,
             "server.min-clients": 1,
             "server.rounds": 5,
+            "ship.kind": "adapter",  # a keyboard app ships its base once; updates are the 0.9 MB adapter
+            "ship.quantizations": "q4_0",
         },
     ),
 }
+
+
+def describe(scenario: Scenario, config: dict, clients: int, overrides: dict) -> str:
+    """The banner's words: the scenario's own, unless the user changed its data, model or clients;
+    then the file, task, fields, labels and split actually used (``config`` as the preflight left it)."""
+    changed = clients != scenario.clients or any(key.startswith(("data.", "model.name")) for key in overrides)
+    if not changed:
+        return scenario.about
+    from slm.config import describe_fields
+
+    file = Path(config["data.path"]).name if config["data.path"] else "the packaged MedQuAD excerpt"
+    return (f"{config['model.name']}, {file}, {config['data.task']} task ({describe_fields(config)}), "
+            f"{describe_split(config, clients)}")
+
+
+def describe_split(config: dict, clients: int) -> str:
+    by = config["data.partition-by"]
+    split = {"iid": "iid split", "natural": f"natural split by '{by}'",
+             "dirichlet": f"dirichlet split by '{by}' (alpha {config['data.dirichlet-alpha']:g})"}
+    return f"{split[config['data.partition']]} over {clients} clients"
 
 
 def get_scenario(name: str) -> Scenario:

@@ -69,6 +69,18 @@ def gguf_name(hf_name: str) -> str | None:
     return f"blk.{match.group(1)}.{_LAYER[match.group(2)]}.weight"
 
 
+def hf_name(gguf_tensor_name: str) -> str:
+    """llama.cpp GGUF name -> HF Llama tensor name: the inverse of gguf_name."""
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if gguf_tensor_name in fixed:
+        return fixed[gguf_tensor_name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_tensor_name)
+    layers = {v: k for k, v in _LAYER.items()}
+    if not match or match.group(2) not in layers:
+        raise UserError(f"GGUF tensor {gguf_tensor_name}: no HF Llama name")
+    return f"model.layers.{match.group(1)}.{layers[match.group(2)]}.weight"
+
+
 def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
     """The inverse of transformers' GGUF un-permutation (llama.cpp convert_hf_to_gguf ``permute``).
 
@@ -76,6 +88,12 @@ def permute_for_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
     [first half | second half] rotary order to llama.cpp's interleaved pairs.
     """
     return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def unpermute_from_llama_cpp(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_for_llama_cpp: llama.cpp's interleaved rotary rows back to HF's halves."""
+    return (weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:])
             .swapaxes(1, 2).reshape(weight.shape))
 
 

@@ -8,9 +8,10 @@ flows to the LoRA factors below) re-dequantizes instead of keeping a fp32 copy: 
 ``F.linear(x, dequantized)`` would make autograd hold every layer's fp32 weight until the
 backward pass, i.e. bring the fp32 model back into memory.
 
-The weights are streamed from the HF directory's safetensors file(s) one tensor at a time
-(plain reads, no mmap: mapped pages would count in the resident set) into a model skeleton
-built on the meta device, so the fp32 model never exists in memory either.
+The weights are streamed from the HF directory's safetensors file(s) into a model skeleton
+built on the meta device (plain reads, no mmap: mapped pages would count in the resident
+set); a 2-D weight is read and quantized a slice of rows at a time (StoredTensor), so
+neither the fp32 model nor one whole fp32 matrix (the 113 MB embedding) exists in memory.
 
 PEFT wraps the int8 target layers with its own LoRA ``Linear`` (registered as a custom
 module: it only needs ``in_features``/``out_features`` and the base layer's forward).
@@ -37,9 +38,11 @@ _SLICE_ELEMENTS = 1 << 22  # rows dequantized at once: <= 16 MB of fp32 temporar
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (int8 weight, fp32 scale of shape (rows, 1)).
 
-    Row slice by row slice, so the fp32 temporaries stay small even for the embedding.
+    Row slice by row slice, so the fp32 temporaries stay small even for the embedding;
+    ``weight`` may be a StoredTensor, whose rows are then read from the file slice by slice
+    (the full-precision matrix never exists in memory).
     """
-    weight = weight.detach()
+    weight = weight.detach() if isinstance(weight, torch.Tensor) else weight
     qweight = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty((weight.shape[0], 1), dtype=torch.float32)
     for s in _row_slices(qweight):
@@ -135,8 +138,30 @@ def _safetensors_files(path: Path) -> list[Path]:
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def stream_tensors(file: Path):
-    """Yield (name, tensor) from a safetensors file, one tensor in memory at a time."""
+class StoredTensor:
+    """A tensor's place in an open safetensors file; rows are read on demand (``t[a:b]``, ``t.read()``)."""
+
+    def __init__(self, handle, offset: int, dtype: torch.dtype, shape: list[int]):
+        self.handle, self.offset, self.dtype, self.shape = handle, offset, dtype, torch.Size(shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, _ = rows.indices(self.shape[0])
+        row_bytes = self.shape[1:].numel() * self.dtype.itemsize
+        out = torch.empty((stop - start, *self.shape[1:]), dtype=self.dtype)
+        self.handle.seek(self.offset + start * row_bytes)
+        # readinto fills the tensor's own memory: one copy of the bytes, not two (read() + a buffer)
+        if self.handle.readinto(out.view(torch.uint8).numpy().reshape(-1)) != out.numel() * self.dtype.itemsize:
+            raise UserError(f"{self.handle.name}: truncated tensor data")
+        return out
+
+    def read(self) -> torch.Tensor:
+        if not self.shape:  # a scalar: one row of one element
+            return StoredTensor(self.handle, self.offset, self.dtype, [1])[:].reshape(())
+        return self[:]
+
+
+def stored_tensors(file: Path):
+    """Yield (name, StoredTensor) of a safetensors file; the file stays open while the caller reads them."""
     with open(file, "rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(header_len))
@@ -146,10 +171,13 @@ def stream_tensors(file: Path):
                 continue
             if info["dtype"] not in _DTYPES:
                 raise UserError(f"{file}: tensor {name} has dtype {info['dtype']}; int8 base supports F32/F16/BF16")
-            begin, end = info["data_offsets"]
-            handle.seek(start + begin)
-            buffer = bytearray(handle.read(end - begin))
-            yield name, torch.frombuffer(buffer, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+            yield name, StoredTensor(handle, start + info["data_offsets"][0], _DTYPES[info["dtype"]], info["shape"])
+
+
+def stream_tensors(file: Path):
+    """Yield (name, tensor) from a safetensors file, one tensor in memory at a time."""
+    for name, stored in stored_tensors(file):
+        yield name, stored.read()
 
 
 def load_int8_model(path: Path):
@@ -161,7 +189,7 @@ def load_int8_model(path: Path):
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for file in _safetensors_files(path):
-        for name, tensor in stream_tensors(file):
+        for name, stored in stored_tensors(file):  # 2-D weights are quantized from the file, row slice by slice
             owner, _, attr = name.rpartition(".")
             try:
                 module = model.get_submodule(owner)
@@ -169,13 +197,13 @@ def load_int8_model(path: Path):
                 raise UserError(f"model.base-quant int8: {path}: tensor {name} has no module in the model") from None
             if isinstance(module, nn.Linear) and attr == "weight":
                 bias = module.bias if module.bias is not None and module.bias.device.type != "meta" else None
-                _replace(model, owner, Int8Linear.from_weight(tensor, bias))
+                _replace(model, owner, Int8Linear.from_weight(stored, bias))
             elif isinstance(module, nn.Embedding) and attr == "weight":
-                _replace(model, owner, Int8Embedding(*quantize_rows(tensor), module.padding_idx))
+                _replace(model, owner, Int8Embedding(*quantize_rows(stored), module.padding_idx))
             elif isinstance(module, Int8Linear) and attr == "bias":
-                module.bias = tensor.to(torch.float32).clone()
+                module.bias = stored.read().to(torch.float32)
             else:
-                setattr(module, attr, nn.Parameter(tensor.to(torch.float32).clone(), requires_grad=False))
+                setattr(module, attr, nn.Parameter(stored.read().to(torch.float32), requires_grad=False))
     if getattr(config, "tie_word_embeddings", False):
         embed = model.get_input_embeddings()
         _replace(model, _name_of(model, model.get_output_embeddings()), Int8Linear(embed.qweight, embed.scale))

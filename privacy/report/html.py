@@ -132,7 +132,7 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
         parts.append(section("Plots", secret_banner, '<div class="figs">' + "".join(
             figure(png, name, CAPTIONS[name]) for name, png in figures.items()) + "</div>"))
     if doc["utility"].get("shipped"):
-        parts.append(_shipped_section(doc["utility"]["shipped"]))
+        parts.append(_shipped_section(doc["utility"]))
     if doc["user_level"]:
         parts.append(_user_section(doc["user_level"], secret))
     parts.append(_accounting_section(doc))
@@ -145,22 +145,29 @@ def render_report(doc: dict, figures: dict[str, bytes]) -> str:
                 f"{run['dir']} · generated {doc['generated']} · {doc['schema']}", parts)
 
 
-def _shipped_section(shipments: list[dict]) -> str:
-    """The exported files as the clients evaluated them on their own held-out records."""
+def _shipped_section(utility: dict) -> str:
+    """The exported files as the clients evaluated them, against the untrained base (privacy.report.shipped)."""
+    fp32 = {ship["round"]: (ship.get("fp32") or {}).get("eval_loss") for ship in utility["shipped"]}
+    kinds = {"fp32": "(adapter on the fp32 base)", "base": "one-time install", "adapter": "per update"}
     rows = []
-    for ship in shipments:
-        reference = (ship.get("fp32") or {}).get("eval_loss")
-        for name, result in ship.items():
-            if name == "round":
-                continue
-            loss = result.get("eval_loss")
-            change = f"{(loss / reference - 1) * 100:+.2f}%" if reference and loss is not None else ""
-            size = f"{result['bytes'] / 1e6:.1f} MB" if result.get("bytes") else "(adapter on the fp32 base)"
-            rows.append([ship["round"], name, num(loss, ".4f"), change, size, (result.get("sha256") or "")[:16]])
-    return section("Shipped models", paragraphs([
-        "After training, the merged model was exported and sent to every client, which checked its sha256, stored "
-        "it and evaluated it on its own held-out records; only these metrics came back."]),
-        table(["round", "model", "eval loss", "vs fp32", "size", "sha256"], rows, numeric={0, 2, 3}))
+    for r in utility["shipped_vs_base"]:
+        loss, reference = r["eval_loss"], fp32.get(r["round"])
+        change = f"{(loss / reference - 1) * 100:+.2f}%" if reference and loss is not None else ""
+        size = f"{r['bytes'] / 1e6:.2f} MB" if r.get("bytes") else ""
+        versus = "" if r["vs_round0"] is None else f"{r['vs_round0']:+.4f}" + (" WORSE" if r["worse_than_base"] else "")
+        own = "" if r["vs_device_base"] is None else f"{r['vs_device_base']:+.4f}"
+        rows.append([r["round"], r["model"], num(loss, ".4f"), change, versus, own, size, kinds.get(r["role"], ""),
+                     (r.get("sha256") or "")[:16]])
+    flags = "".join(banner(flag, "warn") for flag in utility["shipped_worse_than_base"])
+    return section("Shipped models", flags, paragraphs([
+        "After training, the files were sent to every evaluating client, which checked each sha256, stored the file "
+        "and evaluated it on its own held-out records; only these metrics came back. 'merged' files are whole models; "
+        "'base q…' is the untrained base in that quantization, installed once; 'adapter+q…' is the adapter file "
+        "applied by each device on that base. 'vs round-0 base': eval loss minus the untrained base's (round 0); "
+        "a shipped model above it is worse than what the device already had. 'vs device base': the adapter's gain "
+        "on the quantized base the device holds."]),
+        table(["round", "model", "eval loss", "vs fp32", "vs round-0 base", "vs device base", "size", "sent",
+               "sha256"], rows, numeric={0, 2, 3, 4, 5}))
 
 
 def _client_table(clients: dict) -> str:

@@ -26,7 +26,8 @@ def run(counts: list[int], rounds: int = 2, model: str = "", out: Path | None = 
         data = root / f"users-{count}.jsonl"
         users = first_users(PHONE_DATA, data, count)
         settings = {"data.path": data, "server.fraction-train": min(1.0, PER_ROUND / users),
-                    "server.fraction-evaluate": min(1.0, EVALUATING / users), "server.min-clients": 1}
+                    "server.fraction-evaluate": min(1.0, EVALUATING / users), "server.min-clients": 1,
+                    "ship.quantizations": ""}  # rounds only: shipping is bench adapter-ship's
         result = simulate("phone", root / f"run-{users}", users, settings, rounds, model)
         trained = [r for r in result.rows if r["round"] > 0 and "shipped" not in r]
         results.append({"clients": users, "rounds": len(trained),

@@ -3,7 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from client.shipment import verify_and_store
+from client.shipment import _on_device_base, verify_and_store
 from slm.errors import UserError
 
 DATA = np.frombuffer(b"GGUF" + bytes(range(256)) * 4, dtype=np.uint8)
@@ -34,3 +34,13 @@ def test_a_flipped_byte_is_caught(tmp_path):
     with pytest.raises(UserError, match="sha256"):
         verify_and_store(corrupted, expected_sha256=SHA, expected_bytes=DATA.size, directory=tmp_path, name="m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("stored, base_file", [(None, "base.gguf"), (b"another base", "base.gguf"),
+                                               (DATA.tobytes(), "../base.gguf")])
+def test_an_adapter_is_evaluated_only_on_the_announced_base_the_device_holds(tmp_path, stored, base_file):
+    if stored is not None:
+        (tmp_path / "base.gguf").write_bytes(stored)
+    announced = {"base-file": base_file, "base-sha256": SHA}
+    with pytest.raises(UserError, match="no base"):
+        _on_device_base(tmp_path / "adapter.gguf", announced, tmp_path)

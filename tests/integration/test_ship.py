@@ -26,7 +26,7 @@ def exported(tmp_path_factory, model_cache):
 
 
 def test_manifests_describe_the_files(exported):
-    from server.ship import sha256_of
+    from slm.digest import sha256_of
 
     run, _, artifacts = exported
     for quant, artifact in artifacts.items():

@@ -75,3 +75,42 @@ def test_scale_run_keeps_memory_flat_across_client_counts(tmp_path, model_cache)
         assert r["rounds"] == 1 and r["peak RSS MiB"] > 100
         assert math.isfinite(r["eval loss end"]) and math.isfinite(r["eval loss r0"])
     assert results[1]["RSS vs first"] < 1.5  # memory must not follow the number of clients
+
+
+_STAGES = """
+import json
+from simulation.bench.phone_memory import StagePeaks
+
+stages = StagePeaks()
+stages.mark("before")
+block = bytearray(64 << 20)
+block[:: 4096] = b"x" * len(block[:: 4096])  # touch every page: 64 MiB resident
+del block
+stages.mark("big")
+stages.mark("small")
+print(json.dumps(stages.peaks))
+"""
+
+
+def test_stage_peaks_are_per_stage():
+    """A stage's peak is its own: the high-water mark is reset between stages (not the process's running max).
+
+    In a fresh process, as the benchmark measures: a long test process's resident set (models of
+    earlier tests, freed but resident) can sit above anything this test allocates.
+    """
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _STAGES], check=True, capture_output=True, text=True).stdout
+    peaks = json.loads(out.strip().splitlines()[-1])
+    assert peaks["big"] - peaks["small"] > 48
+
+
+def test_phone_scenario_runs_the_memory_levers():
+    """The phone scenario's round is the one BENCHMARKS.md measures within 1 GB: int8 base, pieces, recomputation."""
+    from simulation.bench.phone_memory import phone_profile
+
+    keys = get_scenario("phone").overrides
+    profile = phone_profile()
+    assert (profile.dtype, profile.physical_batch, profile.recompute) == \
+        (keys["model.dtype"], keys["train.physical-batch-size"], keys["train.recompute"]) == ("int8", 1, True)

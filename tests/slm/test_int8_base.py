@@ -52,6 +52,24 @@ def test_stream_tensors_reads_safetensors(tmp_path):
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 
+def test_a_weight_is_quantized_from_the_file_slice_by_slice(tmp_path, monkeypatch):
+    """The load path never holds a whole full-precision matrix: rows come from the file as quantize_rows asks."""
+    from safetensors.torch import save_file
+
+    import slm.int8_base as int8
+
+    monkeypatch.setattr(int8, "_SLICE_ELEMENTS", 32 * 3)  # 3 rows per slice: uneven last slice
+    tensors = {"w": torch.randn(10, 32), "h": torch.randn(7, 32).to(torch.float16), "s": torch.tensor(2.5)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    for name, stored in int8.stored_tensors(tmp_path / "m.safetensors"):
+        if name == "s":
+            assert torch.equal(stored.read(), tensors["s"])
+            continue
+        assert torch.equal(stored[2:5], tensors[name][2:5])
+        from_file, in_memory = quantize_rows(stored), quantize_rows(tensors[name])
+        assert all(torch.equal(a, b) for a, b in zip(from_file, in_memory))
+
+
 @pytest.fixture(scope="module")
 def int8_tiny():
     from slm.config import resolve

@@ -339,3 +339,21 @@ def test_budget_statement_says_the_neighbouring_relation(finished, tmp_path, cap
     assert main(["budget", str(ledger), "--html"]) == 0
     page = (tmp_path / "budget.html").read_text()
     assert STATEMENT in page and f"ε = {replace_one:.2f} at the same δ" in page
+
+
+def test_a_shipped_file_worse_than_the_untrained_base_is_flagged_plainly(run):
+    shipped = {"fp32": {"eval_loss": 2.8}, "q8_0": {"eval_loss": 2.82, "bytes": 145_000_000, "role": "merged"},
+               "q4_0": {"eval_loss": 3.01, "bytes": 85_000_000, "role": "merged"},
+               "base q4_0": {"eval_loss": 3.1, "bytes": 85_000_000, "role": "base"},
+               "adapter+q4_0": {"eval_loss": 2.9, "bytes": 921_000, "role": "adapter"}}
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"round": 2, "shipped": shipped}) + "\n")
+    html = write_report(run).read_text()
+    doc = json.loads((run / "report.json").read_text())
+    # round 0 evaluated at 3.0: only the Q4_0 file is worse; the install is the base itself, never flagged
+    assert doc["utility"]["shipped_worse_than_base"] == [
+        "round 2: q4_0: 3.0100, worse than the untrained base 3.0000 — this file loses what training gained"]
+    rows = {r["model"]: r for r in doc["utility"]["shipped_vs_base"]}
+    assert rows["adapter+q4_0"]["vs_device_base"] == pytest.approx(-0.2)
+    assert rows["q8_0"]["vs_round0"] == pytest.approx(-0.18) and not rows["base q4_0"]["worse_than_base"]
+    assert "this file loses what training gained" in html and "WORSE" in html
