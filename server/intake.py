@@ -79,6 +79,29 @@ def check_training(usable, sent: dict[str, torch.Tensor], max_norm: float,
     return out
 
 
+def check_secure_training(usable, record: Callable[[str, dict], None]) -> Training:
+    """Replies of a secure round: privacy records and counts in clear, the updates only in the masked sum.
+
+    The server cannot validate a masked update; the site checked its own before masking
+    (client.secure_aggregation) and says in clear whether it is in the sum, and why not.
+    An update counts with no state and no norm: the server never sees either.
+    """
+    out = Training()
+    for _, name, reply in usable:
+        if any(key not in reply.content for key in ("privacy", "metrics", "secure")):
+            out.rejected.append((name, "no privacy record, metrics or secure-aggregation record in the reply"))
+            continue
+        privacy, metrics, secure = (dict(reply.content[key]) for key in ("privacy", "metrics", "secure"))
+        record(name, privacy)
+        if privacy.get("status") in ("refused", "rejected"):
+            out.refused.append((name, privacy.get("reason", "")))
+        elif not secure.get("contributed"):
+            out.rejected.append((name, f"withheld by the site: {secure.get('reason', '')}"))
+        else:
+            out.updates.append(Update(name, {}, float("nan"), metrics, privacy))
+    return out
+
+
 class Names:
     """Node id -> the name it reported, and the names that several nodes reported."""
 

@@ -16,7 +16,9 @@ DP ran), per_client_statistics (null unless user-level DP ran: the per-client ta
 the coordinator's secret material, not covered by the user-level guarantee), protection
 (what is and is not protected), audit (the empirical audit,
 privacy.audit.doc schema fedslm-audit/1, from <run>/audit.json; null when none was run;
-summary.audit is its one sentence), plots (file names under plots/).
+summary.audit is its one sentence), secure_aggregation (null unless the sites' updates were summed
+with SecAgg+: what the coordinator learned, per round the cohort, threshold and sites in
+the sum), plots (file names under plots/).
 Non-finite numbers are written as null: epsilon is null when a client trained without
 DP (no guarantee at all) or when it could not be recomputed (see "disagreements").
 """
@@ -36,6 +38,8 @@ from privacy.report.html import render_report
 from privacy.report.neighbouring import RELATION, REPLACE_ONE_METHOD, STATEMENT
 from privacy.report.text import PER_CLIENT_SECRET, describe_run, protection_notes, summary_sentences
 from privacy.report.run_files import RunFiles
+from privacy.report.secure_aggregation import secure_aggregation_doc, secure_note
+from privacy.report.shipped import compare_shipped
 
 SCHEMA = "fedslm-report/1"
 ACCURACY_KEYS = ("accuracy", "top1_accuracy", "top3_accuracy")
@@ -92,7 +96,9 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
                                        dp_enabled=run["dp_enabled"],
                                        train_metrics_in_clear=_train_metrics_in_clear(files.rows)),
         "audit": read_audit(files.path),  # <run>/audit.json of `fedslm audit --run`, else None
+        "secure_aggregation": secure_aggregation_doc(files.config, files.rows),  # null when updates were in clear
     }
+    doc["protection"].append(secure_note(doc["secure_aggregation"]))
     doc["summary"]["audit"] = summary_sentence(doc["audit"]) if doc["audit"] else None
     figures = _figures(utility, accounts, user, max(run["rounds_planned"], run["rounds_completed"]))
     doc["plots"] = {name: f"plots/{name}.png" for name in figures}
@@ -105,7 +111,7 @@ def _utility(rows: list[dict]) -> dict:
     for row in rows:
         if "shipped" in row:
             shipped.append({"round": row["round"], **{name: {"eval_loss": m.get("eval_loss"), "bytes": m.get("bytes"),
-                                                             "sha256": m.get("sha256")}
+                                                             "sha256": m.get("sha256"), "role": m.get("role")}
                                                       for name, m in row["shipped"].items()}})
             continue
         entry = {"round": row["round"], "skipped": bool(row.get("skipped")),
@@ -116,8 +122,10 @@ def _utility(rows: list[dict]) -> dict:
     evaluated = [r for r in rounds if _is_number(r["eval_loss"])]
     first = evaluated[0] if evaluated and evaluated[0]["round"] == 0 else None
     last = evaluated[-1] if evaluated and evaluated[-1]["round"] > 0 else None
+    comparison, flags = compare_shipped(shipped, first["eval_loss"] if first else None)
     return {"rounds": rounds, "metric": "eval_loss (token-weighted mean over the clients' held-out records)",
-            "round0": first, "final": last, "shipped": shipped}
+            "round0": first, "final": last, "shipped": shipped, "shipped_vs_base": comparison,
+            "shipped_worse_than_base": flags}
 
 
 def _client_doc(account: ClientAccount, eval_records: int | None) -> dict:

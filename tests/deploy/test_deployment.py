@@ -148,8 +148,9 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
         groups = {fed["superlink"].pid, *(node.pid for node in nodes)}
         assert non_loopback_listeners(groups) == []
         # Spend about 3 of each site's 8: the next run still has budget. The coordinator's attempt to switch
-        # DP off and fix the noise seed is overruled by the sites.
-        rows = run_app(fed, "first", "server.rounds=2 dp.target-epsilon=3.0 dp.enabled=false dp.noise-seed=7")
+        # DP off and fix the noise seed is overruled by the sites. The sites' updates are summed with SecAgg+.
+        rows = run_app(fed, "first", "server.rounds=2 dp.target-epsilon=3.0 dp.enabled=false dp.noise-seed=7 "
+                                     "server.aggregation='ffa' server.secure-aggregation=true")
         assert non_loopback_listeners(groups) == []
     assert [r["round"] for r in rows] == [0, 1, 2]
     # deploy.approve's hash is the one Flower reports for the submission and the one each site's guard
@@ -158,6 +159,7 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
     for site in SITES:
         assert f"fedslm app guard: app sha256 {fed['app_hash']} approved" in (work / site / "first.log").read_text()
     assert all({p["client"] for p in r["participants"]} == set(SITES) and not r["refused"] for r in rows[1:])
+    assert all(r["secure_aggregation"]["in_sum"] == 2 and not r.get("skipped") for r in rows[1:])
     run_dir = work / "runs" / "first"
     view = json.loads((run_dir / "privacy" / "ledger.json").read_text())["clients"]
     assert set(view) == set(SITES)
