@@ -115,11 +115,12 @@ def _reply(msg: Message, privacy: dict, metrics: dict, arrays=None) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """A clear train round, or one stage of a secure one (client.secure_aggregation masks the reply)."""
     if secure_aggregation.requested(msg):
-        return secure_aggregation.masked_train(msg, context, train_clear)
+        return secure_aggregation.masked_train(msg, context, lambda m, c: train_clear(m, c, masked=True))
     return train_clear(msg, context)
 
 
-def train_clear(msg: Message, context: Context) -> Message:
+def train_clear(msg: Message, context: Context, masked: bool = False) -> Message:
+    """Train one round; ``masked``: the reply goes through SecAgg+ (client.secure_aggregation), not in clear."""
     round_cfg = msg.content["config"]
     config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
     privacy = {"client": local.name, "dp": policy.dp_enabled, "noise_seed": "os-entropy"
@@ -129,6 +130,9 @@ def train_clear(msg: Message, context: Context) -> Message:
         problems = request.problems(policy, len(local.train))
     except (KeyError, TypeError, ValueError) as err:
         request, problems = None, [f"malformed request ({type(err).__name__}: {err})"]
+    if policy.require_secure_aggregation and not masked:
+        problems = [*problems, "this site trains only in secure-aggregation rounds (node config "
+                    "require-secure-aggregation): a clear reply would show the coordinator its update"]
     if problems:
         reason = "; ".join(problems)
         site_log(policy, f"refused a train request: {reason}")

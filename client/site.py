@@ -40,6 +40,8 @@ NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "model-dir": (str, "", "'smollm2', 'tiny' or a local HF model directory (else the run config's)"),
     "shipped-dir": (str, "", "where verified shipped models are stored"),
     "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
+    "require-secure-aggregation": (bool, False, "train only in secure-aggregation rounds: a clear train request "
+                                   "(which would show the coordinator this site's update) is refused"),
 }
 REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon")
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under a ledger dir
@@ -77,6 +79,7 @@ class SitePolicy:
     dp_enabled: bool
     noise_seed: int  # -1 = fresh OS entropy per round (always, in a deployment)
     evaluate: bool
+    require_secure_aggregation: bool  # the coordinator cannot switch SecAgg+ off for this site
     model_dir: str  # '' = the run config's model.name
     device: str  # '' = the run config's model.device
     shipped_dir: str  # '' = <run dir>/shipped (simulation)
@@ -103,7 +106,7 @@ class SitePolicy:
             max_epsilon=values["max-epsilon"], delta=values["delta"],
             max_noise_multiplier=values["max-noise-multiplier"], max_rounds=values["max-rounds"],
             max_local_steps=values["max-local-steps"], dp_enabled=True, noise_seed=-1, evaluate=values["evaluate"],
-            model_dir=values["model-dir"], device=values["device"], shipped_dir=values["shipped-dir"],
+            require_secure_aggregation=values["require-secure-aggregation"], model_dir=values["model-dir"], device=values["device"], shipped_dir=values["shipped-dir"],
             data_path=values["data-path"], test_data_path=values["test-data-path"],
             test_fraction=values["test-fraction"],
             max_train=values["max-train-examples"], max_eval=values["max-eval-examples"])
@@ -118,7 +121,7 @@ class SitePolicy:
             name=name, deployment=False, ledger_dir=ledger_root / name, max_epsilon=config["dp.max-epsilon"],
             delta=config["dp.delta"], max_noise_multiplier=config["dp.max-noise-multiplier"], max_rounds=10**6,
             max_local_steps=10**6, dp_enabled=config["dp.enabled"], noise_seed=config["dp.noise-seed"],
-            evaluate=True, model_dir="", device="", shipped_dir=config["ship.dir"], data_path=config["data.path"],
+            evaluate=True, require_secure_aggregation=False, model_dir="", device="", shipped_dir=config["ship.dir"], data_path=config["data.path"],
             test_data_path="", test_fraction=config["data.test-fraction"],
             max_train=config["data.max-train-examples"], max_eval=config["data.max-eval-examples"])
         policy.check("run config")

@@ -217,3 +217,13 @@ def test_a_shipped_model_cannot_pick_a_directory_on_the_site(tmp_path, coordinat
     with pytest.raises(UserError, match="accepts no shipped models"):
         evaluate_shipped(msg, context)
     assert not (tmp_path / "chosen-by-coordinator").exists()
+
+
+def test_a_site_that_requires_secure_aggregation_never_trains_in_clear(tmp_path, coordinator):
+    """A coordinator cannot switch SecAgg+ off for a site that requires it: the clear request is refused,
+    nothing trains, nothing is spent, and the reply carries no adapter."""
+    site = Site(tmp_path / "secure-only", extra={"require-secure-aggregation": True})
+    reply = coordinator.train(site, {"server.secure-aggregation": False})
+    assert status(reply) == "rejected" and "secure-aggregation" in reason(reply)
+    assert "arrays" not in reply.content
+    assert not (site.ledger_dir / "ledger.json").exists()
