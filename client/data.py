@@ -1,7 +1,7 @@
 """A client's local records: read from a file, checked against the field mapping, split.
 
-Files are read through ``datasets`` (JSONL, CSV/TSV, Parquet). In a simulation every
-client reads the same file and keeps its own partition (flwr-datasets partitioners:
+Files are read by client.records (JSONL natively, CSV/TSV and Parquet through ``datasets``).
+In a simulation every client reads the same file and keeps its own partition (flwr-datasets partitioners:
 iid, dirichlet by a label column, natural by an id column); in a deployment the file is
 the client's own and the partition is all of it. Each client then holds out a
 deterministic test split for federated evaluation. Nothing here leaves the client.
@@ -15,12 +15,11 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
+from client.records import as_dataset, read_table
 from slm.errors import UserError
-from slm.jsonfiles import iter_json_lines
 from slm.tasks import derive_verbalizers, parse_verbalizers, uncovered
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "medquad_4_institutes.jsonl"
-SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True)
@@ -68,48 +67,6 @@ class DataSpec:
         if self.task == "label":
             return [self.text_field, self.label_field]
         return [self.text_field]
-
-
-def read_table(path: str):
-    """Read a whole file as a ``datasets.Dataset``, with one-line errors naming the file."""
-    file = Path(path)
-    if not path:
-        raise UserError("config key 'data.path': no data file given")
-    if not file.is_file():
-        raise UserError(f"data file {path}: not found")
-    stat = file.stat()
-    return _read_file(path, stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=2)
-def _read_file(path: str, mtime_ns: int, size: int):
-    """Once per process and file version: a worker serving a thousand phone clients reads the file once."""
-    import datasets
-
-    file = Path(path)
-    builder = SUFFIX_BUILDERS.get(file.suffix.lower())
-    if builder is None:
-        raise UserError(f"data file {path}: unsupported type {file.suffix!r} (use .jsonl, .csv, .tsv or .parquet)")
-    if not file.read_bytes().strip():
-        raise UserError(f"data file {path}: holds no records")
-    if builder == "json":
-        _check_jsonl(file)
-    kwargs = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
-    datasets.disable_progress_bars()
-    try:
-        table = datasets.load_dataset(builder, data_files=str(file), split="train", **kwargs)
-    except Exception as err:  # datasets wraps parser errors in several types
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"data file {path}: cannot be read: {first_line}") from err
-    if len(table) == 0:
-        raise UserError(f"data file {path}: holds no records")
-    return table
-
-
-def _check_jsonl(file: Path) -> None:
-    """Find the first malformed line ourselves: datasets' own error does not name it."""
-    for _ in iter_json_lines(file, "data file"):
-        pass
 
 
 def check_fields(table, spec: DataSpec) -> None:
@@ -200,7 +157,7 @@ def _partitioner(table, spec: DataSpec, num_partitions: int):
                 f"groups but the federation has {num_partitions} clients"
             )
         partitioner = NaturalIdPartitioner(partition_by=spec.partition_by)
-    partitioner.dataset = table
+    partitioner.dataset = as_dataset(table)
     return partitioner
 
 

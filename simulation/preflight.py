@@ -10,7 +10,8 @@ to do it.
 
 from __future__ import annotations
 
-from client.data import DataSpec, LocalData, check_fields, load_local_data, read_table, resolve_verbalizers
+from client.data import DataSpec, LocalData, check_fields, load_local_data, resolve_verbalizers
+from client.records import read_table
 from client.site import SitePolicy
 from client.train import sample_rate
 from server.rounds import RoundSpec

@@ -15,6 +15,10 @@ hospital client trains; ``phone`` = the phone scenario's own round (one Shakespe
 next-word, its keys). Profiles: ``fp32`` and ``int8`` are the bases alone (the levers
 off), each lever is a profile of its own on top of int8, and ``phone`` is the phone
 scenario's memory keys (simulation/scenarios.py), i.e. what a phone runs.
+
+The client reads its own JSONL file, as a device does: the bench writes that client's
+share of the shared file before the child starts, so no partitioner (and no ``datasets``)
+runs in the measured process.
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ class StagePeaks:
 
 
 def _round_config(name: str, profile: Profile) -> tuple[dict, dict]:
-    """(resolved config, training options) of the round ``name``."""
+    """(resolved config, training options) of the round ``name``, reading the shared file."""
     from simulation.scenarios import get_scenario
     from slm.config import resolve
 
@@ -102,7 +106,19 @@ def _schema() -> dict:
     return SCHEMA
 
 
-def client_round(round_name: str, profile: Profile, steps: int) -> dict:
+def write_client_file(round_name: str, path: str) -> str:
+    """Client 0's share of the round's shared file, as that client's own JSONL file (in the parent)."""
+    from client.data import DataSpec, partition
+    from client.records import read_table
+    config, options = _round_config(round_name, Profile())
+    spec = DataSpec.from_config(config)
+    rows = partition(read_table(spec.path), spec, 0, options["clients"])
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path
+
+
+def client_round(round_name: str, profile: Profile, steps: int, data_file: str) -> dict:
     """One client's round (load, data, eval, train, eval) with ``profile``'s levers, peaks by stage."""
     stages = StagePeaks()
     from client.data import DataSpec, load_local_data
@@ -122,7 +138,7 @@ def client_round(round_name: str, profile: Profile, steps: int) -> dict:
     model, tokenizer = attach(config["model.name"], LoraSpec.from_config(config), profile.dtype)
     load_s = time.time() - started
     stages.mark("load")
-    local = load_local_data(DataSpec.from_config(config), 0, options["clients"])
+    local = load_local_data(DataSpec.from_config({**config, "data.path": data_file}), 0, 1)
     task = Task.from_config(config)
     stages.mark("data")
     before = evaluate(model, tokenizer, task, local.test)
@@ -149,7 +165,11 @@ def client_round(round_name: str, profile: Profile, steps: int) -> dict:
 
 def run(round_name: str = "dp", profiles=("fp32", "int8", "phone"), steps: int = 3) -> list[dict]:
     """Each profile's round in a fresh process; printed as a table."""
+    import tempfile
+
     results = []
+    directory = tempfile.TemporaryDirectory(prefix="fedslm-phone-memory-")
+    data_file = write_client_file(round_name, f"{directory.name}/client.jsonl")
     for name in profiles:
         if name not in PROFILES:
             from slm.errors import UserError
@@ -157,10 +177,12 @@ def run(round_name: str = "dp", profiles=("fp32", "int8", "phone"), steps: int =
             raise UserError(f"fedslm bench phone-memory --profiles: unknown profile {name!r} "
                             f"(choose from {', '.join(PROFILES)})")
         profile = PROFILES[name]()
-        out = subprocess.run([sys.executable, "-m", "simulation.bench.phone_memory", round_name, name, str(steps)],
+        out = subprocess.run([sys.executable, "-m", "simulation.bench.phone_memory", round_name, name, str(steps),
+                              data_file],
                              check=True, capture_output=True, text=True).stdout
         results.append({"name": name, **json.loads(out.strip().splitlines()[-1])})
         _print_row(results[-1], header=len(results) == 1)
+    directory.cleanup()
     return results
 
 
@@ -175,6 +197,6 @@ def _print_row(r: dict, header: bool) -> None:
           f"{r['eval_loss_before']:12.4f}{r['eval_loss_after']:8.4f}", flush=True)
 
 
-if __name__ == "__main__":  # the child: python -m simulation.bench.phone_memory ROUND PROFILE STEPS
-    round_arg, profile_arg, steps_arg = sys.argv[1:4]
-    print(json.dumps(client_round(round_arg, PROFILES[profile_arg](), int(steps_arg))))
+if __name__ == "__main__":  # the child: python -m simulation.bench.phone_memory ROUND PROFILE STEPS FILE
+    round_arg, profile_arg, steps_arg, file_arg = sys.argv[1:5]
+    print(json.dumps(client_round(round_arg, PROFILES[profile_arg](), int(steps_arg), file_arg)))

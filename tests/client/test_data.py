@@ -7,9 +7,9 @@ from client.data import (
     check_fields,
     load_local_data,
     partition,
-    read_table,
     split,
 )
+from client.records import read_table
 from slm.config import resolve
 from slm.errors import UserError
 
@@ -37,6 +37,19 @@ def test_reads_jsonl_csv_tsv_parquet(tmp_path):
     for name in (jsonl, tmp_path / "d.csv", tmp_path / "d.tsv", tmp_path / "d.parquet"):
         loaded = read_table(str(name))
         assert len(loaded) == 60 and loaded[3]["question"] == "q3", name
+
+
+def test_jsonl_is_read_without_datasets_and_fills_missing_fields(tmp_path):
+    """A phone reads its own JSONL file: no pyarrow/pandas in its process, and rows as datasets gives them."""
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "n": 1}, {"text": "b", "extra": [1, 2]}])
+    code = ("import sys; from client.records import read_table; t = read_table(sys.argv[1]); "
+            "print(t.column_names, list(t), 'datasets' in sys.modules, 'pyarrow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ("['text', 'n', 'extra'] [{'text': 'a', 'n': 1, 'extra': None}, "
+                           "{'text': 'b', 'n': None, 'extra': [1, 2]}] False False")
 
 
 def test_malformed_jsonl_names_the_line(tmp_path):
