@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -57,6 +58,32 @@ def _row_slices(qweight: torch.Tensor):
     return [slice(i, min(i + step, qweight.shape[0])) for i in range(0, qweight.shape[0], step)]
 
 
+class _Scratch(threading.local):
+    """One dequantization buffer per thread, device and dtype, reused by every slice of every matmul.
+
+    A fresh fp32 slice per matmul costs a page fault per 4 KiB page once freed memory goes back
+    to the OS (model.return-freed-memory, slm/allocator.py): ~1 GB of new pages per SmolLM2
+    forward pass, most of the phone profile's step time (BENCHMARKS.md, phone memory). A slice
+    is consumed by the next op before the buffer is written again (ops on one thread, or one
+    CUDA stream, run in order), so reuse is safe.
+    """
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def dequantize(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (qweight.device, dtype)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < qweight.numel():
+            buffer = torch.empty(max(_SLICE_ELEMENTS, qweight.numel()), dtype=dtype, device=qweight.device)
+            self.buffers[key] = buffer
+        out = buffer[: qweight.numel()].view(qweight.shape)
+        return torch.mul(qweight, scale.to(dtype), out=out)
+
+
+_scratch = _Scratch()
+
+
 class _Int8MatMul(torch.autograd.Function):
     """y = x W^T with W = qweight * scale, dequantized slice by slice in both directions."""
 
@@ -65,7 +92,7 @@ class _Int8MatMul(torch.autograd.Function):
         ctx.save_for_backward(qweight, scale)
         out = x.new_empty((*x.shape[:-1], qweight.shape[0]))  # filled slice by slice: no concatenation copy
         for s in _row_slices(qweight):
-            out[..., s] = F.linear(x, qweight[s].to(x.dtype) * scale[s].to(x.dtype))
+            out[..., s] = F.linear(x, _scratch.dequantize(qweight[s], scale[s], x.dtype))
         return out
 
     @staticmethod
@@ -74,8 +101,8 @@ class _Int8MatMul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             for s in _row_slices(qweight):
-                part = grad[..., s] @ (qweight[s].to(grad.dtype) * scale[s].to(grad.dtype))
-                grad_x = part if grad_x is None else grad_x + part
+                part = grad[..., s] @ _scratch.dequantize(qweight[s], scale[s], grad.dtype)
+                grad_x = part if grad_x is None else grad_x.add_(part)
         return grad_x, None, None
 
 
