@@ -44,6 +44,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 
 from privacy.mechanism.entropy import generator_from_entropy, seed_entropy
 from slm.errors import UserError
+from slm.frozen_prefix import with_prefix
 from slm.loss import per_example_loss
 from slm.tasks import Task, collate, encode
 
@@ -204,7 +205,7 @@ def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: st
     pieces = micro_batches(batch, physical_batch_size)
     size, total = len(batch["input_ids"]), 0.0
     for i, piece in enumerate(pieces):
-        piece = {k: v.to(device) for k, v in piece.items()}
+        piece = {k: v.to(device) for k, v in with_prefix(forward, piece).items()}  # lora.layers: frozen part kept
         with autocast_context(autocast, device):
             losses = loss(forward, piece)
         if mode == "ghost":

@@ -40,6 +40,8 @@ SCHEMA: dict[str, Key] = {
     "lora.dropout": Key(0.0, "LoRA dropout"),
     "lora.target-modules": Key("q_proj,v_proj", "comma-separated module names that get adapters"),
     "lora.seed": Key(0, "seed of the initial adapter (A factors), shared by the federation"),
+    "lora.layers": Key(0, "adapters in the top N decoder layers only (0 = every layer); the frozen layers below "
+                       "run once per record, not at every step (slm/frozen_prefix.py)"),
     # the local data and the task on it
     "data.path": Key("", "JSONL / CSV / TSV / Parquet file; empty = the scenario's packaged excerpt"),
     "data.task": Key("sft", "what is learned and measured", ("sft", "label", "next-word")),
@@ -163,6 +165,7 @@ RANGES: dict[str, Range] = {
     "lora.r": AT_LEAST_ONE,
     "lora.alpha": POSITIVE,
     "lora.dropout": Range(0, 1, high_open=True),
+    "lora.layers": NON_NEGATIVE,
     "data.dirichlet-alpha": POSITIVE,
     "data.test-fraction": HELD_OUT,
     "data.max-train-examples": NON_NEGATIVE,

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from slm.frozen_prefix import with_prefix
 from slm.label_scoring import score_labels
 from slm.loss import CHUNK, loss_positions
 from slm.tasks import Task, collate, encode
@@ -38,7 +39,7 @@ def evaluate(model, tokenizer, task: Task, records: list[dict], batch_size: int 
         loss_sum, tokens, top1, top3 = 0.0, 0, 0, 0
         for start in range(0, len(examples), batch_size):
             batch = collate(examples[start : start + batch_size], tokenizer.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in with_prefix(model, batch).items()}  # frozen layers: once per record
             rows, targets, _, head = loss_positions(model, batch)  # hidden states of the loss tokens, (N, H)
             for s in range(0, len(rows), CHUNK):  # logits of CHUNK tokens at a time: never (B, T, V)
                 logits, target = head(rows[s : s + CHUNK]).float(), targets[s : s + CHUNK]  # (n, V), (n,)

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from slm.loss import causal_lm
+from slm.unwrap import causal_lm
 from slm.tasks import IGNORE, Example, Task, collate, encode_candidates, token_losses, verbalize
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class LoraSpec:
     dropout: float
     target_modules: tuple[str, ...]
     seed: int = 0
+    layers: int = 0  # adapters in the top N decoder layers only; 0 = every layer
 
     @classmethod
     def from_config(cls, config: dict) -> "LoraSpec":
@@ -50,14 +52,19 @@ class LoraSpec:
             dropout=config["lora.dropout"],
             target_modules=targets,
             seed=config["lora.seed"],
+            layers=config["lora.layers"],
         )
 
-    def peft_config(self):
+    def peft_config(self, num_layers: int):
+        """PEFT's config; with ``layers`` the adapters sit in the top ``layers`` of ``num_layers`` only."""
+        top = list(range(num_layers - self.layers, num_layers)) if self.layers else None
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=list(self.target_modules),
+            layers_to_transform=top,
+            layers_pattern="layers" if top else None,
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -86,8 +93,12 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32", device: torch
         unknown = [t for t in spec.target_modules if t not in names]
         if unknown:
             raise UserError(f"config key 'lora.target-modules': {', '.join(unknown)} not found in model '{model_ref}'")
+        num_layers = base.model.config.num_hidden_layers
+        if spec.layers > num_layers:
+            raise UserError(f"config key 'lora.layers': {spec.layers} is more than the {num_layers} decoder layers "
+                            f"of model '{model_ref}'")
         torch.manual_seed(spec.seed)
-        peft_config = spec.peft_config()
+        peft_config = spec.peft_config(num_layers)
         if dtype == "int8":
             from slm.int8_base import peft_custom_modules
 
@@ -151,7 +162,7 @@ def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_model_path
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    config = spec.peft_config()
+    config = spec.peft_config(1 + max(_layer_indices(state), default=0))
     config.base_model_name_or_path = str(base_model_path)
     config.inference_mode = True
     tmp = out / "adapter_model.safetensors.tmp"
@@ -160,6 +171,10 @@ def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_model_path
     tmp_cfg = out / "adapter_config.json.tmp"
     tmp_cfg.write_text(json.dumps(config.to_dict(), indent=2, default=list))
     tmp_cfg.replace(out / "adapter_config.json")
+
+
+def _layer_indices(state: dict) -> set[int]:
+    return {int(m.group(1)) for m in map(re.compile(r"\.layers\.(\d+)\.").search, state) if m}
 
 
 def sent_tensors(state: dict[str, torch.Tensor], aggregation: str) -> dict[str, torch.Tensor]:

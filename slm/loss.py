@@ -28,19 +28,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from slm.errors import UserError
+from slm.frozen_prefix import run_body
 from slm.tasks import IGNORE
+from slm.unwrap import causal_lm
 
 CHUNK = 256  # loss positions per head application: 256 x 49,152 fp32 logits = 50 MB
-
-
-def causal_lm(model):
-    """The transformers causal LM inside Opacus' GradSampleModule and PEFT's wrappers."""
-    inner = model
-    while hasattr(inner, "_module"):  # GradSampleModule(...)
-        inner = inner._module
-    if hasattr(inner, "get_base_model"):  # PeftModel -> the LoRA-injected base
-        inner = inner.get_base_model()
-    return inner
 
 
 def body_and_head(model):
@@ -63,9 +55,8 @@ def loss_positions(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
     Also for evaluation: scoring a label or top-k of the next word needs the head on these
     rows only (``head(rows)`` in chunks, under torch.no_grad()).
     """
-    body, head = body_and_head(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state  # (B, T, H); a KV cache would only hold memory
+    _, head = body_and_head(model)
+    hidden = run_body(model, batch)  # (B, T, H); from the kept frozen layers' output when the batch has it
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     example, position = (targets != IGNORE).nonzero(as_tuple=True)  # (N,), (N,)
     return hidden[:, :-1][example, position], targets[example, position], example, head

@@ -28,7 +28,7 @@ import contextlib
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slm.loss import causal_lm
+from slm.unwrap import causal_lm
 
 
 def decoder_layers(model) -> list[nn.Module]:
