@@ -40,6 +40,7 @@ class DataSpec:
     seed: int
     split: str = "seeded"  # seeded (simulation: data.seed) | record-hash (a site: stable, set by nobody)
     test_path: str = ""  # a site's pinned held-out records; then every record of ``path`` trains
+    eval_path: str = ""  # a simulation's held-out file, partitioned as ``path``; then every record of it trains
 
     @classmethod
     def from_config(cls, config: dict) -> "DataSpec":
@@ -59,6 +60,7 @@ class DataSpec:
             max_train=config["data.max-train-examples"],
             max_eval=config["data.max-eval-examples"],
             seed=config["data.seed"],
+            eval_path=config["data.eval-path"],
         )
 
     def required_fields(self) -> list[str]:
@@ -213,7 +215,8 @@ def load_local_data(spec: DataSpec, partition_id: int, num_partitions: int) -> L
     The files' versions are part of the key: a site whose records change must see the
     change (its ledger refuses to train on unconfirmed records), not a cached old copy.
     """
-    return _load_local_data(spec, partition_id, num_partitions, _version(spec.path), _version(spec.test_path))
+    return _load_local_data(spec, partition_id, num_partitions, _version(spec.path), _version(spec.test_path),
+                            _version(spec.eval_path))
 
 
 def _version(path: str) -> tuple:
@@ -233,11 +236,25 @@ def _load_local_data(spec: DataSpec, partition_id: int, num_partitions: int, *_v
         train = list(table)[: spec.max_train or None]
         return LocalData(name="site", train=train, test=list(held)[: spec.max_eval or None],
                          verbalizers=resolve_verbalizers(spec, table, held))
-    # A simulated client reads the whole shared file: it resolves what the preflight resolved.
-    verbalizers = resolve_verbalizers(spec, table)
+    # A simulated client reads the whole shared file(s): it resolves what the preflight resolved.
+    tables = (table, *held_out_table(spec))
+    verbalizers = resolve_verbalizers(spec, *tables)
     part = partition(table, spec, partition_id, num_partitions)
     if spec.partition == "natural" and num_partitions > 1:
         name = str(part[0][spec.partition_by])
     else:
         name = f"client-{partition_id}"
-    return replace(split(part, spec, name), verbalizers=verbalizers)
+    if not spec.eval_path:
+        return replace(split(part, spec, name), verbalizers=verbalizers)
+    held = partition(tables[1], replace(spec, path=spec.eval_path), partition_id, num_partitions)
+    return LocalData(name=name, train=list(part)[: spec.max_train or None],
+                     test=list(held)[: spec.max_eval or None], verbalizers=verbalizers)
+
+
+def held_out_table(spec: DataSpec) -> tuple:
+    """A simulation's separate held-out file, read and checked; () when it has none."""
+    if not spec.eval_path:
+        return ()
+    held = read_table(spec.eval_path)
+    check_fields(held, replace(spec, path=spec.eval_path))
+    return (held,)

@@ -10,7 +10,7 @@ to do it.
 
 from __future__ import annotations
 
-from client.data import DataSpec, LocalData, check_fields, load_local_data, resolve_verbalizers
+from client.data import DataSpec, LocalData, check_fields, held_out_table, load_local_data, resolve_verbalizers
 from client.records import read_table
 from client.site import SitePolicy
 from client.train import sample_rate
@@ -54,7 +54,7 @@ def check_data(config: dict, num_clients: int) -> list[LocalData]:
     spec = DataSpec.from_config(config)
     table = read_table(spec.path)
     check_fields(table, spec)
-    config["data.verbalizers"] = resolve_verbalizers(spec, table)
+    config["data.verbalizers"] = resolve_verbalizers(spec, table, *held_out_table(spec))
     Task.from_config(config)  # the prompt template's placeholders
     spec = DataSpec.from_config(config)
     clients = []

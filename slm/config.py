@@ -58,6 +58,8 @@ SCHEMA: dict[str, Key] = {
     "data.partition-by": Key("source", "dirichlet / natural: column that defines the split"),
     "data.dirichlet-alpha": Key(0.5, "dirichlet: concentration (smaller = more skewed)"),
     "data.test-fraction": Key(0.1, "share of each client's records held out for evaluation"),
+    "data.eval-path": Key("", "simulation: a separate held-out file (e.g. a benchmark's dev set), partitioned as "
+                          "data.path is; then every record of data.path trains (a deployed site pins its own)"),
     "data.max-train-examples": Key(0, "cap on a client's training records (0 = all)"),
     "data.max-eval-examples": Key(32, "cap on a client's evaluation records (0 = all)"),
     "data.seed": Key(0, "seed of partitioning and the train/test split"),

@@ -149,3 +149,16 @@ def test_a_missing_label_field_or_an_empty_value_is_named(tmp_path):
     holes = write_jsonl(tmp_path / "h.jsonl", [{"question": "q", "answer": "a"}, {"question": " ", "answer": "a"}])
     with pytest.raises(UserError, match=r"record 2 has an empty 'question' \(data.prompt-field\)"):
         check_fields(read_table(str(holes)), spec_for(holes))
+
+
+def test_a_separate_eval_file_is_partitioned_and_all_of_the_train_file_trains(tmp_path):
+    """data.eval-path (a benchmark's dev set): each client evaluates its share of it, together all of it once."""
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{**r, "question": f"dev{i}"} for i, r in enumerate(ROWS[:21])])
+    spec = spec_for(train, **{"data.eval-path": str(dev), "data.max-eval-examples": 0, "data.partition": "iid"})
+    parts = [load_local_data(spec, i, 3) for i in range(3)]
+    assert sum(len(p.train) for p in parts) == 60
+    assert sorted(r["question"] for p in parts for r in p.test) == sorted(f"dev{i}" for i in range(21))
+    with pytest.raises(UserError, match=r"dev2.jsonl: field 'answer' \(data.response-field\) is missing"):
+        load_local_data(spec_for(train, **{"data.eval-path": str(write_jsonl(tmp_path / "dev2.jsonl",
+                                                                                [{"question": "q"}]))}), 0, 3)
