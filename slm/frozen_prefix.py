@@ -71,18 +71,26 @@ class PrefixCache:
             self.kept.move_to_end(key)
         return value
 
-    def put(self, key: tuple, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+    def put(self, key: tuple, value) -> None:
+        """Keep ``value`` (a tensor or a tuple of tensors / None) unless it alone is over the budget."""
+        size = _bytes(value)
         if size > self.budget or key in self.kept:
             return
         while self.used + size > self.budget:
             _, old = self.kept.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
+            self.used -= _bytes(old)
         self.kept[key] = value
         self.used += size
 
 
-def _cache_of(model) -> PrefixCache:
+def _bytes(value) -> int:
+    if isinstance(value, tuple):
+        return sum(_bytes(v) for v in value)
+    return 0 if value is None else value.numel() * value.element_size()
+
+
+def kept_rows(model) -> PrefixCache:
+    """The model's kept frozen-layer outputs (one cache per model: training, evaluation and label scoring share it)."""
     lm = causal_lm(model)
     cache = getattr(lm, "_fedslm_prefix_cache", None)
     if cache is None:
@@ -106,7 +114,7 @@ def with_prefix(model, batch: dict) -> dict:
     at = cut(model)
     if at == 0:
         return batch
-    decoder, cache = causal_lm(model).get_decoder(), _cache_of(model)
+    decoder, cache = causal_lm(model).get_decoder(), kept_rows(model)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     keys = [(at, *row[:n].tolist()) for row, n in zip(batch["input_ids"], lengths)]
     rows = [cache.get(key) for key in keys]

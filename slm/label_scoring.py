@@ -36,8 +36,10 @@ from typing import Callable
 
 import torch
 
-from slm.unwrap import causal_lm
+from slm.frozen_prefix import cut, kept_rows, layer_range
 from slm.tasks import IGNORE, Example, Task, collate, encode_candidates, token_losses, verbalize
+from slm.unwrap import causal_lm
+
 
 @dataclass(frozen=True)
 class LabelScores:
@@ -134,35 +136,79 @@ def _continuation_mask(group: list[_Record], prefix_mask: torch.Tensor, packed: 
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _positions(group: list[_Record], like: torch.Tensor) -> torch.Tensor:
+    """The true position of every packed continuation token (after its record's prefix)."""
+    positions = torch.zeros_like(like)
+    for b, record in enumerate(group):
+        p, offset = len(record.prefix), 0
+        for suffix in record.suffixes:
+            positions[b, offset : offset + len(suffix)] = torch.arange(p, p + len(suffix))
+            offset += len(suffix)
+    return positions
+
+
+def _two_passes(body, prefix: dict, mask: torch.Tensor, cont: dict | None, attention, positions):
+    """(prefix hidden (B, P, H), continuation hidden (B, L, H) or None): pass 1 with a KV cache, pass 2 on it.
+
+    ``prefix`` / ``cont`` hold the inputs: ``input_ids``, or ``inputs_embeds`` from the frozen layers.
+    """
+    out = body(**prefix, attention_mask=mask, use_cache=True)
+    if cont is None:
+        return out.last_hidden_state, None
+    after = body(**cont, attention_mask=attention, position_ids=positions, past_key_values=out.past_key_values,
+                 use_cache=True).last_hidden_state
+    return out.last_hidden_state, after
+
+
+def _frozen_part(model, at: int, group: list[_Record], ids, mask, cont_ids, attention, positions):
+    """The hidden states entering layer ``at`` of both passes, kept per group of records (slm.frozen_prefix):
+    the frozen layers below the adapters run once per record, not once per evaluation."""
+    body, cache = causal_lm(model).get_decoder(), kept_rows(model)
+    key = ("label-scoring", at, *((tuple(r.prefix), tuple(map(tuple, r.suffixes))) for r in group))
+    kept = cache.get(key)
+    if kept is None:
+        with layer_range(body, 0, at, final_norm=False):
+            kept = _two_passes(body, {"input_ids": ids}, mask, None if cont_ids is None else {"input_ids": cont_ids},
+                               attention, positions)
+        cache.put(key, kept)
+    return kept
+
+
 @torch.no_grad()
 def _score_group(model, group: list[_Record], pad_id: int) -> list[list[float]]:
     """Log-likelihoods (per record, per candidate) of a group of records.
 
     Pass 1: the prefixes, right-padded, with use_cache=True. Pass 2: each record's
     candidate continuations packed into one row (no padding between candidates, no copy of
-    the cache per candidate), at their true positions, under _continuation_mask.
+    the cache per candidate), at their true positions, under _continuation_mask. With
+    adapters in the top layers only (lora.layers), both passes start from the kept output
+    of the frozen layers below them.
     """
     body, head, softcap = _body_and_head(model)
     device = next(model.parameters()).device  # model.device: a site's GPU
     ids, mask = _right_pad([r.prefix for r in group], pad_id)  # (B, P)
     ids, mask = ids.to(device), mask.to(device)
-    out = body(input_ids=ids, attention_mask=mask, use_cache=True)
-    prefix_hidden, cache = out.last_hidden_state, out.past_key_values  # (B, P, H)
-    sources = [prefix_hidden.reshape(-1, prefix_hidden.size(-1))]  # flat rows: prefixes, then continuations
     packed = [[token for suffix in r.suffixes for token in suffix] for r in group]
     width = max(1, max(len(row) for row in packed))
+    cont_ids = attention = positions = None
     if any(packed):
         cont_ids, _ = _right_pad(packed, pad_id)  # (B, L)
-        positions = torch.zeros_like(cont_ids)
-        for b, record in enumerate(group):
-            p, offset = len(record.prefix), 0
-            for suffix in record.suffixes:
-                positions[b, offset : offset + len(suffix)] = torch.arange(p, p + len(suffix))
-                offset += len(suffix)
-        attention = _continuation_mask(group, mask.cpu(), packed, prefix_hidden.dtype).to(device)
-        cont_ids, positions = cont_ids.to(device), positions.to(device)
-        cont = body(input_ids=cont_ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                    use_cache=True).last_hidden_state  # (B, L, H)
+        positions = _positions(group, cont_ids).to(device)
+        dtype = body.get_input_embeddings()(ids[:1, :1]).dtype  # the hidden states' dtype (bf16 base: bf16)
+        attention = _continuation_mask(group, mask.cpu(), packed, dtype).to(device)
+        cont_ids = cont_ids.to(device)
+    at = cut(model)
+    if at:
+        frozen_prefix, frozen_cont = _frozen_part(model, at, group, ids, mask, cont_ids, attention, positions)
+        with layer_range(body, at):
+            prefix_hidden, cont = _two_passes(body, {"inputs_embeds": frozen_prefix}, mask,
+                                              None if frozen_cont is None else {"inputs_embeds": frozen_cont},
+                                              attention, positions)
+    else:
+        prefix_hidden, cont = _two_passes(body, {"input_ids": ids}, mask,
+                                          None if cont_ids is None else {"input_ids": cont_ids}, attention, positions)
+    sources = [prefix_hidden.reshape(-1, prefix_hidden.size(-1))]  # flat rows: prefixes, then continuations
+    if cont is not None:
         sources.append(cont.reshape(-1, cont.size(-1)))
     prefix_rows, k = prefix_hidden.size(0) * prefix_hidden.size(1), len(group[0].suffixes)
     source, target, owner = [], [], []  # per scored token: flat hidden-state row, token, record * K + candidate

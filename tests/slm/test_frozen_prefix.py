@@ -122,3 +122,22 @@ def test_the_cache_keeps_within_its_budget_least_recently_used_out():
     assert cache.used == 3 * 4 * 10
     cache.put((9,), torch.zeros(40))  # larger than the whole budget: not kept, nothing evicted
     assert cache.get((9,)) is None and cache.used == 3 * 4 * 10
+
+
+def test_label_scores_are_those_of_the_whole_model_computed_and_kept(top):
+    """Label scoring's two passes (prompt with a KV cache, packed candidates) from the kept frozen part."""
+    from slm.label_scoring import reference_scores, score_labels
+    from slm.tasks import parse_verbalizers
+
+    model, tokenizer = top
+    task = Task(kind="label", max_length=200, verbalizers=parse_verbalizers("a=negative,b=neutral,c=positively glowing"))
+    data = [{"text": t, "label": "abc"[i % 3]} for i, t in enumerate(["great", "dull and slow", "a film " * 20, "ok"])]
+    with torch.no_grad():
+        expected = reference_scores(model, tokenizer, task, data)
+    cache = causal_lm(model)._fedslm_prefix_cache
+    first = score_labels(model, tokenizer, task, data, batch_size=3)
+    kept = cache.used
+    again = score_labels(model, tokenizer, task, data, batch_size=3)
+    assert kept > 0 and cache.used == kept  # the second evaluation ran on what the first kept
+    for got in (first, again):
+        torch.testing.assert_close(got.log_likelihoods, expected, rtol=1e-5, atol=1e-4)
