@@ -109,6 +109,13 @@ def _virtual_steps(args):
                              args.repeats)
 
 
+def _recipe(args):
+    from simulation.bench import recipe
+
+    return recipe.run(args.point, records=args.records, budget=args.budget, epsilon=args.epsilon, length=args.length,
+                      model=args.model, dev_records=args.dev_records)
+
+
 def _phone_memory(args):
     from simulation.bench import phone_memory
 
@@ -189,6 +196,15 @@ def add_bench_parser(sub) -> None:
     vs.add_argument("--physical", type=int, default=8, help="train.physical-batch-size (0 = one piece)")
     vs.add_argument("--loss", default="chunked", help="comma-separated: full, chunked")
     vs.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (median)")
+    rc = add("recipe", _recipe, "DP-SGD settings under a fixed budget of examples: SST-2 dev accuracy per point")
+    rc.add_argument("--point", action="append", required=True,
+                    help="key=value;... (batch, clip, lr, optimizer, rank, layers, targets, autocast); repeat")
+    rc.add_argument("--records", type=int, default=2000, help="the client's SST-2 train sentences")
+    rc.add_argument("--budget", type=int, default=4096, help="examples per point (steps x expected batch)")
+    rc.add_argument("--epsilon", type=float, default=8.0, help="inf = DP off")
+    rc.add_argument("--length", type=int, default=64)
+    rc.add_argument("--dev-records", type=int, default=0, help="0 = all 872")
+    rc.add_argument("--model", default="smollm2")
     pm = add("phone-memory", _phone_memory, "peak resident memory of one client round by stage, per memory profile")
     pm.add_argument("--round", choices=("dp", "phone"), default="dp",
                     help="dp = a hospital client's DP-SGD round; phone = the phone scenario's round")

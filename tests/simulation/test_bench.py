@@ -115,3 +115,23 @@ def test_label_scoring_compares_the_one_pass_scorer_with_the_k_pass_one(tmp_path
     rows = label_scoring.run("tiny", records=2, length=512, batch_size=2, classes=[2])
     assert [(r["K"], r["records"], r["same answers"]) for r in rows] == [(2, 2, "yes")]
     assert rows[0]["max |dLL|"] < 1e-3 and rows[0]["one-pass / plain"] > 0
+
+
+def test_recipe_sweep_calibrates_every_point_to_the_same_epsilon_and_budget(tmp_path, monkeypatch, model_cache):
+    from simulation.bench import recipe
+    from slm.errors import UserError
+
+    (tmp_path / "sst2").mkdir()
+    rows = "".join(f"{'a charming journey' if i % 2 else 'bleak and dull'} {i} .\t{i % 2}\n" for i in range(40))
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows.splitlines(True)[:5]))
+    monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path))
+    with pytest.raises(UserError, match="'batchsize=4' is not key=value with a key of batch"):
+        recipe.run(["batchsize=4"], model="tiny")
+    results = recipe.run(["batch=4;layers=1", "batch=8;clip=1;lr=1e-2;optimizer=sgd;rank=2"], records=40,
+                         budget=16, length=300, model="tiny")
+    assert [r["point"] for r in results][0] == "untrained" and results[0]["steps"] == 0
+    assert [r["steps"] for r in results[1:]] == [4, 2]  # the same examples per point: fewer steps at a larger batch
+    assert all(r["sigma"] and r["sigma"] > 0.3 for r in results[1:])
+    for r in results:
+        assert 0 <= r["accuracy"] <= 1 and math.isclose(r["stderr"], math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 5))

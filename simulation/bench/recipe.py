@@ -1,0 +1,129 @@
+"""Recipe sweep: which DP-SGD settings make the most of a fixed compute budget (SST-2, label scoring).
+
+One client's DP-SGD on its share of SST-2 train (``--records`` sentences, the first of
+the shared train.tsv), evaluated on the whole SST-2 dev set (872 sentences) with the
+label scorer. Every point processes the same number of examples (``--budget`` = steps x
+expected batch, so a larger batch takes fewer steps) and is calibrated to the same
+(epsilon, delta) with the client's own accountant (PRV, delta = min(1e-5, 0.1 / records));
+what changes between points is expected batch, clip norm, learning rate, optimizer, rank,
+target modules and how many top layers carry adapters (``lora.layers``: the layers below
+run once per record, slm/frozen_prefix.py). Each point reports dev accuracy with its
+standard error sqrt(p (1 - p) / 872) and its wall time, so equal examples at unequal cost
+(an all-layer adapter runs 30 layers backward, a top-4 one 4) stay visible.
+
+A point is ``key=value`` pairs joined by ``;``, e.g. ``batch=64;clip=0.1;lr=5e-3;layers=4``
+(keys: batch, clip, lr, optimizer adam|sgd, rank, layers, targets, autocast). The sweep
+runs in one process: points with the same adapter shape share the model and its kept
+frozen-layer outputs, so only the first of them pays for the layers below the adapters.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass, replace
+
+from simulation.bench.privacy_utility import shared_file
+from slm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Point:
+    batch: int = 64
+    clip: float = 0.1
+    lr: float = 5e-3
+    optimizer: str = "adam"
+    rank: int = 8
+    layers: int = 0
+    targets: str = "q_proj,v_proj"
+    autocast: str = "none"
+
+    @classmethod
+    def parse(cls, text: str) -> "Point":
+        point, types = cls(), {"batch": int, "rank": int, "layers": int, "clip": float, "lr": float}
+        for item in filter(None, (part.strip() for part in text.split(";"))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in cls.__dataclass_fields__:
+                raise UserError(f"fedslm bench recipe --points: {item!r} is not key=value with a key of "
+                                f"{', '.join(cls.__dataclass_fields__)}")
+            point = replace(point, **{key: types.get(key, str)(value.strip())})
+        return point
+
+
+def sst2(relative: str, limit: int = 0) -> list[dict]:
+    """SST-2 rows (sentence, label) from the shared data folder; never copied into the project."""
+    with shared_file(relative).open(newline="") as handle:
+        rows = [{"sentence": r["sentence"].strip(), "label": r["label"].strip()}
+                for r in csv.DictReader(handle, delimiter="\t")]
+    return rows[:limit] if limit else rows
+
+
+def _optimizer(name: str, lr: float):
+    import torch
+
+    if name == "adam":
+        return lambda params: torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
+    raise UserError(f"fedslm bench recipe: optimizer {name!r} is not adam or sgd")
+
+
+def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, epsilon: float, length: int,
+              model_name: str = "smollm2", seed: int = 0) -> dict:
+    """Train one client's adapter from the initial one at ``point`` and score it on ``dev``
+    (``budget`` 0: no training, the untrained model's score)."""
+    from client.train import train_adapter
+    from privacy.mechanism.calibrate import noise_for_budget
+    from privacy.mechanism.policy import default_delta
+    from slm.config import resolve
+    from slm.evaluate import evaluate
+    from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
+    from slm.tasks import Task
+
+    config = resolve({"model.name": model_name, "model.max-length": length, "data.task": "label",
+                      "data.text-field": "sentence", "data.verbalizers": "0=negative,1=positive",
+                      "lora.r": point.rank, "lora.alpha": 2 * point.rank, "lora.layers": point.layers,
+                      "lora.target-modules": point.targets, "lora.dropout": 0.0})
+    model, tokenizer = attach(model_name, LoraSpec.from_config(config))
+    if not hasattr(model, "_fedslm_recipe_start"):
+        model._fedslm_recipe_start = adapter_state(model)
+    set_adapter_state(model, model._fedslm_recipe_start)
+    task = Task.from_config(config)
+    steps = budget // point.batch
+    q, delta = point.batch / len(train), default_delta(len(train))
+    sigma = None if math.isinf(epsilon) else noise_for_budget([], budget=epsilon, sample_rate=q,
+                                                                steps_per_round=steps, rounds_left=1, delta=delta)
+    started = time.perf_counter()
+    result = None if not steps else train_adapter(model, tokenizer, task, train, steps=steps, batch_size=point.batch, lr=point.lr,
+                           noise_multiplier=sigma, clip_norm=point.clip, seed=seed,
+                           make_optimizer=_optimizer(point.optimizer, point.lr), autocast=point.autocast,
+                           physical_batch_size=64)
+    train_s = time.perf_counter() - started
+    started = time.perf_counter()
+    metrics = evaluate(model, tokenizer, task, dev, batch_size=16)
+    accuracy = metrics["accuracy"]
+    return {**point.__dict__, "steps": steps, "sigma": sigma, "epsilon": epsilon, "delta": delta,
+            "accuracy": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / len(dev)),
+            "eval_loss": metrics["eval_loss"], "train_loss": result.loss if result else None, "train_s": train_s,
+            "eval_s": time.perf_counter() - started}
+
+
+def run(points: list[str], *, records: int = 2000, budget: int = 4096, epsilon: float = 8.0, length: int = 64,
+        model: str = "smollm2", dev_records: int = 0) -> list[dict]:
+    train, dev = sst2("sst2/train.tsv", records), sst2("sst2/dev.tsv", dev_records)
+    parsed = [Point.parse(p) for p in points]  # every point checked before the first trains
+    print(f"recipe sweep: SST-2, one client of {len(train)} train sentences, {len(dev)} dev sentences, "
+          f"{budget} examples per point, eps {epsilon:g}", flush=True)
+    print(f"{'point':58s}{'steps':>6s}{'sigma':>7s}{'acc':>8s}{'+-':>6s}{'loss':>8s}{'train s':>9s}{'eval s':>8s}")
+    results = []
+    base = run_point(parsed[0], train, dev, budget=0, epsilon=math.inf, length=length, model_name=model)
+    print(f"{'untrained (round 0)':58s}{0:6d}{'-':>7s}{100 * base['accuracy']:7.1f}%{100 * base['stderr']:6.1f}"
+          f"{base['eval_loss']:8.3f}{0:9.0f}{base['eval_s']:8.0f}", flush=True)
+    for text, point in zip(points, parsed):
+        r = run_point(point, train, dev, budget=budget, epsilon=epsilon, length=length, model_name=model)
+        sigma = "-" if r["sigma"] is None else f"{r['sigma']:.2f}"
+        print(f"{text:58s}{r['steps']:6d}{sigma:>7s}{100 * r['accuracy']:7.1f}%{100 * r['stderr']:6.1f}"
+              f"{r['eval_loss']:8.3f}{r['train_s']:9.0f}{r['eval_s']:8.0f}", flush=True)
+        results.append({"point": text, **r})
+    return [{"point": "untrained", **base}, *results]
