@@ -80,8 +80,11 @@ def _overhead(args):
 def _privacy_utility(args):
     from simulation.bench import privacy_utility
 
+    from slm.config import parse_assignment
+
+    overrides = dict(parse_assignment(item) for item in args.set)
     return privacy_utility.run(_strs(args.tasks), _strs(args.epsilons), args.rounds, args.steps, args.batch,
-                               args.length, args.eval_examples, args.model, args.out)
+                               args.length, args.eval_examples, args.model, args.out, overrides)
 
 
 def _secagg(args):
@@ -113,7 +116,7 @@ def _recipe(args):
     from simulation.bench import recipe
 
     return recipe.run(args.point, records=args.records, budget=args.budget, epsilon=args.epsilon, length=args.length,
-                      model=args.model, dev_records=args.dev_records)
+                      model=args.model, dev_records=args.dev_records, task=args.task, device=args.device)
 
 
 def _phone_memory(args):
@@ -199,11 +202,13 @@ def add_bench_parser(sub) -> None:
     rc = add("recipe", _recipe, "DP-SGD settings under a fixed budget of examples: SST-2 dev accuracy per point")
     rc.add_argument("--point", action="append", required=True,
                     help="key=value;... (batch, clip, lr, optimizer, rank, layers, targets, autocast); repeat")
-    rc.add_argument("--records", type=int, default=2000, help="the client's SST-2 train sentences")
+    rc.add_argument("--task", choices=("sst2", "medquad"), default="sst2")
+    rc.add_argument("--device", default="auto", help="model.device: auto, cpu, cuda, cuda:N")
+    rc.add_argument("--records", type=int, default=2000, help="the client's training records (0 = all it has)")
     rc.add_argument("--budget", type=int, default=4096, help="examples per point (steps x expected batch)")
     rc.add_argument("--epsilon", type=float, default=8.0, help="inf = DP off")
     rc.add_argument("--length", type=int, default=64)
-    rc.add_argument("--dev-records", type=int, default=0, help="0 = all 872")
+    rc.add_argument("--dev-records", type=int, default=0, help="0 = all (SST-2 dev: 872; MedQuAD held out: 100)")
     rc.add_argument("--model", default="smollm2")
     pm = add("phone-memory", _phone_memory, "peak resident memory of one client round by stage, per memory profile")
     pm.add_argument("--round", choices=("dp", "phone"), default="dp",
@@ -219,7 +224,9 @@ def add_bench_parser(sub) -> None:
     lc.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated per prompt")
     pu = add("privacy-utility", _privacy_utility, "utility at eps 1, 3, 8, inf with the same compute per point",
              8, 64)
-    pu.add_argument("--tasks", default="sst2,pubmedqa,medquad")
+    pu.add_argument("--tasks", default="sst2,pubmedqa,medquad", help="from sst2, sst2-dev, pubmedqa, medquad")
+    pu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config key for every point (a recipe: lora.layers, train.autocast, dp.clip-norm, ...)")
     pu.add_argument("--epsilons", default="1,3,8,inf")
     pu.add_argument("--rounds", type=int, default=3)
     pu.add_argument("--steps", type=int, default=8)

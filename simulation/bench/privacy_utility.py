@@ -6,13 +6,18 @@ aggregation and evaluation sets are fixed, only the per-client DP target changes
 client calibrates its noise so that all planned rounds fit epsilon; 'inf' = DP off).
 Tasks: label scoring on an SST-2 subset (2,000 training sentences) and on PubMedQA
 (500 expert-labelled questions, yes/no/maybe), and instruction SFT on the packaged
-MedQuAD excerpt (4 institutes, natural split). Utility is the federated accuracy (label
-tasks) or the federated eval loss (SFT) after the last round, next to round 0.
+MedQuAD excerpt (4 institutes, natural split). ``sst2-dev`` is the curve the literature
+reports: the whole SST-2 train split (67,349 sentences) over 4 iid clients, evaluated on
+the whole dev set (872 sentences, ``data.eval-path``: each client scores its iid quarter).
+Utility is the federated accuracy (label tasks, with its standard error
+sqrt(p (1 - p) / n) over the n evaluated records) or the federated eval loss (SFT) after the
+last round, next to round 0. ``overrides`` (``--set``) apply to every point: a recipe.
 """
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -49,12 +54,16 @@ def task_config(name: str, root: Path) -> dict:
     if name == "sst2":
         return {**label, "data.path": sst2_subset(root / "sst2-2000.tsv"), "data.text-field": "sentence",
                 "data.label-field": "label", "data.verbalizers": "0=negative,1=positive"}
+    if name == "sst2-dev":
+        return {**label, "data.path": shared_file("sst2/train.tsv"), "data.eval-path": shared_file("sst2/dev.tsv"),
+                "data.text-field": "sentence", "data.label-field": "label",
+                "data.verbalizers": "0=negative,1=positive"}
     if name == "pubmedqa":
         return {**label, "data.path": shared_file("pubmedqa/pqal_trainval.jsonl"), "data.text-field": "question",
                 "data.label-field": "label", "data.verbalizers": "yes=yes,no=no,maybe=maybe"}
     if name == "medquad":  # the packaged excerpt
         return {"data.task": "sft", "data.path": "", "data.partition": "natural", "data.partition-by": "source"}
-    raise UserError(f"privacy-utility: unknown task '{name}' (choose from sst2, pubmedqa, medquad)")
+    raise UserError(f"privacy-utility: unknown task '{name}' (choose from sst2, sst2-dev, pubmedqa, medquad)")
 
 
 def compute(rounds: int, steps: int, batch: int, length: int, eval_examples: int) -> dict:
@@ -65,23 +74,30 @@ def compute(rounds: int, steps: int, batch: int, length: int, eval_examples: int
 
 
 def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 3, steps: int = 8, batch: int = 8,
-        length: int = 64, eval_examples: int = 64, model: str = "smollm2", out: Path | None = None) -> list[dict]:
+        length: int = 64, eval_examples: int = 64, model: str = "smollm2", out: Path | None = None,
+        overrides: dict | None = None) -> list[dict]:
     root = Path(out or tempfile.mkdtemp(prefix="fedslm-bench-pu-"))
     root.mkdir(parents=True, exist_ok=True)
     available = {name: task_config(name, root) for name in task_names}
-    fixed = compute(rounds, steps, batch, length, eval_examples)
+    fixed = {**compute(rounds, steps, batch, length, eval_examples), **(overrides or {})}
     results = []
     for name in task_names:
         for eps in epsilons or EPSILONS:
             dp = {"dp.enabled": False} if eps == "inf" else \
                 {"dp.enabled": True, "dp.target-epsilon": float(eps), "dp.max-epsilon": float(eps)}
-            result = simulate("tiny", root / f"{name}-eps{eps}", 4, {**fixed, **available[name], **dp}, rounds, model)
+            settings = {**fixed, **available[name], **dp}
+            if name == "sst2-dev":
+                settings["data.max-eval-examples"] = 0  # the whole dev set
+            result = simulate("tiny", root / f"{name}-eps{eps}", 4, settings, rounds, model)
             first, last = result.rows[0], [r for r in result.rows if r["round"] > 0][-1]
             sigmas = sorted({p.get("noise_multiplier") for p in _privacy(result.out) if p.get("noise_multiplier")})
             metric = "accuracy" if "accuracy" in last else "eval_loss"
+            evaluated = sum(c["eval_examples"] for c in last["eval_clients"].values())
+            stderr = math.sqrt(last[metric] * (1 - last[metric]) / evaluated) if metric == "accuracy" else None
             results.append({"task": name, "epsilon": eps, "metric": metric, "round 0": first[metric],
-                            "final": last[metric], "sigma": ", ".join(f"{s:.2f}" for s in sigmas) or "-",
-                            "wall s": result.wall})
+                            "final": last[metric], "stderr": "-" if stderr is None else f"{100 * stderr:.1f} pts",
+                            "eval records": int(evaluated),
+                            "sigma": ", ".join(f"{s:.2f}" for s in sigmas) or "-", "wall s": result.wall})
     by_task = {}
     for r in results:
         by_task.setdefault(r["task"], {})[r["epsilon"]] = r["final"]
@@ -90,7 +106,8 @@ def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 
         r["vs non-private"] = "" if clean is None else \
             (f"{(r['final'] - clean) * 100:+.1f} pts" if r["metric"] == "accuracy" else f"{r['final'] - clean:+.4f}")
     print(f"Privacy-utility: {model}, 4 clients, {rounds} rounds x {steps} steps, B={batch}, T<={length}, "
-          f"FFA-LoRA, eval <= {eval_examples} records per client")
+          f"FFA-LoRA, eval <= {eval_examples} records per client (sst2-dev: all 872)"
+          + "".join(f", {k}={v}" for k, v in (overrides or {}).items()))
     print(table(list(results[0]), [list(r.values()) for r in results]))
     return results
 

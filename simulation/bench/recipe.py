@@ -1,8 +1,10 @@
-"""Recipe sweep: which DP-SGD settings make the most of a fixed compute budget (SST-2, label scoring).
+"""Recipe sweep: which DP-SGD settings make the most of a fixed compute budget.
 
-One client's DP-SGD on its share of SST-2 train (``--records`` sentences, the first of
-the shared train.tsv), evaluated on the whole SST-2 dev set (872 sentences) with the
-label scorer. Every point processes the same number of examples (``--budget`` = steps x
+``sst2``: one client's DP-SGD on its share of SST-2 train (``--records`` sentences, the
+first of the shared train.tsv), evaluated on the whole SST-2 dev set (872 sentences) with
+the label scorer. ``medquad``: one hospital (GARD, the packaged excerpt's first
+institute, 225 training records, instruction SFT at 128 tokens), evaluated on the held-out
+records of all 4 institutes (100) by eval loss. Every point processes the same number of examples (``--budget`` = steps x
 expected batch, so a larger batch takes fewer steps) and is calibrated to the same
 (epsilon, delta) with the client's own accountant (PRV, delta = min(1e-5, 0.1 / records));
 what changes between points is expected batch, clip norm, learning rate, optimizer, rank,
@@ -69,40 +71,61 @@ def _optimizer(name: str, lr: float):
     raise UserError(f"fedslm bench recipe: optimizer {name!r} is not adam or sgd")
 
 
+TASK_KEYS = {
+    "sst2": {"data.task": "label", "data.text-field": "sentence", "data.verbalizers": "0=negative,1=positive"},
+    "medquad": {"data.task": "sft", "data.partition": "natural", "data.partition-by": "source"},
+}
+
+
+def task_records(task: str, records: int, dev_records: int) -> tuple[list[dict], list[dict]]:
+    """(one client's training records, the evaluation records) of a task."""
+    if task == "sst2":
+        return sst2("sst2/train.tsv", records), sst2("sst2/dev.tsv", dev_records)
+    if task == "medquad":
+        from client.data import DataSpec, load_local_data
+        from slm.config import resolve
+
+        spec = DataSpec.from_config(resolve({**TASK_KEYS[task], "data.max-eval-examples": 0}))
+        shares = [load_local_data(spec, i, 4) for i in range(4)]
+        held = [r for share in shares for r in share.test]
+        return shares[0].train[: records or None], held[: dev_records or None]
+    raise UserError(f"fedslm bench recipe --task: {task!r} is not sst2 or medquad")
+
+
 def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, epsilon: float, length: int,
-              model_name: str = "smollm2", seed: int = 0) -> dict:
+              model_name: str = "smollm2", seed: int = 0, task: str = "sst2", device: str = "auto") -> dict:
     """Train one client's adapter from the initial one at ``point`` and score it on ``dev``
     (``budget`` 0: no training, the untrained model's score)."""
     from client.train import train_adapter
     from privacy.mechanism.calibrate import noise_for_budget
     from privacy.mechanism.policy import default_delta
+    from slm.base import resolve_device
     from slm.config import resolve
     from slm.evaluate import evaluate
     from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
     from slm.tasks import Task
 
-    config = resolve({"model.name": model_name, "model.max-length": length, "data.task": "label",
-                      "data.text-field": "sentence", "data.verbalizers": "0=negative,1=positive",
+    config = resolve({**TASK_KEYS[task], "model.name": model_name, "model.max-length": length,
                       "lora.r": point.rank, "lora.alpha": 2 * point.rank, "lora.layers": point.layers,
                       "lora.target-modules": point.targets, "lora.dropout": 0.0})
-    model, tokenizer = attach(model_name, LoraSpec.from_config(config))
+    model, tokenizer = attach(model_name, LoraSpec.from_config(config), device=resolve_device(device))
     if not hasattr(model, "_fedslm_recipe_start"):
         model._fedslm_recipe_start = adapter_state(model)
     set_adapter_state(model, model._fedslm_recipe_start)
-    task = Task.from_config(config)
+    encoding = Task.from_config(config)
     steps = budget // point.batch
     q, delta = point.batch / len(train), default_delta(len(train))
     sigma = None if math.isinf(epsilon) else noise_for_budget([], budget=epsilon, sample_rate=q,
                                                                 steps_per_round=steps, rounds_left=1, delta=delta)
     started = time.perf_counter()
-    result = None if not steps else train_adapter(model, tokenizer, task, train, steps=steps, batch_size=point.batch, lr=point.lr,
+    result = None if not steps else train_adapter(model, tokenizer, encoding, train, steps=steps, batch_size=point.batch, lr=point.lr,
                            noise_multiplier=sigma, clip_norm=point.clip, seed=seed,
                            make_optimizer=_optimizer(point.optimizer, point.lr), autocast=point.autocast,
                            physical_batch_size=64)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
-    metrics = evaluate(model, tokenizer, task, dev, batch_size=16)
-    accuracy = metrics["accuracy"]
+    metrics = evaluate(model, tokenizer, encoding, dev, batch_size=16)
+    accuracy = metrics.get("accuracy", math.nan)
     return {**point.__dict__, "steps": steps, "sigma": sigma, "epsilon": epsilon, "delta": delta,
             "accuracy": accuracy, "stderr": math.sqrt(accuracy * (1 - accuracy) / len(dev)),
             "eval_loss": metrics["eval_loss"], "train_loss": result.loss if result else None, "train_s": train_s,
@@ -110,18 +133,19 @@ def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, 
 
 
 def run(points: list[str], *, records: int = 2000, budget: int = 4096, epsilon: float = 8.0, length: int = 64,
-        model: str = "smollm2", dev_records: int = 0) -> list[dict]:
-    train, dev = sst2("sst2/train.tsv", records), sst2("sst2/dev.tsv", dev_records)
+        model: str = "smollm2", dev_records: int = 0, task: str = "sst2", device: str = "auto") -> list[dict]:
     parsed = [Point.parse(p) for p in points]  # every point checked before the first trains
-    print(f"recipe sweep: SST-2, one client of {len(train)} train sentences, {len(dev)} dev sentences, "
+    train, dev = task_records(task, records, dev_records)
+    print(f"recipe sweep: {task}, one client of {len(train)} train records, {len(dev)} eval records, "
           f"{budget} examples per point, eps {epsilon:g}", flush=True)
     print(f"{'point':58s}{'steps':>6s}{'sigma':>7s}{'acc':>8s}{'+-':>6s}{'loss':>8s}{'train s':>9s}{'eval s':>8s}")
     results = []
-    base = run_point(parsed[0], train, dev, budget=0, epsilon=math.inf, length=length, model_name=model)
+    options = dict(length=length, model_name=model, task=task, device=device)
+    base = run_point(parsed[0], train, dev, budget=0, epsilon=math.inf, **options)
     print(f"{'untrained (round 0)':58s}{0:6d}{'-':>7s}{100 * base['accuracy']:7.1f}%{100 * base['stderr']:6.1f}"
           f"{base['eval_loss']:8.3f}{0:9.0f}{base['eval_s']:8.0f}", flush=True)
     for text, point in zip(points, parsed):
-        r = run_point(point, train, dev, budget=budget, epsilon=epsilon, length=length, model_name=model)
+        r = run_point(point, train, dev, budget=budget, epsilon=epsilon, **options)
         sigma = "-" if r["sigma"] is None else f"{r['sigma']:.2f}"
         print(f"{text:58s}{r['steps']:6d}{sigma:>7s}{100 * r['accuracy']:7.1f}%{100 * r['stderr']:6.1f}"
               f"{r['eval_loss']:8.3f}{r['train_s']:9.0f}{r['eval_s']:8.0f}", flush=True)
