@@ -205,8 +205,8 @@ def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: st
     pieces = micro_batches(batch, physical_batch_size)
     size, total = len(batch["input_ids"]), 0.0
     for i, piece in enumerate(pieces):
-        piece = {k: v.to(device) for k, v in with_prefix(forward, piece).items()}  # lora.layers: frozen part kept
         with autocast_context(autocast, device):
+            piece = {k: v.to(device) for k, v in with_prefix(forward, piece).items()}  # lora.layers: frozen part kept
             losses = loss(forward, piece)
         if mode == "ghost":
             DPTensorFastGradientClipping(forward, optimizer, losses, "mean").backward()

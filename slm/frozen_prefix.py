@@ -14,8 +14,10 @@ hooks sit on the adapted layers, which run as before. tests/slm/test_frozen_pref
 checks losses and per-example gradients against the full model.
 
 Rows are right-padded and causal, so a record's hidden states do not depend on the batch
-it was computed in (up to float reassociation); they are kept by token sequence, per model,
-with a byte budget (least recently used first out). The cut must sit below the adapters
+it was computed in (up to float reassociation); they are kept by token sequence and autocast
+dtype (training under ``train.autocast=bf16`` runs the frozen layers in bf16 too, as the
+whole model would; evaluation in fp32 keeps its own), per model, with a byte budget (least
+recently used first out). The cut must sit below the adapters
 only: ``cut`` finds the first layer holding a trainable parameter, so a spec whose adapters
 also sit lower (or in the embedding) simply gets a smaller cut (0: no prefix at all).
 """
@@ -115,13 +117,14 @@ def with_prefix(model, batch: dict) -> dict:
     if at == 0:
         return batch
     decoder, cache = causal_lm(model).get_decoder(), kept_rows(model)
+    device = next(p.device for p in decoder.parameters())
     lengths = batch["attention_mask"].sum(dim=1).tolist()
-    keys = [(at, *row[:n].tolist()) for row, n in zip(batch["input_ids"], lengths)]
+    precision = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    keys = [(at, precision, *row[:n].tolist()) for row, n in zip(batch["input_ids"], lengths)]
     rows = [cache.get(key) for key in keys]
     missing = [i for i, row in enumerate(rows) if row is None]
     if missing:
         width = max(lengths[i] for i in missing)
-        device = next(p.device for p in decoder.parameters())
         hidden = _compute(decoder, at, batch["input_ids"][missing, :width].to(device),
                           batch["attention_mask"][missing, :width].to(device))
         for row, i in enumerate(missing):

@@ -106,9 +106,14 @@ def test_the_frozen_layers_run_once_per_record(top, config, qa_records):
         with_prefix(model, batch)
         with_prefix(model, batch)  # every row kept: the bottom layer does not run again
         with_prefix(model, _batch(tokenizer, config, qa_records[2:6]))  # two new rows only
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # training under bf16 autocast keeps its own rows
+            kept = with_prefix(model, batch)["prefix_hidden"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with_prefix(model, batch)
     finally:
         handle.remove()
-    assert calls == [4, 2]
+    assert calls == [4, 2, 4]
+    assert not torch.equal(kept, with_prefix(model, batch)["prefix_hidden"])  # bf16 rows are not the fp32 ones
 
 
 def test_the_cache_keeps_within_its_budget_least_recently_used_out():
