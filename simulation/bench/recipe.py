@@ -14,7 +14,7 @@ standard error sqrt(p (1 - p) / 872) and its wall time, so equal examples at une
 (an all-layer adapter runs 30 layers backward, a top-4 one 4) stay visible.
 
 A point is ``key=value`` pairs joined by ``;``, e.g. ``batch=64;clip=0.1;lr=5e-3;layers=4``
-(keys: batch, clip, lr, optimizer adam|sgd, rank, layers, targets, autocast). The sweep
+(keys: batch, clip, lr, optimizer adam|sgd, rank, layers, targets, autocast, ffa 0|1). The sweep
 runs in one process: points with the same adapter shape share the model and its kept
 frozen-layer outputs, so only the first of them pays for the layers below the adapters.
 """
@@ -40,10 +40,11 @@ class Point:
     layers: int = 0
     targets: str = "q_proj,v_proj"
     autocast: str = "none"
+    ffa: int = 0  # 1 = only the B factors train (FFA-LoRA, what a DP federation aggregates); 0 = A and B
 
     @classmethod
     def parse(cls, text: str) -> "Point":
-        point, types = cls(), {"batch": int, "rank": int, "layers": int, "clip": float, "lr": float}
+        point, types = cls(), {"batch": int, "rank": int, "layers": int, "clip": float, "lr": float, "ffa": int}
         for item in filter(None, (part.strip() for part in text.split(";"))):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
@@ -102,7 +103,7 @@ def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, 
     from slm.base import resolve_device
     from slm.config import resolve
     from slm.evaluate import evaluate
-    from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
+    from slm.lora import LoraSpec, adapter_state, attach, frozen_a_factors, set_adapter_state
     from slm.tasks import Task
 
     config = resolve({**TASK_KEYS[task], "model.name": model_name, "model.max-length": length,
@@ -118,10 +119,11 @@ def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, 
     sigma = None if math.isinf(epsilon) else noise_for_budget([], budget=epsilon, sample_rate=q,
                                                                 steps_per_round=steps, rounds_left=1, delta=delta)
     started = time.perf_counter()
-    result = None if not steps else train_adapter(model, tokenizer, encoding, train, steps=steps, batch_size=point.batch, lr=point.lr,
-                           noise_multiplier=sigma, clip_norm=point.clip, seed=seed,
-                           make_optimizer=_optimizer(point.optimizer, point.lr), autocast=point.autocast,
-                           physical_batch_size=64)
+    with frozen_a_factors(model, bool(point.ffa)):
+        result = None if not steps else train_adapter(
+            model, tokenizer, encoding, train, steps=steps, batch_size=point.batch, lr=point.lr,
+            noise_multiplier=sigma, clip_norm=point.clip, seed=seed, make_optimizer=_optimizer(point.optimizer, point.lr),
+            autocast=point.autocast, physical_batch_size=64)
     train_s = time.perf_counter() - started
     started = time.perf_counter()
     metrics = evaluate(model, tokenizer, encoding, dev, batch_size=16)

@@ -76,14 +76,26 @@ def test_overhead_compares_a_federation_with_its_pure_compute(tmp_path, model_ca
 
 
 @pytest.mark.integration
-def test_privacy_utility_runs_a_dp_and_a_non_private_point(tmp_path, model_cache):
+def test_privacy_utility_runs_a_dp_and_a_non_private_point_on_the_whole_dev_set(tmp_path, monkeypatch, model_cache):
+    """sst2-dev: the train split over 4 iid clients, every dev sentence evaluated once, a standard error per point."""
     from simulation.bench import privacy_utility
 
-    rows = privacy_utility.run(["medquad"], ["8", "inf"], rounds=1, steps=2, batch=4, length=32, eval_examples=4,
-                               model="tiny", out=tmp_path)
-    assert [r["epsilon"] for r in rows] == ["8", "inf"] and all(r["metric"] == "eval_loss" for r in rows)
+    shared = tmp_path / "shared"
+    (shared / "sst2").mkdir(parents=True)
+    rows = "".join(f"{'a charming journey' if i % 2 else 'bleak and dull'} {i} .\t{i % 2}\n" for i in range(48))
+    (shared / "sst2" / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    (shared / "sst2" / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows.splitlines(True)[:10]))
+    monkeypatch.setenv("FEDSLM_SHARED_DATA", str(shared))
+    rows = privacy_utility.run(["sst2-dev"], ["8", "inf"], rounds=1, steps=2, batch=4, length=320, eval_examples=4,
+                               model="tiny", out=tmp_path / "runs", overrides={"lora.layers": "1"})
+    assert [r["epsilon"] for r in rows] == ["8", "inf"] and all(r["metric"] == "accuracy" for r in rows)
+    assert [r["eval records"] for r in rows] == [10, 10]  # all of dev, not data.max-eval-examples per client
+    p = rows[0]["final"]
+    assert rows[0]["stderr"] == f"{100 * math.sqrt(p * (1 - p) / 10):.1f} pts"
     assert rows[0]["sigma"] != "-" and rows[1]["sigma"] == "-"
-    assert rows[1]["vs non-private"] == "+0.0000"
+    assert rows[1]["vs non-private"] == "+0.0 pts"
+    config = json.loads((tmp_path / "runs" / "sst2-dev-eps8" / "config.json").read_text())
+    assert config["lora.layers"] == 1 and config["data.eval-path"].endswith("dev.tsv")
 
 
 def test_privacy_utility_names_missing_shared_data_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
@@ -128,7 +140,7 @@ def test_recipe_sweep_calibrates_every_point_to_the_same_epsilon_and_budget(tmp_
     monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path))
     with pytest.raises(UserError, match="'batchsize=4' is not key=value with a key of batch"):
         recipe.run(["batchsize=4"], model="tiny")
-    results = recipe.run(["batch=4;layers=1", "batch=8;clip=1;lr=1e-2;optimizer=sgd;rank=2"], records=40,
+    results = recipe.run(["batch=4;layers=1", "batch=8;clip=1;lr=1e-2;optimizer=sgd;rank=2;ffa=1"], records=40,
                          budget=16, length=300, model="tiny")
     assert [r["point"] for r in results][0] == "untrained" and results[0]["steps"] == 0
     assert [r["steps"] for r in results[1:]] == [4, 2]  # the same examples per point: fewer steps at a larger batch
