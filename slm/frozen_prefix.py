@@ -37,11 +37,13 @@ CACHE_BYTES = 1 << 30  # kept hidden states per model: SST-2, 8,000 records of ~
 
 def cut(model) -> int:
     """Index of the first decoder layer with a trainable parameter (0 when the embedding trains or none does)."""
-    lm = causal_lm(model)
-    decoder = lm.get_decoder()
+    decoder = causal_lm(model).get_decoder()
+    layers = getattr(decoder, "layers", None)  # Llama-family decoders; elsewhere the whole model always runs
+    if layers is None or not hasattr(decoder, "norm"):
+        return 0
     if any(p.requires_grad for p in decoder.get_input_embeddings().parameters()):
         return 0
-    for index, layer in enumerate(decoder.layers):
+    for index, layer in enumerate(layers):
         if any(p.requires_grad for p in layer.parameters()):
             return index
     return 0
