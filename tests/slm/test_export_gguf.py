@@ -19,7 +19,9 @@ def q4_export(tmp_path_factory, model_cache):
     config = resolve({"lora.dropout": 0.0})
     run = tmp_path_factory.mktemp("q4") / "run"
     model, _ = attach("smollm2", LoraSpec.from_config(config))
-    state = {k: (v if ".lora_A." in k else torch.randn_like(v) * 0.02) for k, v in adapter_state(model).items()}
+    generator = torch.Generator().manual_seed(0)  # the same adapter whatever ran before in the session
+    state = {k: (v if ".lora_A." in k else torch.randn(v.shape, generator=generator) * 0.02)
+             for k, v in adapter_state(model).items()}
     save_adapter(state, LoraSpec.from_config(config), str(resolve_model_dir("smollm2")), run / "adapters" / "round-1")
     (artifact,) = build_artifacts(run, config, 1, ["q4_0"], out=run / "export")
     return run, artifact
@@ -61,8 +63,9 @@ def test_transformers_loads_the_q4_0_file_and_agrees_with_the_merged_model(q4_ex
     ids = torch.tensor([[1, 504, 3073, 314, 7564, 28, 260, 2233, 30, 1116]])
     with torch.no_grad():
         reference, logits = merged(input_ids=ids).logits, model(input_ids=ids).logits
-    # arbitrary ids, not text: a 4-bit model flips some top-1 tokens (measured 7 of 10 agree)
-    assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.6
+    # arbitrary ids, not text: a 4-bit model flips some top-1 tokens (measured 5 and 7 of 10 with two random
+    # adapters); a scrambled layout (names, permutation, block order) agrees at ~none of 49,152 tokens
+    assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.4
     probs, ref_probs = logits.softmax(-1), reference.softmax(-1)
     print("total variation per position", float(0.5 * (probs - ref_probs).abs().sum(-1).mean()))
     assert float(0.5 * (probs - ref_probs).abs().sum(-1).mean()) < 0.3
