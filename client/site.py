@@ -47,7 +47,7 @@ REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon")
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under a ledger dir
 
 # Run-config keys that a deployment takes from the site, never from the coordinator.
-SITE_OWNED = ("data.path", "data.partition", "data.partition-by", "data.dirichlet-alpha", "data.test-fraction",
+SITE_OWNED = ("data.path", "data.eval-path", "data.partition", "data.partition-by", "data.dirichlet-alpha", "data.test-fraction",
               "data.max-train-examples", "data.max-eval-examples", "data.seed", "dp.enabled", "dp.max-epsilon",
               "dp.delta", "dp.max-noise-multiplier", "dp.noise-seed", "dp.ledger-dir", "ship.dir")
 

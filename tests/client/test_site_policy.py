@@ -63,6 +63,18 @@ def test_pinned_held_out_records_come_from_their_own_file(tmp_path):
     assert len(local.train) == 40 and local.test == [{"question": "held", "answer": "out"}]
 
 
+def test_a_coordinator_cannot_point_a_site_at_another_file(tmp_path):
+    """data.path and data.eval-path are requests a deployed site ignores: it reads its own files only."""
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(f'{{"question": "other {i}", "answer": "x"}}\n' for i in range(30)))
+    context = SimpleNamespace(run_config={"model.name": "tiny", "data.path": str(other), "data.eval-path": str(other)},
+                              node_config=site_config(tmp_path))
+    _, policy, local = site_and_data(context)
+    seen = [r["question"] for r in local.train + local.test]
+    assert seen and not any(q.startswith("other") for q in seen)
+    assert {item.split("=")[0] for item in policy.ignored_requests(context.run_config)} == {"data.path", "data.eval-path"}
+
+
 @pytest.mark.parametrize("extra, message", [
     ({"name": None}, "'name' is required in a deployment"),
     ({"ledger-dir": None}, "'ledger-dir' is required"),
