@@ -134,6 +134,14 @@ def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, 
             "eval_s": time.perf_counter() - started}
 
 
+def _row(name: str, r: dict) -> str:
+    """One printed point; an SFT task has no accuracy (its metric is the eval loss)."""
+    sigma = "-" if r["sigma"] is None else f"{r['sigma']:.2f}"
+    accuracy = (f"{'-':>8s}{'-':>6s}" if math.isnan(r["accuracy"])
+                else f"{100 * r['accuracy']:7.1f}%{100 * r['stderr']:6.1f}")
+    return f"{name:58s}{r['steps']:6d}{sigma:>7s}{accuracy}{r['eval_loss']:8.3f}{r['train_s']:9.0f}{r['eval_s']:8.0f}"
+
+
 def run(points: list[str], *, records: int = 2000, budget: int = 4096, epsilon: float = 8.0, length: int = 64,
         model: str = "smollm2", dev_records: int = 0, task: str = "sst2", device: str = "auto") -> list[dict]:
     parsed = [Point.parse(p) for p in points]  # every point checked before the first trains
@@ -144,12 +152,9 @@ def run(points: list[str], *, records: int = 2000, budget: int = 4096, epsilon: 
     results = []
     options = dict(length=length, model_name=model, task=task, device=device)
     base = run_point(parsed[0], train, dev, budget=0, epsilon=math.inf, **options)
-    print(f"{'untrained (round 0)':58s}{0:6d}{'-':>7s}{100 * base['accuracy']:7.1f}%{100 * base['stderr']:6.1f}"
-          f"{base['eval_loss']:8.3f}{0:9.0f}{base['eval_s']:8.0f}", flush=True)
+    print(_row("untrained (round 0)", base), flush=True)
     for text, point in zip(points, parsed):
         r = run_point(point, train, dev, budget=budget, epsilon=epsilon, **options)
-        sigma = "-" if r["sigma"] is None else f"{r['sigma']:.2f}"
-        print(f"{text:58s}{r['steps']:6d}{sigma:>7s}{100 * r['accuracy']:7.1f}%{100 * r['stderr']:6.1f}"
-              f"{r['eval_loss']:8.3f}{r['train_s']:9.0f}{r['eval_s']:8.0f}", flush=True)
+        print(_row(text, r), flush=True)
         results.append({"point": text, **r})
     return [{"point": "untrained", **base}, *results]

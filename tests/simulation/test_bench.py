@@ -147,3 +147,13 @@ def test_recipe_sweep_calibrates_every_point_to_the_same_epsilon_and_budget(tmp_
     assert all(r["sigma"] and r["sigma"] > 0.3 for r in results[1:])
     for r in results:
         assert 0 <= r["accuracy"] <= 1 and math.isclose(r["stderr"], math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / 5))
+
+
+def test_recipe_sweep_on_the_hospital_task_reports_eval_loss_not_accuracy(model_cache, capsys):
+    from simulation.bench import recipe
+
+    results = recipe.run(["batch=8;clip=1;lr=1e-2;ffa=1"], task="medquad", records=40, dev_records=8, budget=16,
+                         length=64, model="tiny", epsilon=8.0)
+    assert [r["steps"] for r in results] == [0, 2] and results[1]["sigma"] > 0.3
+    assert all(math.isnan(r["accuracy"]) and math.isfinite(r["eval_loss"]) for r in results)
+    assert "nan" not in capsys.readouterr().out  # an SFT row prints its loss, not an accuracy
