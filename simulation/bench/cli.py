@@ -201,7 +201,8 @@ def add_bench_parser(sub) -> None:
     vs.add_argument("--repeats", type=int, default=1, help="timed steps per configuration (median)")
     rc = add("recipe", _recipe, "DP-SGD settings under a fixed budget of examples: SST-2 dev accuracy per point")
     rc.add_argument("--point", action="append", required=True,
-                    help="key=value;... (batch, clip, lr, optimizer, rank, layers, targets, autocast); repeat")
+                    help="key=value;... (batch, clip, lr, optimizer, rank, layers, targets, autocast, ffa, "
+                         "noise dp|clip|none); repeat")
     rc.add_argument("--task", choices=("sst2", "medquad"), default="sst2")
     rc.add_argument("--device", default="auto", help="model.device: auto, cpu, cuda, cuda:N")
     rc.add_argument("--records", type=int, default=2000, help="the client's training records (0 = all it has)")

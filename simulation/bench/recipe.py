@@ -14,7 +14,10 @@ standard error sqrt(p (1 - p) / 872) and its wall time, so equal examples at une
 (an all-layer adapter runs 30 layers backward, a top-4 one 4) stay visible.
 
 A point is ``key=value`` pairs joined by ``;``, e.g. ``batch=64;clip=0.1;lr=5e-3;layers=4``
-(keys: batch, clip, lr, optimizer adam|sgd, rank, layers, targets, autocast, ffa 0|1). The sweep
+(keys: batch, clip, lr, optimizer adam|sgd, rank, layers, targets, autocast, ffa 0|1, noise dp|clip|none).
+``noise`` separates what DP-SGD's two halves do to utility: ``dp`` = clipping and the noise
+calibrated to ``--epsilon``; ``clip`` = the same per-example clipping with sigma 0 (no
+privacy at all: a diagnostic); ``none`` = plain training, neither. The sweep
 runs in one process: points with the same adapter shape share the model and its kept
 frozen-layer outputs, so only the first of them pays for the layers below the adapters.
 """
@@ -30,6 +33,9 @@ from simulation.bench.privacy_utility import shared_file
 from slm.errors import UserError
 
 
+NOISE = ("dp", "clip", "none")
+
+
 @dataclass(frozen=True)
 class Point:
     batch: int = 64
@@ -41,6 +47,7 @@ class Point:
     targets: str = "q_proj,v_proj"
     autocast: str = "none"
     ffa: int = 0  # 1 = only the B factors train (FFA-LoRA, what a DP federation aggregates); 0 = A and B
+    noise: str = "dp"  # dp | clip (sigma 0, clipping kept: no privacy) | none (plain training)
 
     @classmethod
     def parse(cls, text: str) -> "Point":
@@ -51,6 +58,8 @@ class Point:
                 raise UserError(f"fedslm bench recipe --points: {item!r} is not key=value with a key of "
                                 f"{', '.join(cls.__dataclass_fields__)}")
             point = replace(point, **{key: types.get(key, str)(value.strip())})
+        if point.noise not in NOISE:
+            raise UserError(f"fedslm bench recipe --points: noise={point.noise!r} is not one of {', '.join(NOISE)}")
         return point
 
 
@@ -116,8 +125,10 @@ def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, 
     encoding = Task.from_config(config)
     steps = budget // point.batch
     q, delta = point.batch / len(train), default_delta(len(train))
-    sigma = None if math.isinf(epsilon) else noise_for_budget([], budget=epsilon, sample_rate=q,
-                                                                steps_per_round=steps, rounds_left=1, delta=delta)
+    private = point.noise == "dp" and not math.isinf(epsilon)
+    sigma = noise_for_budget([], budget=epsilon, sample_rate=q, steps_per_round=steps, rounds_left=1,
+                             delta=delta) if private else (0.0 if point.noise == "clip" else None)
+    epsilon = epsilon if private else math.inf
     started = time.perf_counter()
     with frozen_a_factors(model, bool(point.ffa)):
         result = None if not steps else train_adapter(

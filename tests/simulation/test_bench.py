@@ -157,3 +157,19 @@ def test_recipe_sweep_on_the_hospital_task_reports_eval_loss_not_accuracy(model_
     assert [r["steps"] for r in results] == [0, 2] and results[1]["sigma"] > 0.3
     assert all(math.isnan(r["accuracy"]) and math.isfinite(r["eval_loss"]) for r in results)
     assert "nan" not in capsys.readouterr().out  # an SFT row prints its loss, not an accuracy
+
+
+def test_recipe_clip_only_point_clips_without_noise_and_claims_no_privacy(model_cache):
+    """noise=clip keeps DP-SGD's clipping at sigma 0: with a clip norm of 1e-9 the adapter cannot move, where the
+    same point without clipping (noise=none) does; neither claims an epsilon."""
+    from simulation.bench import recipe
+    from slm.errors import UserError
+
+    with pytest.raises(UserError, match="noise='loud' is not one of dp, clip, none"):
+        recipe.run(["noise=loud"], task="medquad", model="tiny")
+    point = "batch=8;clip=1e-9;lr=1e-1;optimizer=sgd;ffa=1;noise="
+    untrained, clipped, plain = recipe.run([point + "clip", point + "none"], task="medquad", records=40,
+                                           dev_records=8, budget=32, length=64, model="tiny", epsilon=8.0)
+    assert clipped["sigma"] == 0.0 and plain["sigma"] is None
+    assert math.isinf(clipped["epsilon"]) and math.isinf(plain["epsilon"])
+    assert abs(clipped["eval_loss"] - untrained["eval_loss"]) < 1e-6 < abs(plain["eval_loss"] - untrained["eval_loss"])
