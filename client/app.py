@@ -2,20 +2,21 @@
 
 Two inputs, two types (docs/THREAT-MODEL.md): the site's own policy (client.site: node
 config in a deployment, the researcher's run config in a simulation) decides budget,
-delta, records, ledger and noise; the coordinator's run config and message are a request
-(client.request), validated and bounded against that policy. A request that cannot be
-honoured is refused with its reasons, in the reply and in the site's own log (stderr), and
-nothing trains; site-owned settings in the run config are logged and ignored.
+delta, records, ledger, noise and which columns a task may name; the coordinator's run
+config and message are a request (client.request), parsed whole and bounded against that
+policy before the site reads its records for it or touches its ledger.
 
-A train reply carries the new adapter (the DP-SGD output), the example count and the
-number of steps (both in clear: the record count is not hidden by add/remove DP), and the
-site's privacy record. Under DP nothing else computed from training records leaves: no
-train loss, no timing.
+A train round is a transaction (privacy.mechanism.transaction): with a valid request and
+the model built, the site reserves the round's spend (or refuses: budget, changed
+records), trains, commits, and only then replies. What leaves: the new adapter (the
+DP-SGD output), the example count and steps (in clear: add/remove DP does not hide the
+count) and the privacy record. Under DP nothing else computed from training records
+leaves: no train loss, no timing, no error text — every handler is ``guarded``
+(client.outbound): a deployed site replies to any failure with a reason code only.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import replace
 
@@ -24,18 +25,20 @@ from flwr.clientapp import ClientApp
 
 from client import secure_aggregation
 from client.data import DataSpec, LocalData, load_local_data
+from client.evaluation import SiteEvaluation, digest_of
+from client.outbound import Refused, guarded, site_log
 from client.progress import site_progress
-from client.request import RoundRequest
+from client.request import Request, RoundRequest, parse_evaluation, parse_round
 from client.shipment import receive_and_evaluate
 from client.site import SitePolicy, is_deployment
 from client.train import train_adapter
-from privacy.mechanism.entropy import round_entropy
-from privacy.mechanism.ledger import Entry, Ledger, fingerprint
-from privacy.mechanism.policy import decide, default_delta
+from privacy.mechanism.ledger import Entry, fingerprint
+from privacy.mechanism.randomness import round_key
+from privacy.mechanism.record import NO_DP, REJECTED, PrivacyRecord, Reason
+from privacy.mechanism.transaction import Grant, Release, SiteBudget, open_release
 from slm.allocator import return_freed_memory, trim_freed_memory
 from slm.base import resolve_device
 from slm.config import request_config
-from slm.errors import UserError
 from slm.evaluate import evaluate
 from slm.lora import (
     LoraSpec,
@@ -50,41 +53,39 @@ from slm.lora import (
 )
 from slm.quiet import quiet_libraries
 from slm.recompute import recomputed_layers
-from slm.tasks import Task
+from slm.tasks import Task, encode
 
 quiet_libraries()
 app = ClientApp()
 
 
-def site_and_data(context: Context, run_dir: str = "") -> tuple[dict, SitePolicy, LocalData]:
-    """(the coordinator's validated run config, the site's policy, the site's records).
+def admitted(context: Context, round_cfg, parse) -> tuple[SitePolicy, Request, LocalData]:
+    """(the site's policy, the coordinator's request, the site's records), or Refused.
 
-    A label task's verbalizers are the ones resolved against the site's records: the run
-    config's when given (every label covered), else the site's own word labels.
+    A deployed site parses the request against its node config BEFORE it reads its records:
+    a request naming a column the site does not allow is refused unread. A simulation's
+    policy is the researcher's run config, built with the records (it names the client).
     """
-    config = request_config(context.run_config)
     if is_deployment(context.node_config):
         policy = SitePolicy.from_node_config(context.node_config)
-        local = replace(load_local_data(policy.data_spec(config), 0, 1), name=policy.name)
+        request, problems = parse(context.run_config, round_cfg, policy)
+        if problems:
+            raise Refused(Reason.OUT_OF_BOUNDS, "; ".join(problems), PrivacyRecord(client=policy.name, status=REJECTED))
         for ignored in policy.ignored_requests(context.run_config):
-            site_log(policy, f"ignored the coordinator's {ignored}: that is the site's setting")
-        return {**config, "data.verbalizers": local.verbalizers}, policy, local
-    partition_id = int(context.node_config.get("partition-id", 0))
-    num_partitions = int(context.node_config.get("num-partitions", 1))
-    local = load_local_data(DataSpec.from_config(config), partition_id, num_partitions)
+            site_log(policy.name, f"ignored the coordinator's {ignored}: that is the site's setting")
+        verbalizers = policy.verbalizers if request.config["data.task"] == "label" else ""
+        config = {**request.config, "data.verbalizers": verbalizers}
+        local = replace(load_local_data(policy.data_spec(config), 0, 1), name=policy.name)
+        return policy, replace(request, config=config), local
+    config = request_config(context.run_config)  # the researcher's own file: a bad key is an error
+    local = load_local_data(DataSpec.from_config(config), int(context.node_config.get("partition-id", 0)),
+                            int(context.node_config.get("num-partitions", 1)))
     config = {**config, "data.verbalizers": local.verbalizers}
-    return config, SitePolicy.for_simulation(config, local.name, run_dir), local
-
-
-def site_log(policy: SitePolicy, text: str) -> None:
-    """The site's own log: the ClientApp's stderr, which is the SuperNode's log in a deployment.
-
-    A simulated site keeps quiet: its console is the researcher's, where lines naming who
-    trained would sit next to a user-level DP run's cohort-size-only lines; the server's
-    metrics already record every refusal with its reason.
-    """
-    if policy.deployment:
-        print(f"[fedslm site {policy.name}] {text}", file=sys.stderr, flush=True)
+    policy = SitePolicy.for_simulation(config, local.name, str(round_cfg.get("run-dir", "")))
+    request, problems = parse({**context.run_config, "data.verbalizers": local.verbalizers}, round_cfg, policy)
+    if problems:
+        raise Refused(Reason.OUT_OF_BOUNDS, "; ".join(problems), PrivacyRecord(client=local.name, status=REJECTED))
+    return policy, replace(request, config=config), local
 
 
 def _model(config: dict, policy: SitePolicy, msg: Message, aggregation: str):
@@ -98,20 +99,15 @@ def _model(config: dict, policy: SitePolicy, msg: Message, aggregation: str):
     received = from_arrays(msg.content["arrays"])
     if aggregation == "ffa":
         if a_factor_digest(adapter_state(model)) != round_cfg["lora-a-sha256"]:
-            raise UserError("FFA-LoRA: this client's A factors differ from the server's (model or lora.seed mismatch)")
+            raise Refused(Reason.OUT_OF_BOUNDS, "FFA-LoRA: the coordinator's A factors differ from this site's "
+                                                "(model or lora.seed mismatch)")
         received = {**adapter_state(model), **received}
     set_adapter_state(model, received)
     return model, tokenizer
 
 
-def _reply(msg: Message, privacy: dict, metrics: dict, arrays=None) -> Message:
-    content = RecordDict({"privacy": ConfigRecord(privacy), "metrics": MetricRecord(metrics)})
-    if arrays is not None:
-        content["arrays"] = arrays
-    return Message(content=content, reply_to=msg)
-
-
 @app.train()
+@guarded
 def train(msg: Message, context: Context) -> Message:
     """A clear train round, or one stage of a secure one (client.secure_aggregation masks the reply)."""
     if secure_aggregation.requested(msg):
@@ -122,124 +118,140 @@ def train(msg: Message, context: Context) -> Message:
 def train_clear(msg: Message, context: Context, masked: bool = False) -> Message:
     """Train one round; ``masked``: the reply goes through SecAgg+ (client.secure_aggregation), not in clear."""
     round_cfg = msg.content["config"]
-    config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
-    privacy = {"client": local.name, "dp": policy.dp_enabled, "noise_seed": "os-entropy"
-               if policy.noise_seed < 0 else "fixed (not private against whoever knows it)"}
-    try:
-        request = RoundRequest.parse(config, round_cfg)
-        problems = request.problems(policy, len(local.train))
-    except (KeyError, TypeError, ValueError) as err:
-        request, problems = None, [f"malformed request ({type(err).__name__}: {err})"]
+    policy, request, local = admitted(context, round_cfg, parse_round)
+    record = PrivacyRecord(client=local.name, status=REJECTED, dp=policy.dp_enabled,
+                           noise_seed="os-entropy" if policy.noise_seed < 0 else
+                           "fixed (not private against whoever knows it)")
+    problems = [] if 1 <= request.batch_size <= len(local.train) else [
+        f"expected batch {request.batch_size}: the site has {len(local.train)} training records"]
     if policy.require_secure_aggregation and not masked:
-        problems = [*problems, "this site trains only in secure-aggregation rounds (node config "
-                    "require-secure-aggregation): a clear reply would show the coordinator its update"]
+        problems.append("this site trains only in secure-aggregation rounds (node config "
+                        "require-secure-aggregation): a clear reply would show the coordinator its update")
     if problems:
-        reason = "; ".join(problems)
-        site_log(policy, f"refused a train request: {reason}")
-        return _reply(msg, {**privacy, "status": "rejected", "reason": reason}, {"num-examples": 0})
-    started = time.time()
+        raise Refused(Reason.OUT_OF_BOUNDS, "; ".join(problems), record)
+    config = request.config
     model, tokenizer = _model(config, policy, msg, request.aggregation)
-    steps, records = request.local_steps, len(local.train)
+    task = Task.from_config(config)
+    for i, r in enumerate(local.train):  # the site's own records must encode before anything is reserved
+        encode(task, tokenizer, r, where=f"#{i}")
+    started, records = time.time(), len(local.train)
     q = request.batch_size / records
-    ledger = entry = sigma = None
+    grant = None
     if policy.dp_enabled:
-        ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(local.train), records=records,
-                             delta=policy.delta or default_delta(records))
-        entry = Entry(run_id=request.run_id, round=request.server_round, noise_multiplier=0.0,
-                      clip_norm=request.clip_norm, sample_rate=q, steps=steps, delta=ledger.delta,
-                      epsilon_after=0.0, epsilon_rdp_after=0.0, max_epsilon=policy.max_epsilon, status="")
-        refusal = _before_reserving(ledger, policy)
-        if refusal is None:
-            decision = decide(ledger, max_epsilon=policy.max_epsilon, requested_sigma=request.requested_sigma,
-                              target_epsilon=request.target_epsilon, sample_rate=q, steps=steps,
-                              rounds_left=request.rounds_left, max_noise_multiplier=policy.max_noise_multiplier)
-            refusal = decision.reason if decision.refused else None
-        if refusal is not None:
-            entry = ledger.refuse(entry, refusal)
-        else:
-            sigma = decision.noise_multiplier
-            entry = ledger.reserve(replace(entry, noise_multiplier=sigma), budget=policy.max_epsilon)
-        if entry.status == "refused":  # on disk before anything is trained; spends nothing
-            site_log(policy, f"refused round {request.server_round} of run {request.run_id}: {entry.reason}")
-            return _reply(msg, {**privacy, **_privacy_fields(entry, ledger)}, {"num-examples": 0})
+        grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record)
     with frozen_a_factors(model, freeze=request.aggregation == "ffa"), \
             recomputed_layers(model, config["train.recompute"]):  # a memory setting: same gradients
-        result = train_adapter(model, tokenizer, Task.from_config(config), local.train, steps=steps,
-                               batch_size=request.batch_size, lr=request.lr, noise_multiplier=sigma,
+        result = train_adapter(model, tokenizer, task, local.train, steps=request.local_steps,
+                               batch_size=request.batch_size, lr=request.lr,
+                               noise_multiplier=grant.noise_multiplier if grant else None,
                                clip_norm=request.clip_norm,
-                               seed=round_entropy(policy.noise_seed, local.name, request.run_id, request.server_round),
+                               seed=round_key(policy.noise_seed, local.name, request.run_id, request.server_round),
                                grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"],
                                # a memory setting, never the update's: a negative request runs in one piece
                                physical_batch_size=max(0, config["train.physical-batch-size"]),
-                               on_step=site_progress(policy, config, lambda text: site_log(policy, text)).step)
+                               on_step=_progress(policy, config).step)
     if config["model.return-freed-memory"]:
         trim_freed_memory()  # what training left in the heap, before this process evaluates
     metrics = {"num-examples": records, "steps": result.steps}
-    if ledger is not None:
-        entry = ledger.commit(entry)
-        privacy.update(_privacy_fields(entry, ledger))
-        site_log(policy, f"round {request.server_round} of run {request.run_id}: trained with sigma "
-                             f"{sigma:.3f}, spent {entry.epsilon_after:.3f} of {policy.max_epsilon:g}")
+    if grant is not None:
+        entry = grant.commit()
+        record = _with_entry(record, entry, records)
+        _log(policy, f"round {request.server_round} of run {request.run_id}: trained with sigma "
+                     f"{entry.noise_multiplier:.3f}, spent {entry.epsilon_after:.3f} of {policy.max_epsilon:g}")
     else:  # no DP, no privacy claim: the training metrics may as well leave
-        privacy.update({"status": "no-dp", "sample_rate": q, "steps": steps})
+        record = replace(record, status=NO_DP, sample_rate=q, steps=request.local_steps, records=records)
         metrics.update({"train_loss": result.loss, "seconds": time.time() - started})
     arrays = to_arrays(sent_tensors(adapter_state(model), request.aggregation), config["server.wire-dtype"])
-    return _reply(msg, privacy, metrics, arrays)
+    content = RecordDict({"privacy": ConfigRecord(record.to_config()), "metrics": MetricRecord(metrics),
+                          "arrays": arrays})
+    return Message(content=content, reply_to=msg)
 
 
-def _before_reserving(ledger: Ledger, policy: SitePolicy) -> str | None:
-    """Site-side reasons not to train at all this round (checked again under the ledger's lock)."""
-    if ledger.data_changed:
-        return ledger.data_change_reason()
-    if ledger.delta * ledger.records >= 1:
-        return (f"delta {ledger.delta:g} is not below 1/records (1/{ledger.records}): such a guarantee allows "
-                "publishing a record outright")
-    if ledger.path.exists() and policy.delta and policy.delta != ledger.delta:
-        return (f"the site's delta {policy.delta:g} differs from its ledger's {ledger.delta:g}, fixed when the "
-                "ledger was created; keep the ledger's delta or start a new ledger directory deliberately")
-    return None
+def _reserve(policy: SitePolicy, request: RoundRequest, local: LocalData, q: float, adapter_sha256: str,
+             record: PrivacyRecord) -> Grant:
+    """The round's spend reserved on the site's disk, or Refused (the refusal recorded in its ledger)."""
+    budget = SiteBudget(ledger_dir=policy.ledger_dir, max_epsilon=policy.max_epsilon, delta=policy.delta,
+                        max_noise_multiplier=policy.max_noise_multiplier)
+    release = Release(run_id=request.run_id, round=request.server_round, clip_norm=request.clip_norm, sample_rate=q,
+                      steps=request.local_steps, requested_sigma=request.requested_sigma,
+                      target_epsilon=request.target_epsilon, rounds_left=request.rounds_left,
+                      adapter_sha256=adapter_sha256)
+    outcome = open_release(budget, release, fingerprint=fingerprint(local.train), records=len(local.train))
+    if isinstance(outcome, Grant):
+        return outcome
+    if outcome.entry is not None:
+        record = _with_entry(record, outcome.entry, len(local.train))
+    _log(policy, f"refused round {request.server_round} of run {request.run_id}: {outcome.detail}")
+    raise Refused(outcome.reason, outcome.detail, record)
 
 
-def _privacy_fields(entry: Entry, ledger: Ledger) -> dict:
-    return {"status": entry.status, "noise_multiplier": entry.noise_multiplier, "clip_norm": entry.clip_norm,
-            "sample_rate": entry.sample_rate, "steps": entry.steps, "delta": entry.delta,
-            "epsilon": entry.epsilon_after, "epsilon_rdp": entry.epsilon_rdp_after,
-            "max_epsilon": entry.max_epsilon, "accountant": entry.accountant, "sampling": entry.sampling,
-            "records": ledger.records, "reason": entry.reason}
+def _with_entry(record: PrivacyRecord, entry: Entry, records: int) -> PrivacyRecord:
+    return replace(record, status=entry.status, noise_multiplier=entry.noise_multiplier, clip_norm=entry.clip_norm,
+                   sample_rate=entry.sample_rate, steps=entry.steps, delta=entry.delta, epsilon=entry.epsilon_after,
+                   epsilon_rdp=entry.epsilon_rdp_after, max_epsilon=entry.max_epsilon, accountant=entry.accountant,
+                   sampling=entry.sampling, records=records)
+
+
+def _log(policy: SitePolicy, text: str) -> None:
+    """A line in a deployed site's own log. A simulated site keeps quiet: its console is the researcher's,
+    where lines naming who trained would sit next to a user-level DP run's cohort-size-only lines."""
+    if policy.deployment:
+        site_log(policy.name, text)
+
+
+def _progress(policy: SitePolicy, config: dict):
+    return site_progress(policy, config, lambda text: _log(policy, text))
 
 
 @app.evaluate("ship")
+@guarded
 def evaluate_shipped(msg: Message, context: Context) -> Message:
     """A shipped GGUF: verify its sha256, store it in the model dir, evaluate it here, reply metrics only."""
     announced = dict(msg.content["config"])
-    config, policy, local = site_and_data(context, str(announced.get("run-dir", "")))
-    _check_evaluates(policy)
+    policy, request, local = admitted(context, announced, parse_evaluation)
     if policy.deployment and not policy.shipped_dir:  # else the coordinator's run-dir would pick the directory
-        site_log(policy, "refused a shipped model: no shipped-dir in the node config")
-        raise UserError(f"site {policy.name} accepts no shipped models (its node config has no shipped-dir)")
-    config = {**config, "model.name": policy.model_name(config), "ship.dir": policy.shipped_dir}
-    path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local)
+        raise Refused(Reason.OUT_OF_BOUNDS, "a shipped model: no shipped-dir in the node config")
+    config = {**request.config, "model.name": policy.model_name(request.config), "ship.dir": policy.shipped_dir}
+    site = _site_evaluation(policy, local, request, str(announced.get("sha256", "")))
+
+    def site_rules(model, tokenizer, task, records) -> dict:  # after the verified file is stored
+        site.admit(task)
+        return site.metrics(model, tokenizer, task)
+
+    path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local,
+                                         evaluate_fn=site_rules if site is not None else evaluate)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
                           "info": ConfigRecord({"client": local.name, "stored": str(path),
                                                 "quant": str(announced["quant"])})})
+    if site is not None:
+        content["privacy"] = ConfigRecord(site.record().to_config())
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
+@guarded
 def evaluate_adapter(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on the site's held-out records (metrics leave in clear: not DP)."""
+    """Evaluate the received adapter on the site's held-out records (client.evaluation: what a deployed site allows)."""
     round_cfg = msg.content["config"]
-    config, policy, local = site_and_data(context, str(round_cfg.get("run-dir", "")))
-    _check_evaluates(policy)
-    model, tokenizer = _model(config, policy, msg, str(round_cfg["aggregation"]))
-    progress = site_progress(policy, config, lambda text: site_log(policy, text))
-    metrics = evaluate(model, tokenizer, Task.from_config(config), local.test, on_progress=progress.evaluated)
+    policy, request, local = admitted(context, round_cfg, parse_evaluation)
+    site = _site_evaluation(policy, local, request, digest_of(msg.content["arrays"]))
+    task = Task.from_config(request.config)
+    if site is not None:
+        site.admit(task)  # refused before the model is built; the DP charge reserved before the records are read
+    model, tokenizer = _model(request.config, policy, msg, request.aggregation)
+    progress = _progress(policy, request.config)
+    if site is None:
+        metrics = evaluate(model, tokenizer, task, local.test, on_progress=progress.evaluated)
+    else:
+        metrics = site.metrics(model, tokenizer, task, on_progress=progress.evaluated)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
                           "info": ConfigRecord({"client": local.name})})
+    if site is not None:
+        content["privacy"] = ConfigRecord(site.record().to_config())
     return Message(content=content, reply_to=msg)
 
 
-def _check_evaluates(policy: SitePolicy) -> None:
-    if not policy.evaluate:
-        site_log(policy, "refused an evaluation request (node config evaluate = false)")
-        raise UserError(f"site {policy.name} does not evaluate (its node config says evaluate = false)")
+def _site_evaluation(policy: SitePolicy, local: LocalData, request: Request, subject: str) -> SiteEvaluation | None:
+    """A deployed site's evaluation rules (None in a simulation: the researcher's own records, in clear)."""
+    return SiteEvaluation(policy, local, request, subject, Refused) if policy.deployment else None
+

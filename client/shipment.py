@@ -49,8 +49,13 @@ def verify_and_store(payload: np.ndarray, *, expected_sha256: str, expected_byte
     return target
 
 
-def receive_and_evaluate(payload: np.ndarray, announced: dict, config: dict, local) -> tuple[Path, dict]:
-    """Verify and store a shipped file in this client's model directory, then evaluate it on its test split."""
+def receive_and_evaluate(payload: np.ndarray, announced: dict, config: dict, local,
+                         evaluate_fn=None) -> tuple[Path, dict]:
+    """Verify and store a shipped file in this client's model directory, then evaluate it on its test split.
+
+    ``evaluate_fn(model, tokenizer, task, records)`` -> metrics: a deployed site's own rules
+    (client.evaluation); default slm.evaluate.evaluate (in clear, a simulation's).
+    """
     from transformers import AutoTokenizer
 
     from slm.base import resolve_model_dir
@@ -66,7 +71,7 @@ def receive_and_evaluate(payload: np.ndarray, announced: dict, config: dict, loc
         model, context = load_shipped(path, str(announced["sha256"])), nullcontext()
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config["model.name"]), local_files_only=True)
     with context:
-        return path, evaluate(model, tokenizer, Task.from_config(config), local.test)
+        return path, (evaluate_fn or evaluate)(model, tokenizer, Task.from_config(config), local.test)
 
 
 def _on_device_base(adapter: Path, announced: dict, directory: Path):

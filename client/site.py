@@ -14,6 +14,7 @@ built from the run config, which is then the researcher's own trusted file.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,36 +22,55 @@ from pathlib import Path
 from client.data import DataSpec
 from slm.config import DELTA, DEVICE
 from slm.errors import UserError
+from slm.tasks import parse_verbalizers
 
-# node config key -> (type, default, meaning). Keys not listed here are refused by deploy/node_config.py.
+# node config key -> (type, default, meaning). Keys not listed here are refused (deploy/node_config.py at
+# start-up, SitePolicy.from_node_config in every ClientApp process).
 NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "name": (str, None, "the site's name in the coordinator's view (required in a deployment)"),
     "data-path": (str, None, "the site's own training records (JSONL / CSV / TSV / Parquet)"),
     "ledger-dir": (str, None, "where the site's privacy ledger persists across runs"),
     "max-epsilon": (float, None, "the site's own budget over all rounds and runs"),
+    "model-dir": (str, None, "'smollm2', 'tiny' or a local HF model directory: the base the site trains and "
+                  "evaluates on (required: a coordinator's model.name would reveal which directories exist)"),
+    "fields": (str, "", "comma-separated columns of data-path the coordinator may name as the task's fields "
+               "(prompt/response, text, label); a request naming any other column is refused unread"),
+    "verbalizers": (str, "", "label tasks: the site's approved value=word pairs; a label request must use exactly "
+                    "these (label values leave only as these words)"),
     "delta": (float, 0.0, "the site's delta; 0 = min(1e-5, 0.1 / records); fixed when the ledger is created"),
     "test-data-path": (str, "", "held-out records, evaluated and never trained on (else a share of data-path)"),
     "test-fraction": (float, 0.1, "share of data-path held out when there is no test-data-path (by record hash)"),
     "max-train-examples": (int, 0, "train on at most this many records (0 = all)"),
     "max-eval-examples": (int, 32, "evaluate on at most this many held-out records (0 = all)"),
-    "evaluate": (bool, True, "answer evaluation requests (their metrics leave in clear, see THREAT-MODEL.md)"),
+    "evaluate": (str, "off", "off = answer no evaluation request; dp = held-out metrics with Gaussian noise, "
+                 "charged to the ledger; non-sensitive = clear metrics on test-data-path, which the site declares "
+                 "non-sensitive (docs/THREAT-MODEL.md)"),
+    "max-evaluations-per-run": (int, 8, "most evaluation requests the site answers in one run"),
+    "evaluation-noise-multiplier": (float, 10.0, "evaluate = dp: noise std / sensitivity of the noised sums"),
+    "evaluation-loss-bound": (float, 5.0, "evaluate = dp: each record's loss is clipped to [0, this] (nats)"),
     "max-noise-multiplier": (float, 5.0, "most noise the site trains with; needing more = budget exhausted"),
     "max-rounds": (int, 1000, "most rounds a coordinator may plan in one run (bounds the noise plan)"),
     "max-local-steps": (int, 1000, "most DP-SGD steps one round may ask for"),
-    "model-dir": (str, "", "'smollm2', 'tiny' or a local HF model directory (else the run config's)"),
+    "min-clip-norm": (float, 0.01, "the smallest clip norm a request may ask for"),
+    "max-lr": (float, 0.1, "the largest learning rate a request may ask for"),
+    "max-lora-dropout": (float, 0.5, "the largest LoRA dropout a request may ask for"),
+    "wire-dtypes": (str, "float16", "comma-separated dtypes the site sends its update in (float16, float32)"),
     "shipped-dir": (str, "", "where verified shipped models are stored"),
     "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
     "require-secure-aggregation": (bool, False, "train only in secure-aggregation rounds: a clear train request "
                                    "(which would show the coordinator this site's update) is refused"),
 }
-REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon")
+REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon", "model-dir")
+SIMULATION_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation engine puts in a node config
+GUARD_ENV = "FEDSLM_APPROVED_APPS"  # set for every ClientApp a site's app guard starts (deploy/app_guard.py)
+EVALUATION_MODES = ("off", "dp", "non-sensitive")
+WIRE_DTYPES = ("float16", "float32")
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under a ledger dir
 
 # Run-config keys that a deployment takes from the site, never from the coordinator.
-SITE_OWNED = ("data.path", "data.eval-path", "data.partition", "data.partition-by", "data.dirichlet-alpha", "data.test-fraction",
-              "data.max-train-examples", "data.max-eval-examples", "data.seed", "dp.enabled", "dp.max-epsilon",
-              "dp.delta", "dp.max-noise-multiplier", "dp.noise-seed", "dp.ledger-dir", "ship.dir")
-
+SITE_OWNED = ("data.path", "data.eval-path", "data.partition", "data.partition-by", "data.dirichlet-alpha",
+              "data.test-fraction", "data.max-train-examples", "data.max-eval-examples", "data.seed", "dp.enabled",
+              "dp.max-epsilon", "dp.delta", "dp.max-noise-multiplier", "dp.noise-seed", "dp.ledger-dir", "ship.dir")
 
 def site_name(value) -> str:
     """A node config's ``name``, checked: it becomes a directory name and the site's identity."""
@@ -60,8 +80,16 @@ def site_name(value) -> str:
     return value
 
 
-def is_deployment(node_config) -> bool:
-    return "data-path" in node_config
+def is_deployment(node_config, environ=None) -> bool:
+    """A deployed site, failing closed: any key but the simulation engine's, or the site's app guard.
+
+    A misspelt or partial node config is still a deployment (its policy then refuses to
+    load, and every message is refused); only a node config holding nothing but Flower's
+    simulation keys, in a process no app guard started, is a simulated client whose policy
+    is the researcher's run config.
+    """
+    environ = os.environ if environ is None else environ
+    return bool(set(node_config) - set(SIMULATION_KEYS)) or bool(environ.get(GUARD_ENV))
 
 
 @dataclass(frozen=True)
@@ -78,7 +106,7 @@ class SitePolicy:
     max_local_steps: int
     dp_enabled: bool
     noise_seed: int  # -1 = fresh OS entropy per round (always, in a deployment)
-    evaluate: bool
+    evaluate: str  # off | dp | non-sensitive (a simulation: clear, the researcher's own records)
     require_secure_aggregation: bool  # the coordinator cannot switch SecAgg+ off for this site
     model_dir: str  # '' = the run config's model.name
     device: str  # '' = the run config's model.device
@@ -88,11 +116,23 @@ class SitePolicy:
     test_fraction: float
     max_train: int
     max_eval: int
+    fields: tuple[str, ...] | None = None  # columns a request may name (None: any, a simulation)
+    verbalizers: str = ""  # a label task's approved value=word pairs ('' in a simulation: the run config's)
+    min_clip_norm: float = 0.0
+    max_lr: float = math.inf
+    max_lora_dropout: float = 1.0
+    wire_dtypes: tuple[str, ...] = WIRE_DTYPES
+    max_evaluations: int = 0  # per run (0 = no cap: a simulation)
+    evaluation_noise: float = 0.0  # evaluate = dp: sigma of the noised sums
+    evaluation_loss_bound: float = 0.0  # evaluate = dp: per-record loss clipped to [0, this]
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
     def from_node_config(cls, node_config, where: str = "node config") -> "SitePolicy":
         """A deployed site's policy; every key checked, one line naming the key if wrong."""
+        unknown = sorted(set(node_config) - set(NODE_KEYS) - set(SIMULATION_KEYS))
+        if unknown:
+            raise UserError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(NODE_KEYS)})")
         values = {}
         for key, (kind, default, _) in NODE_KEYS.items():
             if key not in node_config:
@@ -106,10 +146,16 @@ class SitePolicy:
             max_epsilon=values["max-epsilon"], delta=values["delta"],
             max_noise_multiplier=values["max-noise-multiplier"], max_rounds=values["max-rounds"],
             max_local_steps=values["max-local-steps"], dp_enabled=True, noise_seed=-1, evaluate=values["evaluate"],
-            require_secure_aggregation=values["require-secure-aggregation"], model_dir=values["model-dir"], device=values["device"], shipped_dir=values["shipped-dir"],
-            data_path=values["data-path"], test_data_path=values["test-data-path"],
-            test_fraction=values["test-fraction"],
-            max_train=values["max-train-examples"], max_eval=values["max-eval-examples"])
+            require_secure_aggregation=values["require-secure-aggregation"], model_dir=values["model-dir"],
+            device=values["device"], shipped_dir=values["shipped-dir"], data_path=values["data-path"],
+            test_data_path=values["test-data-path"], test_fraction=values["test-fraction"],
+            max_train=values["max-train-examples"], max_eval=values["max-eval-examples"],
+            fields=_names(values["fields"]), verbalizers=values["verbalizers"],
+            min_clip_norm=values["min-clip-norm"], max_lr=values["max-lr"],
+            max_lora_dropout=values["max-lora-dropout"], wire_dtypes=_names(values["wire-dtypes"]),
+            max_evaluations=values["max-evaluations-per-run"],
+            evaluation_noise=values["evaluation-noise-multiplier"],
+            evaluation_loss_bound=values["evaluation-loss-bound"])
         policy.check(where)
         return policy
 
@@ -121,7 +167,8 @@ class SitePolicy:
             name=name, deployment=False, ledger_dir=ledger_root / name, max_epsilon=config["dp.max-epsilon"],
             delta=config["dp.delta"], max_noise_multiplier=config["dp.max-noise-multiplier"], max_rounds=10**6,
             max_local_steps=10**6, dp_enabled=config["dp.enabled"], noise_seed=config["dp.noise-seed"],
-            evaluate=True, require_secure_aggregation=False, model_dir="", device="", shipped_dir=config["ship.dir"], data_path=config["data.path"],
+            evaluate="clear", require_secure_aggregation=False, model_dir="", device="", shipped_dir=config["ship.dir"],
+            data_path=config["data.path"],
             test_data_path="", test_fraction=config["data.test-fraction"],
             max_train=config["data.max-train-examples"], max_eval=config["data.max-eval-examples"])
         policy.check("run config")
@@ -148,6 +195,27 @@ class SitePolicy:
             if value < 0:
                 bad(key, f"must be 0 or more, got {value}")
         if self.deployment:
+            if self.evaluate not in EVALUATION_MODES:
+                bad("evaluate", f"{self.evaluate!r} is not one of {', '.join(EVALUATION_MODES)}")
+            if self.evaluate == "non-sensitive" and not self.test_data_path:
+                bad("evaluate", "non-sensitive needs test-data-path: the file the site declares non-sensitive")
+            unknown = [d for d in self.wire_dtypes if d not in WIRE_DTYPES]
+            if unknown or not self.wire_dtypes:
+                bad("wire-dtypes", f"must name some of {', '.join(WIRE_DTYPES)}, got {', '.join(self.wire_dtypes)!r}")
+            for key, value in (("min-clip-norm", self.min_clip_norm), ("max-lr", self.max_lr),
+                               ("evaluation-noise-multiplier", self.evaluation_noise),
+                               ("evaluation-loss-bound", self.evaluation_loss_bound)):
+                if not (math.isfinite(value) and value > 0):
+                    bad(key, f"must be a positive number, got {value!r}")
+            if not 0 <= self.max_lora_dropout < 1:
+                bad("max-lora-dropout", f"must be in [0, 1), got {self.max_lora_dropout!r}")
+            if self.max_evaluations < 0:
+                bad("max-evaluations-per-run", f"must be 0 or more, got {self.max_evaluations}")
+            if self.verbalizers:
+                try:
+                    parse_verbalizers(self.verbalizers)
+                except UserError as err:
+                    bad("verbalizers", str(err).split(": ", 1)[-1])
             for key, value in (("data-path", self.data_path), ("ledger-dir", str(self.ledger_dir)),
                                ("test-data-path", self.test_data_path), ("shipped-dir", self.shipped_dir)):
                 if value and not Path(value).is_absolute():
@@ -188,7 +256,16 @@ class SitePolicy:
         return found
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def _typed(where: str, key: str, value, kind: type):
+    if key == "evaluate" and isinstance(value, bool):  # the boolean of older node configs
+        if value:
+            raise UserError(f"{where}: 'evaluate' = true no longer exists (it sent clear metrics of held-out "
+                            f"records for any adapter); choose one of {', '.join(EVALUATION_MODES)}")
+        return "off"
     if kind is bool:
         if isinstance(value, bool):
             return value

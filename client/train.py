@@ -19,15 +19,13 @@ sensitivity C and the accounting are those of the one-piece step (Abadi et al. 2
 Algorithm 1: one noise draw per lot); only the memory is bounded by the physical batch.
 The loss computes logits only at loss positions, in checkpointed chunks (slm/loss.py).
 
-Randomness (sampling and noise) comes from one explicit CPU generator per client and
-round, whose whole Mersenne-Twister state is derived from the ``seed`` entropy
-(privacy.mechanism.entropy: torch's manual_seed would keep only 32 bits). On a GPU the
-noise is still drawn from that CPU generator and then moved to the parameter's device
-(_HostNoise): a CUDA generator is a Philox whose whole state is a 64-bit key and a
-counter, so it could not hold the 256 bits of entropy, and the CPU draw of 0.5 M normals
-per step costs milliseconds. The released noise for a given entropy is then the same on
-every device. secure_mode is off: Opacus' cryptographically secure RNG needs torchcsprng,
-which is not installable here; reports say so.
+Randomness (sampling and noise): every draw of a round comes from one
+privacy.mechanism.randomness.DpRandom, a ChaCha20 keystream keyed by 256 bits of OS
+entropy (a cryptographic generator: released noise reveals nothing of the noise still to
+come). No torch or NumPy generator is used anywhere in the DP path: the Poisson mask is
+DpRandom.bernoulli and the noise DpRandom.normal (float64 Box-Muller), drawn on the CPU
+and moved to the parameter's device (_CsprngNoise), so the released noise for a given key
+is the same on every device. Opacus' own ``secure_mode`` (torchcsprng) is not needed.
 """
 
 from __future__ import annotations
@@ -39,10 +37,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.optimizers.optimizer import _check_processed_flag, _generate_noise, _mark_as_processed
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-from privacy.mechanism.entropy import generator_from_entropy, seed_entropy
+from privacy.mechanism.randomness import DpRandom, seed_key
 from slm.errors import UserError
 from slm.frozen_prefix import with_prefix
 from slm.loss import per_example_loss
@@ -122,39 +120,38 @@ def fp32_grad_samples(optimizer) -> None:
             p.grad_sample = [s.float() for s in sample]
 
 
-class _HostNoise:
-    """Opacus' add_noise with the noise drawn on the generator's device (the CPU), then moved.
+class _CsprngNoise:
+    """Opacus' add_noise with the noise from the round's DpRandom (set as ``dp_random``).
 
-    Opacus 1.6.0 ``_generate_noise`` draws ``torch.normal(..., device=reference.device,
-    generator=generator)``, which fails for a CPU generator and a CUDA parameter. The draw
-    here is that same call on a CPU reference (the very values Opacus draws on the CPU, so
-    the CPU path is unchanged) and the result is copied to the parameter's device. Why not a
-    CUDA generator: see the module docstring (entropy).
+    Opacus 1.6.0 ``add_noise`` draws ``torch.normal`` from a torch generator (a Mersenne
+    Twister on the CPU, a Philox on a GPU), whose state a coordinator can reconstruct from
+    released noise (privacy.mechanism.randomness). Here each parameter's noise
+    N(0, (sigma C)^2) is drawn in float64 from the ChaCha20 keystream, rounded to the summed
+    gradient's dtype and moved to its device; the rest is Opacus' own step (the processed
+    flags, then ``scale_grad`` divides by the expected batch size).
     """
+
+    dp_random: DpRandom
 
     def add_noise(self):
         sigma = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)  # as Opacus' ghost optimizer
-        host = self.generator.device if self.generator is not None else torch.device("cpu")
         for p in self.params:
             _check_processed_flag(p.summed_grad)
-            reference = p.summed_grad if p.summed_grad.device == host else torch.empty(
-                p.summed_grad.shape, dtype=p.summed_grad.dtype, device=host)
-            noise = _generate_noise(std=sigma * self.max_grad_norm, reference=reference, generator=self.generator,
-                                    secure_mode=self.secure_mode)
-            p.grad = (p.summed_grad + noise.to(p.summed_grad.device)).view_as(p)
+            noise = torch.from_numpy(self.dp_random.normal(p.summed_grad.shape, sigma * self.max_grad_norm))
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.device, p.summed_grad.dtype)).view_as(p)
             _mark_as_processed(p.summed_grad)
 
 
-class _DPOptimizer(_HostNoise, DPOptimizer):
+class _DPOptimizer(_CsprngNoise, DPOptimizer):
     pass
 
 
-class _DPOptimizerGhost(_HostNoise, DPOptimizerFastGradientClipping):
+class _DPOptimizerGhost(_CsprngNoise, DPOptimizerFastGradientClipping):
     pass
 
 
 def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_norm: float, batch_size: int,
-                 generator: torch.Generator):
+                 dp_random: DpRandom):
     """(forward module, DP optimizer) for a grad-sample mode; ``forward._close()`` undoes it."""
     if mode not in GRAD_SAMPLE_MODES:
         raise UserError(f"config key 'train.grad-sample-mode': {mode!r} is not one of {', '.join(GRAD_SAMPLE_MODES)}")
@@ -162,12 +159,14 @@ def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_n
         forward = _GhostClippingFp32Norms(model, batch_first=True, loss_reduction="mean",
                                           max_grad_norm=clip_norm, use_ghost_clipping=True)
         optimizer = _DPOptimizerGhost(optimizer, noise_multiplier=noise_multiplier,
-                                                    max_grad_norm=clip_norm, expected_batch_size=batch_size,
-                                                    loss_reduction="mean", generator=generator)
+                                       max_grad_norm=clip_norm, expected_batch_size=batch_size,
+                                       loss_reduction="mean")
+        optimizer.dp_random = dp_random
         return forward, optimizer
     forward = GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
     optimizer = _DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
-                            expected_batch_size=batch_size, generator=generator)
+                             expected_batch_size=batch_size)
+    optimizer.dp_random = dp_random
     return forward, optimizer
 
 
@@ -266,8 +265,8 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
                   physical_batch_size: int = 0, on_step=None) -> TrainResult:
     """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None.
 
-    ``seed``: entropy bytes (>= 16; a site passes fresh OS entropy), or an int for a
-    reproducible run (tests, benchmarks), expanded by privacy.mechanism.entropy.
+    ``seed``: a 32-byte DpRandom key (a site passes fresh OS entropy), or an int for a
+    reproducible run (tests, benchmarks), hashed into a key (privacy.mechanism.randomness).
     ``make_optimizer(params)`` replaces the default Adam(lr) (tests use plain SGD to
     compare an update with hand-computed clipped gradients).
     ``physical_batch_size``: most examples per forward/backward pass (0 = the whole Poisson
@@ -285,14 +284,14 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
                         "under DP: ghost clipping recomputes the clipped sum in a second bf16 backward pass, so a "
                         "clipped example's gradient can exceed the clip norm (measured: by up to 0.15%); use hooks "
                         "or functorch with bf16")
-    generator = generator_from_entropy(seed if isinstance(seed, bytes) else seed_entropy(seed))
+    dp_random = DpRandom(seed if isinstance(seed, bytes) else seed_key(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params) if make_optimizer else torch.optim.Adam(params, lr=lr)
     private = noise_multiplier is not None
     forward = model
     if private:
         forward, optimizer = make_private(model, optimizer, mode=grad_sample_mode, noise_multiplier=noise_multiplier,
-                                          clip_norm=clip_norm, batch_size=batch_size, generator=generator)
+                                          clip_norm=clip_norm, batch_size=batch_size, dp_random=dp_random)
     mode = grad_sample_mode if private else None
     noised = private and noise_multiplier > 0 and all(group["lr"] > 0 for group in optimizer.param_groups)
     first = lora_snapshot(model)
@@ -300,7 +299,7 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     losses, seen = [], 0
     try:
         for step in range(steps):
-            chosen = (torch.rand(len(examples), generator=generator) < q).nonzero().flatten().tolist()
+            chosen = dp_random.bernoulli(len(examples), q).nonzero()[0].tolist()  # Poisson: each record with prob q
             if not chosen:
                 optimizer.zero_grad(set_to_none=True)
                 if private:

@@ -42,7 +42,7 @@ from server.intake import Names, check_secure_training, check_training
 from server.rundir import RunDir
 from server.secure_aggregation import check_config, max_weight, secure_mean
 from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_messages, shipping_warning
-from server.user_dp import UserDpSpec, cohort_rng, noise_generator, poisson_cohort, private_round
+from server.user_dp import UserDpSpec, poisson_cohort, private_round, server_random
 from server.validate import Rejected, validate_update
 from slm.errors import UserError
 from slm.lora import LoraSpec, a_factor_digest, save_adapter, sent_tensors, through_wire, to_arrays
@@ -111,8 +111,7 @@ class Federation:
         self.committed_view = copy.deepcopy(state.privacy_view)  # the view as of the last completed round
         self.names = Names()
         self.user_dp: UserDpSpec | None = None
-        self.cohorts = cohort_rng()  # user-level cohorts: OS entropy, never saved
-        self.noise = None  # user-level noise: created in run(), once per process, never saved
+        self.dp_random = None  # user-level cohorts and noise: keyed in run(), once per process, never saved
         self.last_trained, self.last_eval = 0, {}
         self.base_cfg = {"num-rounds": self.spec.rounds, "run-id": rundir.path.name, "run-dir": str(rundir.path),
                          "aggregation": self.spec.aggregation,
@@ -157,7 +156,7 @@ class Federation:
     def sample(self, available: list[int]) -> list[int]:
         ordered = sorted(available, key=lambda n: (self.names(n), n))
         if self.user_dp is not None:  # Poisson over clients from OS entropy: what the user-level accountant assumes
-            return poisson_cohort(ordered, self.user_dp.sample_rate, self.cohorts)
+            return poisson_cohort(ordered, self.user_dp.sample_rate, self.dp_random)
         # Seeded and replayed on resume: no amplification is claimed from this selection.
         k = max(self.spec.min_clients, math.ceil(self.spec.fraction_train * len(ordered)))
         return sorted(self.state.sampling.sample(ordered, min(k, len(ordered))))
@@ -191,7 +190,7 @@ class Federation:
         if private:  # the cohort's size only; even its mean train loss would be an un-noised statistic of it
             del row["participants"]
             row["cohort"] = len(states)
-            new, row["user_dp"] = private_round(server_round, states, sent, self.user_dp, eligible, self.noise,
+            new, row["user_dp"] = private_round(server_round, states, sent, self.user_dp, eligible, self.dp_random,
                                                 self.state.user_dp_events)
             self.view.user_level.append(row["user_dp"])
             return new, row
@@ -261,7 +260,7 @@ class Federation:
                     "rounds_trained": self._rounds_trained()}
         self.user_dp = UserDpSpec.from_config(self.config, len(nodes))
         if self.user_dp is not None:
-            self.noise = noise_generator(self.config["server.noise-seed"], len(self.state.user_dp_events))
+            self.dp_random = server_random(self.config["server.noise-seed"], len(self.state.user_dp_events))
         say(f"run directory {self.rundir.path}  ({len(nodes)} clients, {self.spec.rounds} rounds, "
             f"aggregation {self.spec.aggregation}{', user-level DP' if self.user_dp else ''})")
         nodes = evaluation_sample(nodes, self.config["server.fraction-evaluate"], self.config["server.seed"])
@@ -292,7 +291,7 @@ class Federation:
             if "user_dp" in row:  # counted and on disk before anything of the round leaves
                 self._checkpoint_pending()
                 record = row["user_dp"]
-                say(f"round {server_round}: user-level DP over {record['cohort']} clients (expected "
+                say(f"round {server_round}: user-level DP over {row['cohort']} clients (expected "
                     f"{record['sample_rate'] * record['eligible']:.1f}), user-level eps {record['epsilon']:.3f} "
                     f"at delta {record['delta']:.2g}")
             if new is not None:

@@ -12,32 +12,35 @@ This protects a whole client's data in what the server RELEASES (the global adap
 the server itself still sees each client's clipped update. Meaningful for many-client
 federations (phones): for a few hospitals sampled every round (q = 1) epsilon is large.
 
-Randomness, and why it is never saved:
+Randomness, and why it is never saved: the cohort and the noise both come from one
+``privacy.mechanism.randomness.DpRandom`` per server process, a ChaCha20 keystream keyed by
+256 bits of OS entropy (a cryptographic generator: neither a cohort nor released noise
+tells anything about the draws to come).
 
-- The cohort is drawn from the OS CSPRNG (``secrets.SystemRandom``), never from
-  ``server.seed``: the amplification by sampling assumes nobody can tell whether a given
-  client was in the round; a seed written to config.json would let anyone recompute
-  every cohort.
-- The noise comes from a generator created once per process from 256 bits of OS
-  entropy (``privacy.mechanism.entropy``; torch's ``manual_seed`` would keep 32 bits).
-  It is never written to the checkpoint nor restored from one: a resumed run that
+- Cohorts are never derived from ``server.seed``: the amplification by sampling assumes
+  nobody can tell whether a given client was in the round; a seed written to config.json
+  would let anyone recompute every cohort.
+- The key is never written to the checkpoint nor restored from one: a resumed run that
   replayed the noise of a redone round would release two adapters whose difference is
-  the noise-free update. ``server.noise-seed`` >= 0 derives it from the seed instead
+  the noise-free update. ``server.noise-seed`` >= 0 derives the key from the seed instead
   (debugging only: NOT private against whoever knows the seed), mixed with the number of
   rounds already counted, so even then a resumed run does not replay earlier noise.
+
+What the round record holds: the mechanism's parameters (S, z, q, eligible clients, delta),
+the user-level epsilon and the cohort's size (the coordinator's secret material, as the
+report says). Nothing computed from the cohort's updates: not even the share of clipped
+updates, an un-noised statistic of the sampled clients' data that reports used to publish.
 """
 
 from __future__ import annotations
 
 import math
-import random
-import secrets
 from dataclasses import dataclass
 
 import torch
 
 from privacy.mechanism.accountant import SgmEvent, epsilon
-from privacy.mechanism.entropy import fresh_entropy, generator_from_entropy, seed_entropy
+from privacy.mechanism.randomness import DpRandom, round_key
 
 
 @dataclass(frozen=True)
@@ -72,55 +75,46 @@ def clip_update(update: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict
 
 
 def noisy_mean(clipped: list[dict[str, torch.Tensor]], reference: dict[str, torch.Tensor], spec: UserDpSpec,
-               eligible: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+               eligible: int, rng: DpRandom) -> dict[str, torch.Tensor]:
     """sum(clipped) / (q N) + N(0, (z S / (q N))^2), per coordinate."""
     expected = spec.sample_rate * eligible
     std = spec.noise_multiplier * spec.clip_norm / expected
     out = {}
     for name, ref in reference.items():
         total = sum((c[name] for c in clipped), torch.zeros(ref.shape, dtype=torch.float64))
-        noise = torch.normal(0.0, std, size=tuple(ref.shape), generator=generator, dtype=torch.float64)
+        noise = torch.from_numpy(rng.normal(ref.shape, std))  # float64
         out[name] = total / expected + noise
     return out
 
 
-def cohort_rng() -> random.Random:
-    """The source of user-level Poisson cohorts: the OS CSPRNG, no state to save or to guess."""
-    return secrets.SystemRandom()
-
-
-def poisson_cohort(nodes: list, sample_rate: float, rng: random.Random) -> list:
+def poisson_cohort(nodes: list, sample_rate: float, rng: DpRandom) -> list:
     """Each node independently with probability q: the sampling the accountant composes."""
-    return [n for n in nodes if rng.random() < sample_rate]
+    return [n for n, chosen in zip(nodes, rng.bernoulli(len(nodes), sample_rate)) if chosen]
 
 
-def noise_generator(noise_seed: int, counted: int) -> torch.Generator:
-    """This process's noise generator: fresh OS entropy, or (debugging) the seed and ``counted``.
+def server_random(noise_seed: int, counted: int) -> DpRandom:
+    """This process's cohorts and noise: fresh OS entropy, or (debugging) the seed and ``counted``.
 
     ``counted`` is the number of user-level rounds already accounted when the process
     starts; mixing it into a debugging seed keeps a resumed run from replaying the noise
     of the process before it.
     """
-    if noise_seed < 0:
-        return generator_from_entropy(fresh_entropy())
-    return generator_from_entropy(seed_entropy(noise_seed, "server-user-dp", counted))
+    return DpRandom(round_key(noise_seed, "server-user-dp", counted))
 
 
 def private_round(server_round: int, states: list[dict[str, torch.Tensor]], sent: dict[str, torch.Tensor],
-                  spec: UserDpSpec, eligible: int, generator: torch.Generator,
+                  spec: UserDpSpec, eligible: int, rng: DpRandom,
                   events: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
     """One DP-FedAvg step: the noised new tensors and the round's user-level record.
 
     The round's event is appended to ``events`` here, together with the draw: from this
     point the release is counted, whatever happens to it afterwards.
     """
-    updates = [clip_update({k: s[k] - sent[k] for k in sent}, spec.clip_norm) for s in states]
-    norms = [norm for _, norm in updates]
-    delta = noisy_mean([clipped for clipped, _ in updates], sent, spec, eligible, generator)
+    clipped = [clip_update({k: s[k] - sent[k] for k in sent}, spec.clip_norm)[0] for s in states]
+    delta = noisy_mean(clipped, sent, spec, eligible, rng)
     events.append(spec.event().to_dict())
     eps = epsilon([SgmEvent(**e) for e in events], delta=spec.delta)
     record = {"round": server_round, "clip_norm": spec.clip_norm, "noise_multiplier": spec.noise_multiplier,
               "sample_rate": spec.sample_rate, "eligible": eligible, "cohort": len(states),
-              "clipped_fraction": sum(n > spec.clip_norm for n in norms) / max(len(norms), 1),
               "delta": spec.delta, "epsilon": eps, "accountant": "prv", "sampling": "poisson"}
     return {k: (sent[k].double() + delta[k]).to(sent[k].dtype) for k in sent}, record

@@ -74,6 +74,8 @@ class Entry:
     time: str = ""
     reason: str = ""
     data_fingerprint: str = ""  # the data version trained on (ledger format 2)
+    mechanism: str = "dp-sgd"  # dp-sgd: a training round; dp-evaluation: noised held-out metrics (sample rate 1)
+    adapter_sha256: str = ""  # the adapter the coordinator sent for this release (audit trail)
 
     def event(self) -> SgmEvent:
         return SgmEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps)

@@ -91,6 +91,8 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
         "user_level": _user_doc(user),
         "per_client_statistics": _per_client_doc(user),
         "protection": protection_notes(seeds={r.get("noise_seed") for a in accounts.values() for r in a.rounds},
+                                       generators={r.get("noise_generator") for a in accounts.values()
+                                                   for r in a.rounds},
                                        aggregation=run["aggregation"], user=user,
                                        server_noise_seed=files.config["server.noise-seed"],
                                        dp_enabled=run["dp_enabled"],
@@ -161,7 +163,7 @@ def _per_client_doc(user: UserLevelAccount | None) -> dict | None:
             "user_level_dp_covers": "the released models only (global adapters and the files shipped from them)",
             "tables": ["clients (record counts, privacy records and participation per client and round)",
                        "utility.rounds[].eval_clients (each client's evaluation)",
-                       "user_level.rounds (eligible, cohort, clipped_fraction)", "plots (per-client curves)"],
+                       "user_level.rounds (eligible, cohort)", "plots (per-client curves)"],
             "text": PER_CLIENT_SECRET}
 
 

@@ -223,8 +223,8 @@ def _round_table(clients: dict) -> str:
 
 
 def _user_section(user: dict, secret: dict | None) -> str:
-    rows = [[r["round"], r.get("eligible", "—"), r.get("cohort", "—"), f"{r.get('clipped_fraction', 0):.0%}",
-             eps(r["epsilon"]), eps(r.get("epsilon_reported"))] for r in user["rounds"]]
+    rows = [[r["round"], r.get("eligible", "—"), r.get("cohort", "—"), eps(r["epsilon"]), eps(r.get("epsilon_reported"))]
+            for r in user["rounds"]]
     return section(
         "User-level DP (whole clients, on the server)",
         paragraphs([f"{user['mechanism']}: each client's update is clipped to L2 norm S = {user['clip_norm']:g}, "
@@ -234,8 +234,7 @@ def _user_section(user: dict, secret: dict | None) -> str:
                     f"{fmt_delta(user['delta'])}) after {len(user['rounds'])} round(s), PRV accountant, under "
                     "adding or removing one whole client."]),
         banner(secret["text"], "warn") if secret else "",
-        table(["round", "eligible clients", "cohort", "updates clipped", "user-level eps", "reported"], rows,
-              numeric={0, 1, 2, 3, 4, 5}))
+        table(["round", "eligible clients", "cohort", "user-level eps", "reported"], rows, numeric={0, 1, 2, 3, 4}))
 
 
 def _audit_section(audit: dict | None) -> str:

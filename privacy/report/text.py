@@ -29,7 +29,7 @@ EPSILON_HELP = ("How to read (ε, δ): smaller ε is stronger protection. Whatev
 PER_CLIENT_SECRET = (
     "Not covered by the user-level guarantee: the per-client statistics in this report — which clients took part "
     "in which round (participation), each client's evaluation results on its held-out records, each client's "
-    "privacy records (record count, σ, sample rate, steps, ε), and the cohort sizes and clipped shares per round. "
+    "privacy records (record count, σ, sample rate, steps, ε), and the cohort sizes per round. "
     "They come from the clients without the server's noise: they are the coordinator's secret material. The "
     "user-level guarantee covers only the released models (the global adapters and the files shipped from them); "
     "keep this report with the coordinator.")
@@ -164,12 +164,14 @@ def _client_sentence(a: ClientAccount) -> str:
 
 
 def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLevelAccount | None,
+                     generators: set | None = None,
                      server_noise_seed: int | None = None, dp_enabled: bool = True,
                      train_metrics_in_clear: bool = False) -> list[dict]:
     """What is and is not protected, as {"topic", "text"} items.
 
-    ``seeds``: the noise_seed fields of the privacy records (None: a client ledger, which
-    does not record them); ``aggregation``: None when unknown (a client's own view);
+    ``seeds`` / ``generators``: the noise_seed / noise_generator fields of the privacy
+    records (None: a client ledger, which does not record them; a record without
+    noise_generator was written before fedslm drew its noise from ChaCha20); ``aggregation``: None when unknown (a client's own view);
     ``train_metrics_in_clear``: the run's files hold train losses or training times the
     clients sent (older versions did; under DP they no longer send them).
     """
@@ -202,12 +204,7 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
         {"topic": "No amplification from client selection",
          "text": "When the server picks only some clients for a round, no privacy gain is claimed for it: a client "
                  "knows when it was picked, so its epsilon counts every round it actually trained in."},
-        {"topic": "Randomness: not a cryptographic generator, Opacus secure_mode OFF",
-         "text": "The noise and the Poisson sampling come from torch's Mersenne Twister, "
-                 + _seed_text(seeds) + " The Mersenne Twister is not a cryptographically secure generator "
-                 "(a CSPRNG). Opacus' secure_mode, which would use one, needs torchcsprng, whose last release "
-                 "(2021) cannot be installed with this torch. Floating-point attacks on the noise sampler "
-                 "(Mironov, CCS 2012; Jin et al., IEEE S&P 2022) are not mitigated."},
+        _randomness_note(seeds, generators),
         {"topic": "What the server sees, covered by DP",
          "text": f"Each client's adapter update ({update}), in clear: there is no secure aggregation. The update is "
                  "the output of DP-SGD, so it is covered by the client's sample-level guarantee."},
@@ -251,19 +248,37 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
     return notes
 
 
-ENTROPY = ("whose whole 624-word state is derived afresh for every round from 256 bits of OS entropy "
-           "(privacy/mechanism/entropy.py), so the seed cannot be guessed")
+CSPRNG = "chacha20"  # the noise_generator field of a privacy record (client.app)
+CHACHA = "keyed afresh for every round with 256 bits of OS entropy, so the key cannot be guessed"
+MT_ENTROPY = "whose whole 624-word state was derived for every round from 256 bits of OS entropy"
 
 
-def _seed_text(seeds: set | None) -> str:
+def _randomness_note(seeds: set | None, generators: set | None) -> dict:
+    if generators is None or generators == {CSPRNG}:
+        return {"topic": "Randomness: a cryptographic generator (ChaCha20)",
+                "text": "Every noise draw and every Poisson sampling decision comes from a ChaCha20 keystream (RFC "
+                        "8439, privacy/mechanism/randomness.py) " + _seed_text(seeds, CHACHA) + " Seeing released "
+                        "noise tells nothing about the noise of other coordinates or steps. The Gaussian noise is "
+                        "drawn by the Box-Muller transform in float64. Not mitigated: floating-point attacks on "
+                        "continuous Gaussian samplers (Mironov, CCS 2012; Jin et al., IEEE S&P 2022)."}
+    return {"topic": "Randomness: not a cryptographic generator in some rounds",
+            "text": "In rounds whose privacy records carry no noise_generator field (fedslm before it drew from "
+                    "ChaCha20), the noise and the Poisson sampling came from torch's Mersenne Twister, "
+                    + _seed_text(seeds, MT_ENTROPY) + " The Mersenne Twister is linear: from enough released "
+                    "values that are pure noise its state, and so the noise of the whole round, can be "
+                    "reconstructed. Those rounds' guarantee holds only against a coordinator that did not "
+                    "make such releases."}
+
+
+def _seed_text(seeds: set | None, source: str) -> str:
     if seeds is None:
-        return (f"{ENTROPY}, by default; from a fixed seed when dp.noise-seed >= 0. The ledger does not record "
+        return (f"{source}, by default; from a fixed seed when dp.noise-seed >= 0. The ledger does not record "
                 "which (the server's privacy/ledger.json does, as noise_seed).")
     if any(str(seed).startswith("fixed") for seed in seeds):
         return ("seeded from a FIXED seed (dp.noise-seed >= 0) in at least one round: anyone who knows the seed can "
                 "regenerate and subtract the noise, so there is no guarantee against them.")
     if seeds == {"os-entropy"}:
-        return f"{ENTROPY}."
-    return (f"{ENTROPY}, by default; from a fixed seed when dp.noise-seed >= 0. These privacy records carry no "
+        return f"{source}."
+    return (f"{source}, by default; from a fixed seed when dp.noise-seed >= 0. These privacy records carry no "
             "noise_seed field (written before fedslm recorded it), so which one was used cannot be confirmed from "
             "the files.")

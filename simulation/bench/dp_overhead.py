@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from client.train import GRAD_SAMPLE_MODES, make_private, take_step
+from privacy.mechanism.randomness import DpRandom, seed_key
 from simulation.bench.measure import table
 from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
 
@@ -54,7 +55,7 @@ class Stepper:
         if config.mode:
             self.forward, self.optimizer = make_private(
                 model, optimizer, mode=config.mode, noise_multiplier=1.0, clip_norm=1.0, batch_size=batch_size,
-                generator=torch.Generator().manual_seed(0))
+                dp_random=DpRandom(seed_key(0)))
 
     def step(self, batch) -> float:
         started = time.perf_counter()

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a plain s
 import torch  # noqa: E402
 
 from client.train import check_first_update, lora_snapshot, make_private, take_step  # noqa: E402
+from privacy.mechanism.randomness import DpRandom, seed_key  # noqa: E402
 from simulation.bench.virtual_steps import sft_like_batch  # noqa: E402
 from slm.base import resolve_device  # noqa: E402
 from slm.lora import LoraSpec, attach  # noqa: E402
@@ -40,7 +41,7 @@ from slm.quiet import quiet_libraries  # noqa: E402
 def measure(model, vocab: int, *, expected: int, physical: int, length: int, steps: int, autocast: str) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     forward, optimizer = make_private(model, torch.optim.Adam(params, lr=1e-4), mode="hooks", noise_multiplier=1.0,
-                                      clip_norm=1.0, batch_size=expected, generator=torch.Generator().manual_seed(0))
+                                      clip_norm=1.0, batch_size=expected, dp_random=DpRandom(seed_key(0)))
     batch = sft_like_batch(vocab, expected, length)
     cuda = params[0].device.type == "cuda"  # a CPU run (--device cpu) only smoke-tests this script
     sync = torch.cuda.synchronize if cuda else (lambda: None)

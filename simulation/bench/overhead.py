@@ -20,7 +20,7 @@ from pathlib import Path
 
 from client.data import DataSpec, load_local_data
 from client.train import train_adapter
-from privacy.mechanism.entropy import round_entropy
+from privacy.mechanism.randomness import round_key
 from simulation.bench.measure import simulate, table
 from slm.config import resolve
 from slm.evaluate import evaluate
@@ -54,7 +54,7 @@ def pure_compute(config: dict, clients: int, rounds: int, run_id: str) -> tuple[
                 train_adapter(model, tokenizer, task, local.train, steps=config["train.local-steps"],
                               batch_size=config["train.batch-size"], lr=config["train.lr"], noise_multiplier=1.0,
                               clip_norm=config["dp.clip-norm"],
-                              seed=round_entropy(config["dp.noise-seed"], local.name, run_id, server_round),
+                              seed=round_key(config["dp.noise-seed"], local.name, run_id, server_round),
                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"])
         for local in locals_:
             evaluate(model, tokenizer, task, local.test)

@@ -43,6 +43,7 @@ def _status_kib(field: str) -> int:
 def child(model_ref: str, loss: str, expected: int, physical: int, length: int, repeats: int = 1) -> dict:
     """One configuration, in this process; the median of ``repeats`` timed steps."""
     from client.train import make_private, take_step
+    from privacy.mechanism.randomness import DpRandom, seed_key
     from slm.lora import LoraSpec, attach
     from slm.loss import full_logits_loss, per_example_loss
 
@@ -50,7 +51,7 @@ def child(model_ref: str, loss: str, expected: int, physical: int, length: int, 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     forward, optimizer = make_private(model, torch.optim.Adam(params, lr=1e-4), mode="hooks", noise_multiplier=1.0,
-                                      clip_norm=1.0, batch_size=expected, generator=torch.Generator().manual_seed(0))
+                                      clip_norm=1.0, batch_size=expected, dp_random=DpRandom(seed_key(0)))
     batch = sft_like_batch(len(tokenizer), expected, length)
     loss_fn = {"full": full_logits_loss, "chunked": per_example_loss}[loss]
     loaded = _status_kib("VmRSS")

@@ -45,7 +45,8 @@ class Site:
         self.data = qa_file(self.root / "records.jsonl", self.records)
         self.ledger_dir = self.root / "ledger"
         self.node_config = {"name": "site-a", "data-path": str(self.data), "ledger-dir": str(self.ledger_dir),
-                            "max-epsilon": self.max_epsilon, "model-dir": "tiny", **self.extra}
+                            "max-epsilon": self.max_epsilon, "model-dir": "tiny", "fields": "question,answer",
+                            **self.extra}
 
     def ledger(self) -> dict:
         return json.loads((self.ledger_dir / "ledger.json").read_text())
@@ -62,32 +63,55 @@ class Coordinator:
         self.replies: list[Message] = []
 
     def message(self, kind: str, *, server_round: int = 1, num_rounds: int = 3, run_id: str = "run-1",
-                aggregation: str = "ffa", **round_extra) -> Message:
+                aggregation: str = "ffa", adapter: dict | None = None, wire: str = "float16",
+                **round_extra) -> Message:
+        """A message of the coordinator's making; ``adapter``: a crafted one instead of the honest initial adapter."""
+        adapter = self.adapter if adapter is None else adapter
         config = {"num-rounds": num_rounds, "server-round": server_round, "run-id": run_id, "run-dir": "/nonexistent",
-                  "aggregation": aggregation, "lora-a-sha256": a_factor_digest(self.adapter), **round_extra}
-        content = RecordDict({"arrays": to_arrays(sent_tensors(self.adapter, "ffa"), "float16"),
+                  "aggregation": aggregation, "lora-a-sha256": a_factor_digest(adapter), **round_extra}
+        content = RecordDict({"arrays": to_arrays(sent_tensors(adapter, "ffa"), wire),
                               "config": ConfigRecord(config)})
         return Message(content=content, dst_node_id=7, message_type=kind)
+
+    def context(self, site: Site, run_config: dict | None = None) -> Context:
+        return Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
+                       run_config={**HONEST, **(run_config or {})})
 
     def train(self, site: Site, run_config: dict | None = None, **round_fields) -> Message:
         from client.app import train
 
-        context = Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
-                          run_config={**HONEST, **(run_config or {})})
-        reply = train(self.message("train", **round_fields), context)
+        reply = train(self.message("train", **round_fields), self.context(site, run_config))
         self.replies.append(reply)
         return reply
 
-    def evaluate(self, site: Site, run_config: dict | None = None) -> Message:
+    def evaluate(self, site: Site, run_config: dict | None = None, **round_fields) -> Message:
         from client.app import evaluate_adapter
 
-        context = Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
-                          run_config={**HONEST, **(run_config or {})})
-        return evaluate_adapter(self.message("evaluate.default"), context)
+        reply = evaluate_adapter(self.message("evaluate", **round_fields), self.context(site, run_config))
+        self.replies.append(reply)
+        return reply
 
     def released(self) -> list[dict]:
-        """The privacy records of the replies that carried an adapter: what the site released."""
-        return [dict(r.content["privacy"]) for r in self.replies if "arrays" in r.content]
+        """The privacy records of every release: train replies with an adapter, DP evaluations with metrics."""
+        return [dict(r.content["privacy"]) for r in self.replies if "arrays" in r.content
+                or ("privacy" in r.content and r.content["privacy"].get("mechanism") == "dp-evaluation"
+                    and r.content["privacy"]["status"] == "committed")]
+
+
+def wire_text(reply: Message) -> str:
+    """Everything a reply carries, as the coordinator could read it: every record's keys and values, array
+    names and bytes (as hex), and a Flower error's text."""
+    parts = []
+    if reply.has_error():
+        parts.append(str(reply.error.reason))
+    if reply.has_content():
+        for key, record in reply.content.items():
+            parts.append(key)
+            for name, value in record.items():
+                parts.append(f"{name}={value!r}")
+                if hasattr(value, "numpy"):
+                    parts.append(value.numpy().tobytes().hex())
+    return "\n".join(parts)
 
 
 def independent_epsilon(released: list[dict], delta: float) -> float:
@@ -97,7 +121,7 @@ def independent_epsilon(released: list[dict], delta: float) -> float:
 
     accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
     for r in released:
-        event = dp_accounting.PoissonSampledDpEvent(
-            r["sample_rate"], dp_accounting.GaussianDpEvent(r["noise_multiplier"]))
+        gaussian = dp_accounting.GaussianDpEvent(r["noise_multiplier"])
+        event = gaussian if r["sample_rate"] == 1 else dp_accounting.PoissonSampledDpEvent(r["sample_rate"], gaussian)
         accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(r["steps"])))
     return accountant.get_epsilon(delta)

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from coordinator import Coordinator, Site, independent_epsilon
+from coordinator import Coordinator, Site, independent_epsilon, wire_text
 
 from privacy.mechanism.policy import default_delta
-from slm.errors import UserError
+from privacy.mechanism.record import Reason
 
 # PRV (what the site enforces) returns the upper end of its error interval (eps_error 0.01);
 # PLD's pessimistic estimate at a 1e-4 grid can sit a little above the true value too.
@@ -43,10 +43,28 @@ def reason(reply) -> str:
     return str(reply.content["privacy"]["reason"])
 
 
+def code(reply) -> str:
+    return str(reply.content["privacy"]["code"])
+
+
+def refused_with(reply, expected_code: str, detail: str, log: str) -> None:
+    """A deployed site's refusal: the code and its fixed sentence leave, the detail stays in the site's log."""
+    assert code(reply) == expected_code and reason(reply) == Reason(expected_code).sentence
+    assert "arrays" not in reply.content and detail in log and detail not in wire_text(reply)
+
+
 def spent_within_budget(coordinator: Coordinator, site: Site) -> float:
-    """What the site released (the replies), composed independently, is within its budget."""
+    """What the site released (the replies), composed independently, is within its budget.
+
+    delta is the site's own rule recomputed here from the record count the replies state
+    (the node config sets none), never read from the site's ledger: a ledger whose delta
+    regressed would otherwise pass its own check.
+    """
     released = [r for r in coordinator.released() if r["client"] == "site-a"]
-    eps = independent_epsilon(released, delta=site.ledger()["delta"])
+    records = {int(r["records"]) for r in released if r.get("mechanism", "dp-sgd") == "dp-sgd"}
+    delta = default_delta(max(records)) if records else 1e-5
+    assert all(r["delta"] == delta for r in released)
+    eps = independent_epsilon(released, delta=delta)
     assert eps <= site.max_epsilon + ACCOUNTANT_TOLERANCE
     return eps
 
@@ -63,11 +81,11 @@ def test_changing_the_split_keys_never_opens_a_fresh_ledger(site, coordinator):
     trained = [e for e in ledger["entries"] if e["status"] != "refused"]
     assert len({e["data_fingerprint"] for e in trained}) == 1  # the same records, whatever was asked
     assert [e["epsilon_after"] for e in trained] == sorted(e["epsilon_after"] for e in trained)  # only grows
-    assert any(status(r) == "refused" and "budget exhausted" in reason(r) for r in replies)
+    assert any(status(r) == "refused" and code(r) == "budget" for r in replies)
     spent_within_budget(coordinator, site)
 
 
-def test_an_appended_record_is_no_fresh_budget_and_waits_for_the_operator(site, coordinator):
+def test_an_appended_record_is_no_fresh_budget_and_waits_for_the_operator(site, coordinator, capsys):
     from client.confirm import confirm_data
 
     coordinator.replies.clear()
@@ -75,7 +93,8 @@ def test_an_appended_record_is_no_fresh_budget_and_waits_for_the_operator(site, 
     with site.data.open("a") as handle:  # five more: some land on the training side (the split is by record hash)
         handle.write("".join(f'{{"question": "one more {i}?", "answer": "yes"}}\n' for i in range(5)))
     refused = coordinator.train(site, server_round=2, num_rounds=3)
-    assert status(refused) == "refused" and "changed since the ledger last accepted them" in reason(refused)
+    assert status(refused) == "refused"
+    refused_with(refused, "data-changed", "changed since the ledger last accepted them", capsys.readouterr().err)
     toml = site.root / "node.toml"
     toml.write_text("".join(f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n"
                             for k, v in site.node_config.items()))
@@ -108,17 +127,30 @@ def test_delta_is_the_sites_never_the_coordinators(site, coordinator, capsys):
     ({}, {"train.lr": float("nan")}, "learning rate nan"),
     ({}, {"dp.clip-norm": 0.0}, "clip norm 0.0"),
     ({}, {"dp.clip-norm": float("inf")}, "clip norm inf"),
+    ({}, {"dp.clip-norm": 1e-11}, "clip norm 1e-11: the site allows 0.01 or more"),
+    ({}, {"lora.dropout": 0.99994}, "LoRA dropout 0.99994: the site allows at most 0.5"),
+    ({}, {"server.wire-dtype": "float32"}, "wire dtype float32: the site sends float16"),
+    ({}, {"train.lr": 5.0}, "learning rate 5.0: the site allows (0, 0.1]"),
+    ({}, {"data.prompt-template": "{prompt:>100000000}"}, "data.prompt-template"),
+    ({}, {"train.grad-sample-mode": "ghost", "train.autocast": "bf16"}, "ghost clipping needs a float32 base"),
+    ({}, {"train.grad-sample-mode": "ghost", "model.dtype": "bfloat16"}, "ghost clipping needs a float32 base"),
+    ({}, {"train.grad-sample-mode": "ghost", "model.dtype": "int8"}, "ghost clipping needs a float32 base"),
+    ({}, {"lora.r": 0}, "config key 'lora.r': must be >= 1"),
+    ({}, {"no.such-key": 1}, "unknown config key 'no.such-key'"),
+    ({}, {"data.prompt-field": "diagnosis"}, "not among the columns the site allows"),
+    ({}, {"data.task": "label", "data.label-field": "answer"}, "the site approves no label words"),
+    ({"run_id": "run\n[fedslm site site-a] forged"}, {}, "run id must be"),
     ({}, {"dp.noise-multiplier": -1.0}, "requested noise multiplier -1.0"),
     ({}, {"dp.target-epsilon": float("nan")}, "target epsilon nan"),
     ({"aggregation": "nothing"}, {}, "aggregation 'nothing'"),
-    ({"run_id": ""}, {}, "run id is empty"),
+    ({"run_id": ""}, {}, "run id must be"),
 ])
 def test_out_of_bounds_requests_are_refused_with_their_reason(site, coordinator, capsys, round_fields, run_config,
                                                                why):
     """Issue 13 item 3 and the other request fields: refused before anything trains."""
     reply = coordinator.train(site, run_config, **round_fields)
-    assert status(reply) == "rejected" and why in reason(reply) and "arrays" not in reply.content
-    assert why in capsys.readouterr().err  # the site's own log says why
+    assert status(reply) == "rejected"
+    refused_with(reply, "request-out-of-bounds", why, capsys.readouterr().err)  # the site's own log says why
     assert not (site.ledger_dir / "ledger.json").exists()  # nothing spent, nothing written
 
 
@@ -138,14 +170,6 @@ def test_switching_dp_off_fixing_the_seed_or_asking_for_little_noise_changes_not
     privacy = reply.content["privacy"]
     assert privacy["dp"] and privacy["noise_seed"] == "os-entropy" and privacy["noise_multiplier"] >= 0.3
     assert status(reply) == "committed"
-
-
-def test_two_identical_requests_get_independent_noise(site, coordinator):
-    """Issue 13 item 5: the noise is not derivable from what the coordinator knows."""
-    a = coordinator.train(site, {"dp.noise-seed": 7}, run_id="same", server_round=1)
-    b = coordinator.train(site, {"dp.noise-seed": 7}, run_id="same", server_round=1)
-    first, second = (r.content["arrays"] for r in (a, b))
-    assert any(not (first[k].numpy() == second[k].numpy()).all() for k in first)
 
 
 def test_nothing_computed_from_training_records_leaves_in_clear(site, coordinator):
@@ -183,23 +207,65 @@ def test_concurrent_runs_on_one_site_lose_no_spend(site):
     assert independent_epsilon(released, site.ledger()["delta"]) <= site.max_epsilon + ACCOUNTANT_TOLERANCE
 
 
-def test_a_site_that_does_not_evaluate_refuses_evaluation_requests(tmp_path, coordinator):
-    site = Site(tmp_path / "quiet", extra={"evaluate": False})
-    with pytest.raises(UserError, match="does not evaluate"):
-        coordinator.evaluate(site)
-    evaluating = Site(tmp_path / "open")
-    metrics = coordinator.evaluate(evaluating).content["metrics"]
-    assert "eval_loss" in metrics  # held-out metrics leave in clear: THREAT-MODEL.md says so
+def test_evaluation_is_off_unless_the_site_turns_it_on(tmp_path, coordinator, capsys):
+    """Attack 6b: clear held-out metrics for any adapter the coordinator sends. A deployed site refuses
+    evaluation by default; with evaluate = dp every answer is noised and charged; the cap ends a run's queries."""
+    quiet = Site(tmp_path / "quiet")
+    reply = coordinator.evaluate(quiet)
+    refused_with(reply, "evaluation-off", "evaluate = off", capsys.readouterr().err)
+    assert "metrics" not in reply.content and not (quiet.ledger_dir / "ledger.json").exists()
 
 
-def test_an_unnamed_site_does_not_start(tmp_path, coordinator):
-    site = Site(tmp_path / "nameless")
-    del site.node_config["name"]
-    with pytest.raises(UserError, match="'name' is required in a deployment"):
-        coordinator.train(site)
+def test_a_dp_evaluation_is_noised_charged_and_capped(tmp_path, coordinator, capsys):
+    site = Site(tmp_path / "dp-eval", records=60, extra={"evaluate": "dp", "max-evaluations-per-run": 2,
+                                                          "max-eval-examples": 0})
+    coordinator.replies.clear()
+    first, second = (coordinator.evaluate(site, server_round=r) for r in (1, 2))
+    losses = [float(r.content["metrics"]["eval_loss"]) for r in (first, second)]
+    assert losses[0] != losses[1]  # the same adapter and records: only the noise differs
+    entries = site.ledger()["entries"]
+    assert [e["mechanism"] for e in entries] == ["dp-evaluation"] * 2 and all(e["status"] == "committed"
+                                                                              for e in entries)
+    assert entries[1]["epsilon_after"] > entries[0]["epsilon_after"] > 0  # charged to the same ledger
+    assert all(e["adapter_sha256"] for e in entries)  # the audit trail names what was evaluated
+    privacy = dict(second.content["privacy"])
+    assert privacy["mechanism"] == "dp-evaluation" and privacy["sample_rate"] == 1.0
+    assert float(second.content["metrics"]["eval_tokens"]) == float(second.content["metrics"]["eval_examples"])
+    refused_with(coordinator.evaluate(site, server_round=3), "evaluation-off", "max-evaluations-per-run",
+                 capsys.readouterr().err)
+    spent_within_budget(coordinator, site)
 
 
-def test_a_shipped_model_cannot_pick_a_directory_on_the_site(tmp_path, coordinator):
+def test_a_non_sensitive_evaluation_reads_the_declared_file_only(tmp_path, coordinator):
+    public = tmp_path / "public.jsonl"
+    public.write_text("".join(f'{{"question": "public {i}?", "answer": "yes"}}\n' for i in range(6)))
+    site = Site(tmp_path / "public-eval", extra={"evaluate": "non-sensitive", "test-data-path": str(public)})
+    reply = coordinator.evaluate(site)
+    assert reply.content["metrics"]["num-examples"] == 6 and "eval_loss" in reply.content["metrics"]
+    assert [e["mechanism"] for e in site.ledger()["entries"]] == ["evaluation"]  # counted, nothing spent
+    assert site.ledger()["entries"][0]["steps"] == 0
+
+
+def test_a_misspelt_or_partial_node_config_fails_closed(tmp_path, coordinator, capsys, monkeypatch):
+    """Attack: 'data-path' misspelt used to make the run config the policy (DP off, clear train loss)."""
+    site = Site(tmp_path / "typo")
+    site.node_config["data_path"] = site.node_config.pop("data-path")
+    for reply in (coordinator.train(site, {"dp.enabled": False}), coordinator.evaluate(site)):
+        assert code(reply) == "internal-error" and "arrays" not in reply.content
+        assert "metrics" not in reply.content or set(reply.content["metrics"]) == {"num-examples"}
+    assert "unknown key 'data_path'" in capsys.readouterr().err  # the site's log says why; the reply does not
+    unnamed = Site(tmp_path / "nameless")
+    del unnamed.node_config["name"]
+    assert code(coordinator.train(unnamed)) == "internal-error"
+    assert "'name' is required in a deployment" in capsys.readouterr().err
+    guarded_only = Site(tmp_path / "simulation-keys")  # a site's app guard ran: a deployment, whatever the keys
+    guarded_only.node_config = {"partition-id": 0, "num-partitions": 1}
+    monkeypatch.setenv("FEDSLM_APPROVED_APPS", str(tmp_path / "allow-list"))
+    reply = coordinator.train(guarded_only, {"dp.enabled": False, "model.name": "tiny"})
+    assert code(reply) == "internal-error" and "arrays" not in reply.content
+
+
+def test_a_shipped_model_cannot_pick_a_directory_on_the_site(tmp_path, coordinator, capsys):
     """Attack 13: without the site's own shipped-dir, the coordinator's run-dir would choose where files go."""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -211,19 +277,125 @@ def test_a_shipped_model_cannot_pick_a_directory_on_the_site(tmp_path, coordinat
     msg = Message(content=RecordDict({
         "artifact": ArrayRecord({"file": Array(payload)}),
         "config": ConfigRecord({"run-dir": str(tmp_path / "chosen-by-coordinator"), "file": "m.gguf", "bytes": 32,
-                                "sha256": "0" * 64, "quant": "q8_0"})}), dst_node_id=7, message_type="evaluate.ship")
+                                "sha256": "0" * 64, "quant": "q8_0", "run-id": "run-1", "server-round": 1,
+                                "aggregation": "ffa"})}), dst_node_id=7, message_type="evaluate.ship")
     context = Context(run_id=1, node_id=7, node_config=site.node_config, state=RecordDict(),
                       run_config={"model.name": "tiny"})
-    with pytest.raises(UserError, match="accepts no shipped models"):
-        evaluate_shipped(msg, context)
+    reply = evaluate_shipped(msg, context)
+    refused_with(reply, "request-out-of-bounds", "no shipped-dir in the node config", capsys.readouterr().err)
     assert not (tmp_path / "chosen-by-coordinator").exists()
 
 
-def test_a_site_that_requires_secure_aggregation_never_trains_in_clear(tmp_path, coordinator):
+def test_a_site_that_requires_secure_aggregation_never_trains_in_clear(tmp_path, coordinator, capsys):
     """A coordinator cannot switch SecAgg+ off for a site that requires it: the clear request is refused,
     nothing trains, nothing is spent, and the reply carries no adapter."""
     site = Site(tmp_path / "secure-only", extra={"require-secure-aggregation": True})
     reply = coordinator.train(site, {"server.secure-aggregation": False})
-    assert status(reply) == "rejected" and "secure-aggregation" in reason(reply)
-    assert "arrays" not in reply.content
+    assert status(reply) == "rejected"
+    refused_with(reply, "request-out-of-bounds", "require-secure-aggregation", capsys.readouterr().err)
     assert not (site.ledger_dir / "ledger.json").exists()
+
+
+# ---- what leaves a site: errors, releases, randomness ------------------------------------------------------
+
+SECRETS = [f"patient {i}, born 19{50 + i}: HIV positive" for i in range(12)]
+
+
+def sensitive_site(tmp_path) -> Site:
+    """A site whose file has a sensitive free-text column ('note') that the coordinator may not name, and an
+    allowed column ('diagnosis') that is empty in some records (a data error inside the site)."""
+    import json
+
+    site = Site(tmp_path / "sensitive", extra={"fields": "question,answer,diagnosis"})
+    rows = [{"question": f"What is condition {i}?", "answer": f"Condition {i} is rare.", "note": SECRETS[i % 12],
+             "diagnosis": "" if i % 7 == 3 else f"code {i}"} for i in range(40)]
+    site.data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return site
+
+
+def test_errors_carry_no_records_column_names_indexes_or_paths(tmp_path, coordinator, capsys):
+    """Attack 18: a site's exception text went to the coordinator word for word; pointing data.label-field at a
+    sensitive column and paging data.verbalizers recovered every value. Every reply, train and evaluate, is
+    scanned byte for byte for the values, the column names, record indexes and the site's paths."""
+    site = sensitive_site(tmp_path)
+    pages = [",".join(f"{value}=w{j}" for j, value in enumerate(SECRETS[k:k + 3])) for k in range(0, 12, 3)]
+    requests = [
+        *({"data.task": "label", "data.text-field": "question", "data.label-field": "note", "data.verbalizers": page}
+          for page in pages),
+        {"data.task": "label", "data.text-field": "question", "data.label-field": "answer"},
+        {"data.prompt-field": "no-such-column"},
+        {"data.prompt-field": "diagnosis"},  # allowed, empty in some records: fails inside the site
+        {"data.task": "next-word", "data.text-field": "note"},
+        {"model.name": str(tmp_path / "no-such-model")},
+        {"data.prompt-template": "{prompt.__class__}"},
+    ]
+    replies = []
+    for run_config in requests:
+        replies.append(coordinator.train(site, run_config, run_id="probe"))
+        replies.append(coordinator.evaluate(site, run_config, run_id="probe"))
+    log = capsys.readouterr().err
+    assert "site-a" in log  # the details went to the site's own log
+    forbidden = [*SECRETS, "HIV", "born 19", "note", "diagnosis", "no-such-column", "#3", "#10", str(tmp_path),
+                 "records.jsonl", "Traceback", "Error"]
+    for reply in replies:
+        text = wire_text(reply)
+        assert code(reply) in {r.value for r in Reason}
+        leaked = [word for word in forbidden if word in text]
+        assert not leaked, f"{leaked} left the site in: {text[:300]}"
+    assert not any(e["status"] in ("reserved", "committed") for e in
+                   (site.ledger()["entries"] if (site.ledger_dir / "ledger.json").exists() else []))
+
+
+def test_no_budget_is_spent_on_a_round_that_trains_nothing(tmp_path, coordinator):
+    """Issue 24 item 3: requests used to fail after ledger.reserve, burning budget with rounds that trained
+    nothing. Each request below fails, and the site's ledger holds no spend."""
+    site = sensitive_site(tmp_path)
+    failing = [{"data.prompt-template": "{prompt:>100000000}"},
+               {"train.grad-sample-mode": "ghost", "train.autocast": "bf16"},
+               {"train.grad-sample-mode": "ghost", "model.dtype": "bfloat16"},
+               {"data.prompt-field": "diagnosis"},  # a record that does not encode: found before reserving
+               {"lora.seed": 99},  # A factors differ from the coordinator's digest
+               {"train.batch-size": 10**6}]
+    for run_config in failing:
+        reply = coordinator.train(site, run_config)
+        assert status(reply) == "rejected" and "arrays" not in reply.content, run_config
+    ledger = site.ledger_dir / "ledger.json"
+    assert not ledger.exists() or not [e for e in site.ledger()["entries"] if e["status"] in ("reserved",
+                                                                                               "committed")]
+
+
+def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, monkeypatch):
+    """Attack 19: with torch's Mersenne Twister the noise of a release made of pure noise (clip -> 0, dropout
+    -> 1, float32 wire) gave away the generator's state and with it every other noise value. A site that
+    allows such a release still draws every DP random value from ChaCha20: torch's and NumPy's default random
+    functions raise during the whole round, and two identical worst-case requests release unrelated noise."""
+    import numpy as np
+    import torch
+
+    import client.app
+
+    site = Site(tmp_path / "permissive", extra={"min-clip-norm": 1e-12, "max-lora-dropout": 0.9,
+                                                 "wire-dtypes": "float16,float32"})
+    worst = {"dp.clip-norm": 1e-11, "server.wire-dtype": "float32", "train.local-steps": 3}
+    real = client.app.train_adapter
+
+    def no_default_generators(*args, **kwargs):
+        def refuse(*_, **__):
+            raise AssertionError("a default generator was used in the DP path")
+
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("rand", "randn", "randint", "randperm", "normal", "bernoulli", "poisson", "multinomial",
+                         "Generator", "manual_seed", "seed"):
+                patch.setattr(torch, name, refuse)
+            for name in ("random", "rand", "randn", "normal", "default_rng", "seed", "RandomState", "Generator"):
+                patch.setattr(np.random, name, refuse)
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(client.app, "train_adapter", no_default_generators)
+    replies = [coordinator.train(site, worst, wire="float32", run_id=f"worst-{i}") for i in range(2)]
+    assert [status(r) for r in replies] == ["committed", "committed"]
+    first, second = ({k: v.numpy().astype(np.float64) for k, v in r.content["arrays"].items()} for r in replies)
+    for name in first:  # pure noise through Adam: independent draws, so the two releases are uncorrelated
+        a, b = first[name].ravel(), second[name].ravel()
+        if a.size >= 64:
+            assert abs(np.corrcoef(a, b)[0, 1]) < 0.5

@@ -93,6 +93,7 @@ def test_one_dp_step_at_zero_noise_is_unchanged(tiny, qa_records, mode, clip):
     none (it sees their scale too).
     """
     from client.train import make_private, take_step
+    from privacy.mechanism.randomness import DpRandom, seed_key
     from slm.lora import set_adapter_state
 
     model, tok = tiny
@@ -105,7 +106,7 @@ def test_one_dp_step_at_zero_noise_is_unchanged(tiny, qa_records, mode, clip):
         before = [p.detach().clone() for p in params]
         model.train()
         forward, optimizer = make_private(model, torch.optim.SGD(params, lr=1.0), mode=mode, noise_multiplier=0.0,
-                                          clip_norm=clip, batch_size=5, generator=torch.Generator().manual_seed(0))
+                                          clip_norm=clip, batch_size=5, dp_random=DpRandom(seed_key(0)))
         try:
             take_step(forward, optimizer, batch, mode=mode, loss=loss)
         finally:

@@ -8,32 +8,34 @@ import sys
 from pathlib import Path
 
 from client.train import train_adapter
-from privacy.mechanism.ledger import Entry, Ledger, fingerprint
+from privacy.mechanism.ledger import fingerprint
+from privacy.mechanism.transaction import Release, SiteBudget, open_release
 from slm.config import resolve
 from slm.lora import LoraSpec, attach
 from slm.tasks import Task
 
 RECORDS = [{"question": f"q{i}?", "answer": f"answer number {i}"} for i in range(40)]
+STEPS, BATCH = 20, 4  # what is reserved is what is trained (the release and its accounting are one)
 
 
 def main(ledger_dir: str, marker: str) -> None:
     model, tok = attach("tiny", LoraSpec.from_config(resolve({"model.name": "tiny"})))
     task = Task(kind="sft", max_length=32)
+    budget = SiteBudget(ledger_dir=Path(ledger_dir), max_epsilon=1e9, delta=1e-5, max_noise_multiplier=5.0)
     print("ready", flush=True)
     round_ = 0
     while True:
         round_ += 1
-        ledger = Ledger.open(Path(ledger_dir), fingerprint=fingerprint(RECORDS), records=len(RECORDS), delta=1e-5)
-        entry = ledger.reserve(Entry(run_id=f"pid{os.getpid()}", round=round_, noise_multiplier=2.0, clip_norm=1.0,
-                                     sample_rate=0.1, steps=2, delta=1e-5, epsilon_after=0.0, epsilon_rdp_after=0.0,
-                                     max_epsilon=1e9, status=""), budget=1e9)
+        grant = open_release(budget, Release(run_id=f"pid{os.getpid()}", round=round_, clip_norm=1.0,
+                                             sample_rate=BATCH / len(RECORDS), steps=STEPS, requested_sigma=2.0),
+                             fingerprint=fingerprint(RECORDS), records=len(RECORDS))
         with open(marker, "a") as handle:  # training starts only after the reservation is on disk
-            handle.write(f"{entry.run_id}:{round_}\n")
+            handle.write(f"{grant.entry.run_id}:{round_}\n")
             handle.flush()
             os.fsync(handle.fileno())
-        train_adapter(model, tok, task, RECORDS, steps=20, batch_size=4, lr=0.01, noise_multiplier=2.0,
-                      clip_norm=1.0, seed=round_)
-        ledger.commit(entry)
+        train_adapter(model, tok, task, RECORDS, steps=grant.entry.steps, batch_size=BATCH, lr=0.01,
+                      noise_multiplier=grant.noise_multiplier, clip_norm=grant.entry.clip_norm, seed=round_)
+        grant.commit()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from privacy.mechanism.ledger import SPENDING, Ledger
 
 WORKER = Path(__file__).with_name("ledger_worker.py")
 ROOT = Path(__file__).resolve().parents[3]
+TRAINED_STEPS = 20  # ledger_worker.py trains (and must reserve) this many steps per round
 
 
 def started(marker: Path) -> list[str]:
@@ -25,6 +26,7 @@ def check(ledger_dir: Path, marker: Path) -> Ledger:
     keys = {f"{e.run_id}:{e.round}" for e in ledger.entries}
     assert set(started(marker)) <= keys, "a training started without its spend on disk"
     assert all(e.status in SPENDING for e in ledger.entries)
+    assert {e.steps for e in ledger.entries} == {TRAINED_STEPS}, "the spend on disk is not what was trained"
     assert ledger.spent() == pytest.approx(epsilon([e.event() for e in ledger.entries], delta=ledger.delta))
     return ledger
 

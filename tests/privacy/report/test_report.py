@@ -65,7 +65,7 @@ def _write_run(run, *, rounds: int = 2, planned: int = 2, user_dp: bool = False)
             "bytes_up": 10, "bytes_down": 10, "eval_loss": 3.0 - 0.1 * rnd, "eval_clients": _evals(3.0 - 0.1 * rnd)}
         if user_dp:
             row["user_dp"] = {"round": rnd, "clip_norm": 0.5, "noise_multiplier": 1.0, "sample_rate": 0.5,
-                              "eligible": 2, "cohort": 1, "clipped_fraction": 1.0, "delta": DELTA,
+                              "eligible": 2, "cohort": 1, "delta": DELTA,
                               "epsilon": epsilon([SgmEvent(1.0, 0.5, 1)] * rnd, delta=DELTA), "accountant": "prv",
                               "sampling": "poisson"}
         rows.append(row)

@@ -1,0 +1,127 @@
+"""What a deployed site answers to an evaluation request: nothing, DP metrics, or metrics of a public file.
+
+Why not clear metrics of held-out records: held-out records are the site's records too,
+and evaluation runs on ANY adapter or model the coordinator sends. An adapter crafted to
+score one candidate text high turns a clear loss into a membership or reconstruction
+oracle, query after query, with no ledger entry. A site cannot tell a crafted adapter from
+the federation's aggregate (it never sees the other sites' updates), so checking what it
+is sent is not enough: what leaves must be private by itself. Node config ``evaluate``:
+
+- ``off`` (the default): every evaluation request is refused (``Reason.EVALUATION_OFF``).
+- ``dp``: each held-out record's loss (the mean over its loss tokens) is clipped to
+  [0, L] and, for a task with an accuracy, its correctness (0/1 for a label task, the
+  share of its tokens predicted top-1 for next-word) lies in [0, 1]. The released sums
+  sum_i loss_i / L and sum_i acc_i each change by at most 1 when one record is added or
+  removed, so the pair has L2 sensitivity sqrt(k) (k = 1 or 2 sums) and gets Gaussian
+  noise N(0, sigma^2) on each: one Gaussian mechanism with noise multiplier sigma/sqrt(k)
+  (Dwork & Roth 2014, Thm A.1 / the analytic form in Balle & Wang 2018 as composed by the
+  PRV accountant), charged to the site's ledger as one event at sample rate 1 BEFORE the
+  records are read for it. The record count is in clear (as for training). Means are the
+  noised sums over n, clamped to their ranges (post-processing). Useful only on large
+  held-out sets: the loss mean's noise std is L sigma / n (BENCHMARKS.md).
+- ``non-sensitive``: clear metrics, on ``test-data-path`` only, a file the site declares
+  non-sensitive (e.g. public questions of the same kind); no ledger charge.
+
+Either way: at most ``max-evaluations-per-run`` answers per run id (every answer is a
+ledger entry, DP or not, so the count survives processes and is locked), and each entry
+records the sha256 of what was evaluated (an audit trail of the adapters and models the
+coordinator asked about). A simulation evaluates in clear: its records are the
+researcher's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+from privacy.mechanism.ledger import Ledger, fingerprint
+from privacy.mechanism.randomness import DpRandom
+from privacy.mechanism.record import PrivacyRecord, Reason
+from privacy.mechanism.transaction import Grant, Release, SiteBudget, open_release
+from slm.evaluate import evaluate
+
+DP_MECHANISM, CLEAR_MECHANISM = "dp-evaluation", "evaluation"
+ACCURACY = {"label": "accuracy", "next-word": "top1_accuracy"}  # the one accuracy a DP evaluation releases
+
+
+def digest_of(arrays) -> str:
+    """sha256 over a received ArrayRecord's tensors (names and bytes, sorted): what the ledger records."""
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(arrays[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+class SiteEvaluation:
+    """One evaluation request on a deployed site, from admission to the released metrics."""
+
+    def __init__(self, policy, local, request, subject_sha256: str, refuse):
+        self.policy, self.local, self.request, self.subject = policy, local, request, subject_sha256
+        self.refuse = refuse  # client.outbound.Refused
+        self.grant: Grant | None = None
+
+    def admit(self, task) -> None:
+        """Refuse (raise) unless this site evaluates, within its cap; reserve the DP charge first."""
+        policy = self.policy
+        if policy.evaluate == "off":
+            raise self.refuse(Reason.EVALUATION_OFF, "node config evaluate = off")
+        mechanism = DP_MECHANISM if policy.evaluate == "dp" else CLEAR_MECHANISM
+        budget = SiteBudget(ledger_dir=policy.ledger_dir, max_epsilon=policy.max_epsilon, delta=policy.delta,
+                            max_noise_multiplier=policy.max_noise_multiplier)
+        ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(self.local.train),
+                             records=len(self.local.train), delta=policy.delta or 1e-5)
+        answered = [e for e in ledger.entries if e.run_id == self.request.run_id
+                    and e.mechanism in (DP_MECHANISM, CLEAR_MECHANISM) and e.status != "refused"]
+        if len(answered) >= policy.max_evaluations:
+            raise self.refuse(Reason.EVALUATION_OFF, f"the run's {policy.max_evaluations} evaluations are used "
+                                                     "(node config max-evaluations-per-run)")
+        sums = 2 if task.kind in ACCURACY else 1
+        release = Release(run_id=self.request.run_id, round=self.request.server_round,
+                          clip_norm=policy.evaluation_loss_bound, adapter_sha256=self.subject, mechanism=mechanism,
+                          sample_rate=1.0 if mechanism == DP_MECHANISM else 0.0,
+                          steps=1 if mechanism == DP_MECHANISM else 0,
+                          fixed_sigma=policy.evaluation_noise / math.sqrt(sums) if mechanism == DP_MECHANISM else 0.0)
+        outcome = open_release(budget, release, fingerprint=fingerprint(self.local.train),
+                               records=len(self.local.train))
+        if not isinstance(outcome, Grant):
+            raise self.refuse(outcome.reason, outcome.detail)
+        self.grant = outcome
+
+    def metrics(self, model, tokenizer, task, on_progress=None) -> dict:
+        """The released metrics (after ``admit``), and the charge committed."""
+        records = self.local.test
+        if self.policy.evaluate == "non-sensitive":
+            metrics = evaluate(model, tokenizer, task, records, on_progress=on_progress)
+        else:
+            metrics = dp_metrics(model, tokenizer, task, records, sigma=self.policy.evaluation_noise,
+                                 loss_bound=self.policy.evaluation_loss_bound, rng=DpRandom.fresh())
+        self.grant.commit()
+        return metrics
+
+    def record(self) -> PrivacyRecord:
+        e = self.grant.entry
+        return PrivacyRecord(client=self.policy.name, status="committed", mechanism=e.mechanism,
+                             noise_multiplier=e.noise_multiplier, clip_norm=e.clip_norm, sample_rate=e.sample_rate,
+                             steps=e.steps, delta=e.delta, epsilon=e.epsilon_after, epsilon_rdp=e.epsilon_rdp_after,
+                             max_epsilon=e.max_epsilon, records=len(self.local.test))
+
+
+def dp_metrics(model, tokenizer, task, records: list[dict], *, sigma: float, loss_bound: float,
+               rng: DpRandom) -> dict:
+    """Noised mean loss (and the task's accuracy) over ``records``: sums of per-record values, see the module."""
+    losses, correct = 0.0, 0.0
+    accuracy_key = ACCURACY.get(task.kind)
+    for record in records:  # one record at a time: each one's own mean loss, then clipped
+        one = evaluate(model, tokenizer, task, [record])
+        losses += min(max(one["eval_loss"], 0.0), loss_bound) / loss_bound
+        if accuracy_key:
+            correct += min(max(one[accuracy_key], 0.0), 1.0)
+    n = max(len(records), 1)
+    noise = rng.normal((2,), sigma)
+    mean_loss = min(max((losses + noise[0]) * loss_bound / n, 0.0), loss_bound)
+    metrics = {"eval_loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_tokens": float(n),
+               "eval_examples": float(n), "dp_noise_std": sigma * loss_bound / n}
+    if accuracy_key:
+        metrics[accuracy_key] = min(max((correct + noise[1]) / n, 0.0), 1.0)
+    return metrics
