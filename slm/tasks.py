@@ -84,7 +84,13 @@ class Task:
 
 
 def check_template(kind: str, template: str) -> str:
-    """A data.prompt-template for ``kind``, checked: its placeholders are the task's own, its field is used."""
+    """A data.prompt-template for ``kind``, checked: its placeholders are the task's own, its field is used.
+
+    The template is the coordinator's, and ``str.format`` does more than substitute: a format spec
+    (``{text:>100000000}``) makes the site build a string of any size per record, a conversion runs
+    ``repr``/``ascii``, a lookup (``{text.__class__}``, ``{text[0]}``) reaches into objects. So a
+    placeholder is a bare ``{name}``: nothing else passes.
+    """
     if not template:
         return ""
     key = "config key 'data.prompt-template'"
@@ -92,9 +98,18 @@ def check_template(kind: str, template: str) -> str:
         raise UserError(f"{key}: a {kind} task takes no prompt template (its text is the whole example)")
     known = PLACEHOLDERS[kind]
     try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        parsed = [(name, conversion, spec) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
     except ValueError as err:
         raise UserError(f"{key}: {err} (write a literal brace as {{{{ or }}}})") from None
+    for name, conversion, spec in parsed:
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        shown = shown if len(shown) <= 60 else shown[:57] + "...}"
+        why = ("looks up an attribute or index" if any(c in name for c in ".[") else
+               "has a conversion" if conversion else "has a format spec" if spec else None)
+        if why:
+            raise UserError(f"{key}: {shown} {why}; write a placeholder as {{name}} only")
+    fields = [name for name, _, _ in parsed]
     unknown = sorted({"{" + name + "}" for name in fields if name not in known})
     if unknown:
         raise UserError(f"{key}: unknown placeholder {', '.join(unknown)}; a {kind} task knows "

@@ -19,6 +19,10 @@ run that keeps to its plan the answer is the same, found in 2-3 evaluations inst
 epsilons are far beyond any meaningful guarantee (sigma 0.3 already gives eps 52-125 at
 q 0.01-0.125 over 100-1000 steps), so a budget that allows less noise gets 0.3, the
 private side of what it asked.
+
+What one evaluation may cost is bounded in the accountant (privacy.mechanism.accountant):
+each probe passes the budget, so a plan whose RDP epsilon is far beyond it (a coordinator's
+sigma 0.3 at q 0.5 over 10^5 steps) is answered "does not fit" from the RDP bound alone.
 """
 
 from __future__ import annotations
@@ -34,10 +38,14 @@ PRECISION = 0.01
 
 
 def planned_epsilon(past: Sequence[SgmEvent], sigma: float, *, sample_rate: float, steps_per_round: int,
-                    rounds_left: int, delta: float, accountant: str = "prv") -> float:
-    """Epsilon after the past plus ``rounds_left`` rounds at ``sigma``."""
+                    rounds_left: int, delta: float, accountant: str = "prv", budget: float | None = None) -> float:
+    """Epsilon after the past plus ``rounds_left`` rounds at ``sigma``.
+
+    ``budget``: the answer is only compared with it, so a plan far beyond it is answered by
+    the cheap RDP bound, not PRV (privacy.mechanism.accountant.epsilon).
+    """
     future = SgmEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round * rounds_left)
-    return epsilon([*past, future], delta=delta, accountant=accountant)
+    return epsilon([*past, future], delta=delta, accountant=accountant, budget=budget)
 
 
 def noise_for_budget(past: Sequence[SgmEvent], *, budget: float, sample_rate: float, steps_per_round: int,
@@ -54,7 +62,7 @@ def noise_for_budget(past: Sequence[SgmEvent], *, budget: float, sample_rate: fl
 
     def fits(sigma: float) -> bool:
         return planned_epsilon(past, sigma, sample_rate=sample_rate, steps_per_round=steps_per_round,
-                               rounds_left=rounds_left, delta=delta, accountant=accountant) <= budget
+                               rounds_left=rounds_left, delta=delta, accountant=accountant, budget=budget) <= budget
 
     if not math.isfinite(budget) or not fits(sigma_max):
         return None

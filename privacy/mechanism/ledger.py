@@ -192,7 +192,7 @@ class Ledger:
             if self.data_changed:
                 return self._refuse(entry, self.data_change_reason())
             events = [*self.spent_events(), entry.event()]
-            eps = epsilon(events, delta=self.delta, accountant="prv")
+            eps = epsilon(events, delta=self.delta, accountant="prv", budget=budget)
             if eps > budget:
                 return self._refuse(entry, f"budget exhausted: this round would bring the spend to {eps:.3f}, "
                                            f"over the budget {budget:g}")

@@ -76,11 +76,115 @@ def test_an_approved_bundle_is_unpacked_under_its_full_hash_and_loaded_from_ther
         load("fedslm-test/other", "1.0.0", digest)
 
 
+def approved_guard(fab, tmp_path, install=runtime.install_from_fab) -> Guard:
+    """A fresh guard (one flwr-clientapp process, one message) on a site that approved ``fab``."""
+    approved = tmp_path / "approved.txt"
+    approved.write_text(f"{fab_hash(fab)}  fedslm-test/tinyapp 1.0.0\n")
+    return Guard(install, runtime.get_load_client_app_fn, str(approved), tmp_path / "home")
+
+
+def tamper_modify(app, marker):
+    (app / "tinyclient.py").write_text(f"open({str(marker)!r}, 'w').close()\n" + (app / "tinyclient.py").read_text())
+
+
+def tamper_add(app, marker):  # a module the approved one does not import, but anything on sys.path can shadow
+    (app / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+
+
+def tamper_bytecode(app, marker):  # Python reads __pycache__ before the source when the header matches
+    (app / "__pycache__").mkdir()
+    (app / "__pycache__" / f"tinyclient.{sys.implementation.cache_tag}.pyc").write_bytes(b"planted")
+
+
+def tamper_delete(app, marker):
+    (app / "tinyserver.py").unlink()
+
+
+def tamper_symlink(app, marker):
+    (app / "tinyclient.py").unlink()
+    (app / "tinyclient.py").symlink_to(marker.parent / "elsewhere.py")
+
+
+@pytest.mark.parametrize("tamper, problem", [
+    (tamper_modify, "tinyclient.py differs from the bundle"),
+    (tamper_add, "sitecustomize.py is not in the bundle"),
+    (tamper_bytecode, "__pycache__ is not in the bundle"),
+    (tamper_delete, "tinyserver.py is missing"),
+    (tamper_symlink, "tinyclient.py is a symbolic link"),
+])
+def test_a_tampered_unpacked_app_is_never_run_but_unpacked_again_from_the_approved_bytes(
+        fab, tmp_path, capsys, monkeypatch, tamper, problem):
+    """Whoever can write $FLWR_HOME/approved/ cannot make the next message run code the site never approved."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "tinyclient", raising=False)
+    installed = approved_guard(fab, tmp_path).install(fab)
+    before = {p.relative_to(installed): p.read_bytes() for p in installed.rglob("*")}
+    marker = tmp_path / "tampered-code-ran"
+    (tmp_path / "elsewhere.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    tamper(installed, marker)
+    capsys.readouterr()
+
+    guard = approved_guard(fab, tmp_path)  # the next message: a new flwr-clientapp process
+    again = guard.install(fab)
+    assert again == installed
+    assert {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if not p.is_symlink()} == before
+    target = tmp_path / "home" / "approved" / fab_hash(fab)
+    assert capsys.readouterr().err.splitlines()[1] == (
+        f"fedslm app guard: unpacked app {target} does not match the approved bundle ({problem}); "
+        "not run, unpacked again from the approved bundle")
+    assert isinstance(guard.loader("", None, True)("fedslm-test/tinyapp", "1.0.0", "0" * 64), ClientApp)
+    assert not marker.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == [fab_hash(fab)]  # nothing left aside
+
+
+def test_an_intact_unpacked_app_is_reused_as_it_is(fab, tmp_path, capsys):
+    installed = approved_guard(fab, tmp_path).install(fab)
+    inode = installed.stat().st_ino
+
+    def no_second_unpack(*args, **kwargs):
+        raise AssertionError("an intact unpack is reused, not unpacked again")
+
+    assert approved_guard(fab, tmp_path, no_second_unpack).install(fab) == installed
+    assert installed.stat().st_ino == inode and "does not match" not in capsys.readouterr().err
+
+
+def test_an_interrupted_unpack_is_never_reused(fab, tmp_path, capsys):
+    """A crash in the middle of unpacking (here: after Flower wrote part of the files) leaves no approved/<sha256>/."""
+
+    def crashing_install(fab_file, install_dir=None, skip_prompt=False):
+        installed = runtime.install_from_fab(fab_file, install_dir=install_dir, skip_prompt=skip_prompt)
+        (installed / "tinyclient.py").unlink()  # as if the copy had stopped half-way
+        raise KeyboardInterrupt  # SIGINT, or the process killed: nothing after this line runs
+
+    target = tmp_path / "home" / "approved" / fab_hash(fab)
+    with pytest.raises(KeyboardInterrupt):
+        approved_guard(fab, tmp_path, crashing_install).install(fab)
+    assert not target.exists()
+    installed = approved_guard(fab, tmp_path).install(fab)
+    assert (installed / "tinyclient.py").read_text() == "from flwr.clientapp import ClientApp\n\napp = ClientApp()\n"
+    assert "does not match" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("leftover", [[], ["apps"], ["apps/fedslm-test.tinyapp.1.0.0.x/pyproject.toml"]])
+def test_a_partial_directory_left_by_an_older_guard_is_never_reused(fab, tmp_path, capsys, leftover):
+    """Before the atomic rename, Flower unpacked straight into approved/<sha256>/: a crash left it half-written."""
+    target = tmp_path / "home" / "approved" / fab_hash(fab)
+    target.mkdir(parents=True)
+    for name in leftover:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        (target / name).write_text("") if name.endswith(".toml") else (target / name).mkdir()
+    installed = approved_guard(fab, tmp_path).install(fab)
+    assert (installed / "tinyclient.py").is_file() and (installed / "tinyserver.py").is_file()
+    assert "does not match the approved bundle" in capsys.readouterr().err
+
+
 def test_guard_replaces_flowers_names_and_stops_if_flower_stops_calling_them(tmp_path, monkeypatch):
     for name in REPLACED:
         monkeypatch.setattr(runtime, name, getattr(runtime, name))  # restored after the test
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
     guard = guard_flower(str(tmp_path / "approved.txt"))
     assert runtime.install_from_fab == guard.install and runtime.get_load_client_app_fn == guard.loader
+    assert sys.dont_write_bytecode  # an approved directory stays as unpacked: no __pycache__ for the next check
     monkeypatch.delattr(runtime, "install_from_fab")
     with pytest.raises(SystemExit, match="no longer calls install_from_fab .* refusing to run any app unguarded"):
         guard_flower(str(tmp_path / "approved.txt"))

@@ -147,6 +147,30 @@ def test_a_bad_prompt_template_is_one_line_naming_the_key(kind, template, words)
     assert "data.prompt-template" in str(err.value) and words in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("kind, template, words", [
+    ("label", "{text:>100000000} {labels}", "{text:>100000000} has a format spec"),  # a 100 MB string per record
+    ("label", "{text} {labels:x<5}", "{labels:x<5} has a format spec"),
+    ("label", "{text:{labels}}", "{text:{labels}} has a format spec"),
+    ("label", "{text!r} {labels}", "{text!r} has a conversion"),
+    ("sft", "{prompt!s}", "{prompt!s} has a conversion"),
+    ("label", "{text.__class__} {labels}", "{text.__class__} looks up an attribute or index"),
+    ("label", "{text} {labels[0]}", "{labels[0]} looks up an attribute or index"),
+    ("sft", "{prompt.__init__.__globals__}", "{prompt.__init__.__globals__} looks up an attribute or index"),
+])
+def test_a_template_is_plain_placeholders_only(kind, template, words):
+    """A coordinator's template must not make a site build huge strings or reach into objects: {name}, nothing else."""
+    with pytest.raises(UserError) as err:
+        check_template(kind, template)
+    message = str(err.value)
+    assert message.startswith("config key 'data.prompt-template': ") and words in message and "\n" not in message
+    assert message.endswith("write a placeholder as {name} only")
+
+
+def test_plain_placeholders_and_literal_braces_pass():
+    assert check_template("label", "{{x}} {text}: {labels}?") == "{{x}} {text}: {labels}?"
+    assert check_template("sft", "Q: {prompt}\nA:") == "Q: {prompt}\nA:"
+
+
 def test_word_labels_are_their_own_verbalizers_numbers_are_not():
     assert derive_verbalizers([" Flu", "Acne", "Heart disease", "Acne"], "f") == \
         "Acne=Acne,Flu=Flu,Heart disease=Heart disease"

@@ -1,12 +1,14 @@
 """The reported accountant against an independent one (Google's dp_accounting PLD)."""
 
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.mechanism.accountant import SgmEvent, epsilon
+import privacy.mechanism.accountant as accountant
+from privacy.mechanism.accountant import PRV_EPS_ERROR, PRV_MAX_EPS_ERROR, SgmEvent, epsilon, prv_eps_error
 
 
 def pld_epsilon(events, delta, interval=1e-4):
@@ -78,3 +80,87 @@ def test_round_by_round_matches_pld_composed_round_by_round_and_grows(rounds):
     assert reference * 0.995 - 1e-3 <= ours <= reference * 1.02 + 0.02, (ours, reference)
     curve = [epsilon(per_round[:k], delta=1e-5) for k in range(1, len(rounds) + 1)]
     assert all(a < b for a, b in zip(curve, curve[1:]))
+
+
+# ---- what one evaluation may cost: a coordinator chooses sigma, q and the steps it plans ----------------------
+@pytest.fixture
+def no_prv(monkeypatch):
+    """PRV must not run: the histories below would make its grid take minutes and GiBs."""
+    from opacus.accountants import PRVAccountant
+
+    def refusing(self, *args, **kwargs):
+        raise AssertionError(f"PRV ran on {self.history}")
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", refusing)
+
+
+@pytest.mark.parametrize("sigma, q, steps", [
+    (0.3, 0.5, 10**5),  # epsilon ~3e5: PRV's grid would be 6e10 points (measured at 1000 steps: >4.5 GB)
+    (1.0, 0.01, 10**6),  # 1000 rounds x 1000 steps: epsilon ~150, but a grid of 1.1e8 points (~17 GB)
+])
+def test_a_history_prv_cannot_afford_is_answered_by_rdp_an_upper_bound(no_prv, sigma, q, steps):
+    events = [SgmEvent(sigma, q, steps)]
+    started = time.monotonic()
+    assert epsilon(events, delta=1e-5) == epsilon(events, delta=1e-5, accountant="rdp")
+    assert time.monotonic() - started < 10  # a generous bound: ~0.3 s here
+
+
+def test_far_beyond_the_budget_prv_is_not_asked(no_prv):
+    """RDP 403 against a budget of 8: it does not fit whatever PRV would say (380)."""
+    events = [SgmEvent(0.3, 0.5, 100)]
+    assert epsilon(events, delta=1e-5, budget=8.0) == epsilon(events, delta=1e-5, accountant="rdp") > 8.0
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.001, 1), (0.5, 0.001, 1), (0.3, 0.001, 1), (2.0, 0.001, 10),
+                                             (1.0, 0.01, 10), (0.3, 0.5, 10), (0.6, 0.01, 3000)])
+def test_the_budget_shortcut_never_refuses_what_prv_admits(sigma, q, steps):
+    """At a budget equal to PRV's answer PRV is still asked, where RDP is furthest from it (up to 32x)."""
+    events = [SgmEvent(sigma, q, steps)]
+    prv = epsilon(events, delta=1e-5)
+    assert epsilon(events, delta=1e-5, budget=prv) == prv
+
+
+@pytest.mark.parametrize("sigma, q, steps, delta", GRID)
+def test_normal_histories_get_prv_at_its_usual_error(sigma, q, steps, delta):
+    assert prv_eps_error([(sigma, q, steps)], delta) == PRV_EPS_ERROR
+
+
+def test_the_grid_bound_is_the_grid_opacus_builds(monkeypatch):
+    """The bound is computed without running PRV: it must be the size PRV then allocates."""
+    import opacus.accountants.prv as opacus_prv
+
+    sizes, discretize = [], opacus_prv.discretize
+    monkeypatch.setattr(opacus_prv, "discretize", lambda tprv, domain: sizes.append(domain.size) or
+                        discretize(tprv, domain))
+    history = [(1.0, 0.02, 50), (1.3, 0.02, 50)]
+    epsilon([SgmEvent(*event) for event in history], delta=1e-5)
+    size = sizes[0]
+    monkeypatch.setattr(accountant, "PRV_MAX_GRID", size)
+    assert prv_eps_error(history, 1e-5) == PRV_EPS_ERROR
+    monkeypatch.setattr(accountant, "PRV_MAX_GRID", size - 1)
+    assert prv_eps_error(history, 1e-5) > PRV_EPS_ERROR
+    monkeypatch.setattr(accountant, "PRV_MAX_GRID", 10**9)
+    monkeypatch.setattr(accountant, "PRV_MAX_CELLS", 2 * size)
+    assert prv_eps_error(history, 1e-5) == PRV_EPS_ERROR
+    monkeypatch.setattr(accountant, "PRV_MAX_CELLS", 2 * size - 1)
+    assert prv_eps_error(history, 1e-5) > PRV_EPS_ERROR
+
+
+def test_a_grid_over_the_bound_runs_prv_at_a_wider_error_still_an_upper_bound(monkeypatch):
+    """(Bounds lowered so that a cheap history crosses them.) A wider error: a bigger upper end, never below PLD."""
+    import opacus.accountants.prv as opacus_prv
+
+    event = SgmEvent(1.0, 0.01, 1000)
+    usual = epsilon([event], delta=1e-5)
+    monkeypatch.setattr(accountant, "PRV_MAX_GRID", 4 * 10**4)  # the usual grid is 1.3e5 points
+    widened = prv_eps_error([(1.0, 0.01, 1000)], 1e-5)
+    assert PRV_EPS_ERROR < widened <= PRV_MAX_EPS_ERROR
+    sizes, discretize = [], opacus_prv.discretize
+    monkeypatch.setattr(opacus_prv, "discretize", lambda tprv, domain: sizes.append(domain.size) or
+                        discretize(tprv, domain))
+    wide = epsilon([event], delta=1e-5)
+    assert sizes == [sizes[0]] and sizes[0] <= 4 * 10**4
+    assert pld_epsilon([event], 1e-5) * 0.995 <= usual <= wide <= usual + 2 * widened
+    monkeypatch.setattr(accountant, "PRV_MAX_GRID", 10**4)  # more than 10x over: not even at the widest error
+    assert prv_eps_error([(1.0, 0.01, 1000)], 1e-5) is None
+    assert epsilon([event], delta=1e-5) == epsilon([event], delta=1e-5, accountant="rdp")

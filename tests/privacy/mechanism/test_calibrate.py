@@ -1,5 +1,7 @@
 """Noise calibration: never overshoots, is tight, and searches only where PRV is cheap and safe."""
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,3 +67,14 @@ def test_last_rounds_sigma_as_guess_finds_the_same_answer_in_fewer_evaluations(m
     assert warm == pytest.approx(cold, abs=0.01)
     assert first - 0.02 <= warm <= first  # the mix with a past round at `first` can only need less
     assert len(seen) <= 6 < cold_probes
+
+
+def test_a_hostile_plan_is_calibrated_without_prv(monkeypatch):
+    """sigma 0.3-5 at q 0.5 over 10^5 steps: every probe is far over the budget; the RDP bound says so at once."""
+    from opacus.accountants import PRVAccountant
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, *a, **k: pytest.fail(f"PRV ran on {self.history}"))
+    started = time.monotonic()
+    assert noise_for_budget([], budget=8.0, sample_rate=0.5, steps_per_round=100, rounds_left=1000, delta=1e-5,
+                            sigma_max=5.0, guess=0.3) is None
+    assert time.monotonic() - started < 10  # a generous bound: ~0.3 s here

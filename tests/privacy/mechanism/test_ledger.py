@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import pytest
 
@@ -186,3 +187,38 @@ def test_a_tiny_requested_sigma_is_never_evaluated_as_it_is(tmp_path, monkeypatc
     decision = decide(open_ledger(tmp_path), max_epsilon=8.0, requested_sigma=0.01, target_epsilon=0.0,
                       sample_rate=0.05, steps=10, rounds_left=3)
     assert seen and min(seen) >= SIGMA_MIN and decision.noise_multiplier >= SIGMA_MIN
+
+
+@pytest.fixture
+def no_accounting_of_the_request(monkeypatch):
+    import privacy.mechanism.policy as policy
+
+    for name in ("planned_epsilon", "noise_for_budget"):
+        monkeypatch.setattr(policy, name, lambda *a, **k: pytest.fail("the request was accounted"))
+
+
+def test_a_round_of_more_than_100_epochs_is_refused_before_any_accounting(tmp_path, no_accounting_of_the_request):
+    """The coordinator's sigma 0.3, q 0.5, 10^5 steps: one PRV evaluation of it took 130 s and 10.8 GB."""
+    started = time.monotonic()
+    decision = decide(open_ledger(tmp_path), max_epsilon=8.0, requested_sigma=0.3, target_epsilon=0.0,
+                      sample_rate=0.5, steps=10**5, rounds_left=1)
+    assert decision.refused and decision.planned_epsilon == 0.0
+    assert decision.reason == ("100000 steps at sample rate 0.5 would show each record 5e+04 times on average in one "
+                               "round; this site allows at most 100")
+    assert time.monotonic() - started < 10
+
+
+def test_a_hostile_request_within_the_bounds_is_decided_without_prv(tmp_path, monkeypatch):
+    """100 epochs a round (allowed: it reaches the accountant) planned over 1000 rounds at sigma 0.3: refused from
+    the RDP bound, fast."""
+    from opacus.accountants import PRVAccountant
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", lambda self, *a, **k: pytest.fail(f"PRV ran on {self.history}"))
+    ledger = open_ledger(tmp_path)
+    started = time.monotonic()
+    decision = decide(ledger, max_epsilon=8.0, requested_sigma=0.3, target_epsilon=0.0, sample_rate=0.5, steps=200,
+                      rounds_left=1000)
+    assert decision.refused and "budget exhausted" in decision.reason and "sigma > 5" in decision.reason
+    refused = ledger.reserve(entry(sigma=0.3, q=0.5, steps=10**5), budget=8.0)  # the check inside the lock, too
+    assert refused.status == "refused" and refused.reason.startswith("budget exhausted")
+    assert time.monotonic() - started < 10  # a generous bound: ~1 s here
