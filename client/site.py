@@ -42,6 +42,9 @@ NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
     "require-secure-aggregation": (bool, False, "train only in secure-aggregation rounds: a clear train request "
                                    "(which would show the coordinator this site's update) is refused"),
+    "min-secure-cohort": (int, 3, "with require-secure-aggregation: the fewest sites (this one included) that must "
+                          "share keys with this one in a SecAgg+ round, at least 3; the threshold must exceed half "
+                          "of them (client.secure_aggregation)"),
 }
 REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon")
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under a ledger dir
@@ -88,6 +91,7 @@ class SitePolicy:
     test_fraction: float
     max_train: int
     max_eval: int
+    min_secure_cohort: int = 3  # SecAgg+ rounds with fewer sites sharing keys are refused (client.secure_aggregation)
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
@@ -109,7 +113,8 @@ class SitePolicy:
             require_secure_aggregation=values["require-secure-aggregation"], model_dir=values["model-dir"], device=values["device"], shipped_dir=values["shipped-dir"],
             data_path=values["data-path"], test_data_path=values["test-data-path"],
             test_fraction=values["test-fraction"],
-            max_train=values["max-train-examples"], max_eval=values["max-eval-examples"])
+            max_train=values["max-train-examples"], max_eval=values["max-eval-examples"],
+            min_secure_cohort=values["min-secure-cohort"])
         policy.check(where)
         return policy
 
@@ -144,6 +149,8 @@ class SitePolicy:
         for key, value in (("max-rounds", self.max_rounds), ("max-local-steps", self.max_local_steps)):
             if value < 1:
                 bad(key, f"must be at least 1, got {value}")
+        if self.min_secure_cohort < 3:  # with 2, each site learns the other's update from the sum
+            bad("min-secure-cohort", f"must be at least 3, got {self.min_secure_cohort}")
         for key, value in (("max-train-examples", self.max_train), ("max-eval-examples", self.max_eval)):
             if value < 0:
                 bad(key, f"must be 0 or more, got {value}")
