@@ -93,7 +93,7 @@ def masked_train(msg: Message, context: Context, train_clear) -> Message:
         context.state.config_records[GUARD_RECORD] = ConfigRecord({"stage": REFUSED})
         return refusal(msg, policy, stage, why)
     reply = secaggplus_mod(msg, context, lambda m, ctxt: bounded(m, ctxt, train_clear(m, ctxt)))
-    context.state.config_records[GUARD_RECORD] = accepted(stage, configs, guard, msg.metadata.dst_node_id)
+    context.state.config_records[GUARD_RECORD] = accepted(stage, configs, guard)
     return reply
 
 
@@ -139,6 +139,7 @@ def out_of_bounds(stage: str, configs: ConfigRecord, guard: ConfigRecord, me: in
         return f"stage {stage} after {guard.get('stage') or 'nothing'}; expected it after {expected}"
     shares, threshold = int(guard["share_num"]), int(guard["threshold"])
     needed = max(min_cohort, threshold)
+    bound = f"{'min-secure-cohort' if needed == min_cohort else 'the threshold'} {needed}"
     if stage == Stage.SHARE_KEYS:
         listed = [key for key in configs if key != Key.STAGE]
         if any(not key.isdigit() for key in listed):
@@ -146,8 +147,7 @@ def out_of_bounds(stage: str, configs: ConfigRecord, guard: ConfigRecord, me: in
         if str(me) not in listed:
             return "this site's own public keys are not among those listed"
         if len(listed) < needed:
-            return (f"{len(listed)} sites share keys with this one (itself included), fewer than "
-                    f"{'min-secure-cohort' if needed == min_cohort else 'the threshold'} {needed}")
+            return f"{len(listed)} sites share keys with this one (itself included), fewer than {bound}"
         if len(listed) > shares:
             return f"{len(listed)} public keys listed, more than the {shares} shares announced at setup"
         return None
@@ -159,8 +159,7 @@ def out_of_bounds(stage: str, configs: ConfigRecord, guard: ConfigRecord, me: in
             return "the forwarded shares come from sites that did not share keys with this one, or twice"
         if len(sources) + 1 < needed:
             return (f"shares forwarded from {len(sources)} sites: this one would be masked among "
-                    f"{len(sources) + 1}, fewer than {'min-secure-cohort' if needed == min_cohort else 'the threshold'} "
-                    f"{needed}")
+                    f"{len(sources) + 1}, fewer than {bound}")
         return None
     active, dead = _ints(configs.get(Key.ACTIVE_NODE_ID_LIST)), _ints(configs.get(Key.DEAD_NODE_ID_LIST))
     if active is None or dead is None:
@@ -176,7 +175,7 @@ def out_of_bounds(stage: str, configs: ConfigRecord, guard: ConfigRecord, me: in
     return None
 
 
-def accepted(stage: str, configs: ConfigRecord, guard: ConfigRecord, me: int) -> ConfigRecord:
+def accepted(stage: str, configs: ConfigRecord, guard: ConfigRecord) -> ConfigRecord:
     """The guard after Flower's mod answered ``stage``: what later stages are checked against."""
     if stage == Stage.SETUP:
         return ConfigRecord({"stage": stage, "share_num": int(configs[Key.SHARE_NUMBER]),

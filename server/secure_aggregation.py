@@ -110,7 +110,7 @@ class SecureRound:
     mean: dict[str, torch.Tensor] | None  # the weighted mean B; None when the protocol halted
     replies: list = field(default_factory=list)  # the masked stage's replies: privacy records and counts in clear;
     # also the refusals of sites that left earlier (before sharing keys), so each sampled site is accounted for
-    refusals: list = field(default_factory=list)  # every stage's replies of sites refusing it (client.secure_aggregation)
+    refusals: list = field(default_factory=list)  # every stage's refusals (client.secure_aggregation)
     messages: int = 0  # messages sent by the coordinator over the four stages
     bytes_down: int = 0
     bytes_up: int = 0
