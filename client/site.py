@@ -59,6 +59,9 @@ NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
     "require-secure-aggregation": (bool, False, "train only in secure-aggregation rounds: a clear train request "
                                    "(which would show the coordinator this site's update) is refused"),
+    "min-secure-cohort": (int, 3, "with require-secure-aggregation: the fewest sites (this one included) that must "
+                          "share keys with this one in a SecAgg+ round, at least 3; the threshold must exceed half "
+                          "of them (client.secure_aggregation)"),
 }
 REQUIRED = ("name", "data-path", "ledger-dir", "max-epsilon", "model-dir")
 SIMULATION_KEYS = ("partition-id", "num-partitions")  # what Flower's simulation engine puts in a node config
@@ -125,6 +128,7 @@ class SitePolicy:
     max_evaluations: int = 0  # per run (0 = no cap: a simulation)
     evaluation_noise: float = 0.0  # evaluate = dp: sigma of the noised sums
     evaluation_loss_bound: float = 0.0  # evaluate = dp: per-record loss clipped to [0, this]
+    min_secure_cohort: int = 3  # SecAgg+ rounds with fewer sites sharing keys are refused (client.secure_aggregation)
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
@@ -155,7 +159,8 @@ class SitePolicy:
             max_lora_dropout=values["max-lora-dropout"], wire_dtypes=_names(values["wire-dtypes"]),
             max_evaluations=values["max-evaluations-per-run"],
             evaluation_noise=values["evaluation-noise-multiplier"],
-            evaluation_loss_bound=values["evaluation-loss-bound"])
+            evaluation_loss_bound=values["evaluation-loss-bound"],
+            min_secure_cohort=values["min-secure-cohort"])
         policy.check(where)
         return policy
 
@@ -191,6 +196,8 @@ class SitePolicy:
         for key, value in (("max-rounds", self.max_rounds), ("max-local-steps", self.max_local_steps)):
             if value < 1:
                 bad(key, f"must be at least 1, got {value}")
+        if self.min_secure_cohort < 3:  # with 2, each site learns the other's update from the sum
+            bad("min-secure-cohort", f"must be at least 3, got {self.min_secure_cohort}")
         for key, value in (("max-train-examples", self.max_train), ("max-eval-examples", self.max_eval)):
             if value < 0:
                 bad(key, f"must be 0 or more, got {value}")

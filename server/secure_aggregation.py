@@ -32,6 +32,16 @@ The threshold is 3/4 of the cohort (at least 2, always more than half): up to a 
 the cohort may drop out after sharing keys; fewer survivors and the round is skipped, never
 corrupted. More than half, so that a coordinator claiming a live site dropped cannot
 collect both its private-mask shares and its key shares (each site reveals one of the two).
+Every site shares keys with the whole cohort (num_shares 1.0: share_num = cohort).
+
+A deployed site that requires secure aggregation checks those numbers itself
+(client.secure_aggregation: share_num at least its min-secure-cohort, threshold more than
+half) and refuses a stage out of its bounds with a reply that carries no SecAgg+ record.
+``_Recording`` hands Flower's workflow such a reply (any reply without one) as an error:
+the site is a dropout in SecAgg+ terms. A site that leaves before sharing its keys (refused
+or failed at setup or share keys) was never part of the sum: ``_TrainingRound`` forgets it
+(Bonawitz et al.'s U1 and U2), where Flower's workflow would wait for shares of its secrets
+that nobody holds and halt the round. The others are summed if the threshold still holds.
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
@@ -97,7 +108,9 @@ class SecureRound:
     """What the coordinator gets from one secure round."""
 
     mean: dict[str, torch.Tensor] | None  # the weighted mean B; None when the protocol halted
-    replies: list = field(default_factory=list)  # the masked stage's replies: privacy records and counts in clear
+    replies: list = field(default_factory=list)  # the masked stage's replies: privacy records and counts in clear;
+    # also the refusals of sites that left earlier (before sharing keys), so each sampled site is accounted for
+    refusals: list = field(default_factory=list)  # every stage's refusals (client.secure_aggregation)
     messages: int = 0  # messages sent by the coordinator over the four stages
     bytes_down: int = 0
     bytes_up: int = 0
@@ -124,7 +137,10 @@ def secure_mean(grid, sampled: list[int], request: RecordDict, sent: dict[str, t
         names = sorted(sent)
         mean = {name: torch.from_numpy(np.asarray(array, dtype=np.float64)).reshape(sent[name].shape)
                 .to(sent[name].dtype) for name, array in zip(names, strategy.mean)}
-    return SecureRound(mean=mean, replies=recording.masked, messages=recording.messages,
+    answered = {r.metadata.src_node_id for r in recording.masked}
+    early = [r for r in recording.refusals if r.metadata.src_node_id not in answered]
+    return SecureRound(mean=mean, replies=recording.masked + early, refusals=recording.refusals,
+                       messages=recording.messages,
                        bytes_down=recording.bytes_down, bytes_up=recording.bytes_up,
                        threshold=max(2, round(RECONSTRUCTION * cohort)))
 
@@ -136,10 +152,15 @@ def _bytes(content: RecordDict) -> int:
 
 
 class _Recording:
-    """The Grid, keeping the masked stage's replies and counting every message and byte."""
+    """The Grid, keeping the masked stage's replies and the refusals, counting every message and byte.
+
+    Flower's workflow reads a SecAgg+ record from every reply without an error; a reply
+    without one (a site refusing the stage, client.secure_aggregation) reaches it as an error,
+    so that the site is a dropout, and is kept in ``refusals``.
+    """
 
     def __init__(self, grid):
-        self.grid, self.masked = grid, []
+        self.grid, self.masked, self.refusals = grid, [], []
         self.messages = self.bytes_down = self.bytes_up = 0
 
     def send_and_receive(self, messages, *, timeout=None):
@@ -151,7 +172,19 @@ class _Recording:
         self.bytes_up += sum(_bytes(r.content) for r in replies if not r.has_error())
         if Stage.COLLECT_MASKED_VECTORS in stages:
             self.masked = replies
-        return replies
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        return [self._dropout(reply, sent) for reply in replies]
+
+    def _dropout(self, reply, sent: dict):
+        """``reply``, or an error in its place when it carries no SecAgg+ record (the site refused the stage)."""
+        if reply.has_error() or RECORD_KEY_CONFIGS in reply.content.config_records:
+            return reply
+        self.refusals.append(reply)
+        secure = reply.content.config_records.get("secure") or {}
+        reason = str(secure.get("reason", "no secure-aggregation record in the reply"))
+        # an error reply from the node the stage's message went to (src_node_id: that message's dst_node_id)
+        return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=reason),
+                       reply_to=sent[reply.metadata.src_node_id])
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
@@ -164,11 +197,35 @@ class _TrainingRound(SecAggPlusWorkflow):
         super().__init__(**kwargs)
         self.request = request
 
+    def setup_stage(self, grid, context, state) -> bool:
+        going_on = super().setup_stage(grid, context, state)
+        _forget_absent(state)
+        return going_on
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        going_on = super().share_keys_stage(grid, context, state)
+        _forget_absent(state)
+        return going_on
+
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         for content in state.nid_to_fitins.values():
             for key, record in self.request.items():
                 content[key] = record
         return super().collect_masked_vectors_stage(grid, context, state)
+
+
+def _forget_absent(state) -> None:
+    """Sites that did not answer setup or share keys shared no keys: they leave the protocol.
+
+    No site masked against them (each masks only against the sites whose shares reached it)
+    and nobody holds shares of their secrets; Flower's workflow would still ask for those
+    shares in the unmask stage and halt. After this the unmask stage's dropped-out sites are
+    exactly those that shared keys and then sent no masked vector.
+    """
+    state.sampled_node_ids = set(state.active_node_ids)
+    state.nid_to_neighbours = {nid: neighbours & state.active_node_ids
+                               for nid, neighbours in state.nid_to_neighbours.items()
+                               if nid in state.active_node_ids}
 
 
 class _OneRound(Strategy):

@@ -84,6 +84,24 @@ class Coordinator:
         self.replies.append(reply)
         return reply
 
+    def site_context(self, site: Site, node_id: int = 7) -> Context:
+        """A site's Context for a SecAgg+ run: its state persists across the four stages, as in a SuperNode."""
+        return Context(run_id=1, node_id=node_id, node_config=site.node_config, state=RecordDict(),
+                       run_config=dict(HONEST))
+
+    def secure_stage(self, context: Context, configs: dict, train_request: bool = False) -> Message:
+        """One SecAgg+ stage of the coordinator's making (``configs``: the stage's secaggplus_configs);
+        with ``train_request`` it also carries an honest train request, as the masked stage does."""
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+        from client.app import train
+
+        content = self.message("train").content if train_request else RecordDict()
+        content[RECORD_KEY_CONFIGS] = ConfigRecord(configs)
+        reply = train(Message(content=content, dst_node_id=context.node_id, message_type="train"), context)
+        self.replies.append(reply)
+        return reply
+
     def evaluate(self, site: Site, run_config: dict | None = None, **round_fields) -> Message:
         from client.app import evaluate_adapter
 

@@ -399,3 +399,163 @@ def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, 
         a, b = first[name].ravel(), second[name].ravel()
         if a.size >= 64:
             assert abs(np.corrcoef(a, b)[0, 1]) < 0.5
+
+
+# ---- secure aggregation: a site that requires it also bounds the protocol the coordinator runs ----------
+SETUP = {"stage": "setup", "sample_num": 3, "share_num": 3, "threshold": 2, "clipping_range": 8.0,
+         "target_range": 2**22, "mod_range": 2**32, "max_weight": 1000.0}
+
+
+def public_keys(n: int) -> list[list[bytes]]:
+    """Key pairs of sites the coordinator makes up (only their public halves travel)."""
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+
+    return [[public_key_to_bytes(generate_key_pairs()[1]), public_key_to_bytes(generate_key_pairs()[1])]
+            for _ in range(n)]
+
+
+def refused_stage(reply, stage: str, why: str) -> None:
+    """Refused with a reason code: no keys, shares or masked vector (no SecAgg+ record), no adapter."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    from client.secure_aggregation import OUT_OF_BOUNDS
+
+    assert RECORD_KEY_CONFIGS not in reply.content and "arrays" not in reply.content
+    secure = dict(reply.content["secure"])
+    assert secure["refused"] and secure["code"] == OUT_OF_BOUNDS and secure["stage"] == stage, secure
+    assert why in secure["reason"], secure["reason"]
+    assert status(reply) == "rejected" and reason(reply) == secure["reason"]
+    assert secure["contributed"] is False and reply.content["metrics"]["num-examples"] == 0
+
+
+@pytest.mark.parametrize("share_num, threshold, why", [
+    (1, 1, "share_num 1: fewer than min-secure-cohort 3"),  # a cohort of one: the 'sum' is the site's update
+    (2, 2, "share_num 2: fewer than min-secure-cohort 3"),  # two sites: each learns the other's update
+    (3, 1, "threshold 1 of 3 shares is not more than half"),
+    (4, 2, "threshold 2 of 4 shares is not more than half"),  # two disjoint halves: both secrets
+    (3, 4, "threshold 4 exceeds share_num 3"),
+])
+def test_a_secure_round_out_of_the_sites_bounds_is_refused_at_setup(tmp_path, coordinator, capsys, share_num,
+                                                                    threshold, why):
+    """Flower's secaggplus_mod checks only types: share_num 1 / threshold 1 would unmask the site. Refused
+    before the mod makes a key; the coordinator carrying on gets every later stage refused, nothing trains."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    site = Site(tmp_path / "secure-only", extra={"require-secure-aggregation": True})
+    context = coordinator.site_context(site)
+    reply = coordinator.secure_stage(context, {**SETUP, "sample_num": share_num, "share_num": share_num,
+                                               "threshold": threshold})
+    refused_stage(reply, "setup", why)
+    assert RECORD_KEY_STATE not in context.state.config_records  # Flower's mod never ran: no key pair exists
+    assert why in capsys.readouterr().err  # the site's own log says why
+    keys = public_keys(3)
+    later = coordinator.secure_stage(context, {"stage": "share_keys", "7": keys[0], "8": keys[1], "9": keys[2]})
+    refused_stage(later, "share_keys", "after refused")
+    masked = coordinator.secure_stage(context, {"stage": "collect_masked_vectors", "ctxts": [], "srcs": []},
+                                      train_request=True)
+    refused_stage(masked, "collect_masked_vectors", "after refused")
+    assert not (site.ledger_dir / "ledger.json").exists()  # nothing trained, nothing spent
+
+
+@pytest.mark.parametrize("extra, share_num, threshold, neighbours, why", [
+    ({}, 3, 2, 1, "2 sites share keys with this one (itself included), fewer than min-secure-cohort 3"),
+    ({"min-secure-cohort": 4}, 5, 3, 2, "3 sites share keys with this one (itself included), fewer than "
+                                        "min-secure-cohort 4"),
+    ({}, 5, 4, 2, "3 sites share keys with this one (itself included), fewer than the threshold 4"),
+])
+def test_a_share_keys_stage_listing_too_few_sites_is_refused(tmp_path, coordinator, extra, share_num, threshold,
+                                                            neighbours, why):
+    """An honest-looking setup, then a share-keys stage listing fewer public keys than the site's minimum:
+    refused before the site splits its secrets into shares; the masked stage after it is refused too."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+
+    site = Site(tmp_path / "secure-only", extra={"require-secure-aggregation": True, **extra})
+    context = coordinator.site_context(site)
+    setup = coordinator.secure_stage(context, {**SETUP, "sample_num": share_num, "share_num": share_num,
+                                               "threshold": threshold})
+    own = setup.content[RECORD_KEY_CONFIGS]
+    listed = {"stage": "share_keys", "7": [own["pk1"], own["pk2"]],
+              **{str(8 + i): pair for i, pair in enumerate(public_keys(neighbours))}}
+    refused_stage(coordinator.secure_stage(context, listed), "share_keys", why)
+    flower = context.state.config_records[RECORD_KEY_STATE]
+    assert flower["current_stage"] == "setup" and not flower.get("rd_seed")  # no mask seed made
+    assert flower["rd_seed_share_dict:K"] == [] and flower["sk1_share_dict:K"] == []  # no shares made
+    masked = coordinator.secure_stage(context, {"stage": "collect_masked_vectors", "ctxts": [b"x"], "srcs": [8]},
+                                      train_request=True)
+    refused_stage(masked, "collect_masked_vectors", "after refused")
+    assert not (site.ledger_dir / "ledger.json").exists()
+
+
+@pytest.mark.parametrize("stage, configs, why", [
+    ("collect_masked_vectors", {"srcs": [8, 8], "ctxts": [b"a", b"b"]}, "twice"),
+    ("collect_masked_vectors", {"srcs": [8, 12], "ctxts": [b"a", b"b"]}, "did not share keys with this one"),
+    ("collect_masked_vectors", {"srcs": [8], "ctxts": [b"a"]}, "masked among 2, fewer than min-secure-cohort 3"),
+    ("collect_masked_vectors", {"srcs": [8, 9], "ctxts": [b"a"]}, "one ciphertext each"),
+    ("unmask", {"active_nids": [7, 8, 9], "dead_nids": [9]}, "both active and dropped out"),
+    ("unmask", {"active_nids": [8, 9], "dead_nids": [7]}, "this site is called dropped out"),
+    ("unmask", {"active_nids": [7, 8, 12], "dead_nids": []}, "did not share keys with this one"),
+    ("unmask", {"active_nids": [7], "dead_nids": [8, 9]}, "1 active sites, fewer than the threshold 2"),
+    ("unmask", {"active_nids": [7, 7], "dead_nids": []}, "listed twice"),
+])
+def test_later_stages_are_bounded_by_what_the_site_accepted(stage, configs, why):
+    """The checks of the masked and the unmask stage, against a site (node 7) that accepted share_num 3,
+    threshold 2, keys from 7, 8, 9 and shares from 8, 9. Listing a site both active and dropped out would
+    make it reveal both of that site's secrets, whatever the threshold."""
+    from flwr.app import ConfigRecord
+
+    from client.secure_aggregation import out_of_bounds
+
+    before = {"collect_masked_vectors": "share_keys", "unmask": "collect_masked_vectors"}[stage]
+    guard = ConfigRecord({"stage": before, "share_num": 3, "threshold": 2, "neighbours": [7, 8, 9],
+                          "sources": [8, 9]})
+    assert why in out_of_bounds(stage, ConfigRecord(configs), guard, 7, 3)
+    honest = {"collect_masked_vectors": {"srcs": [8, 9], "ctxts": [b"a", b"b"]},
+              "unmask": {"active_nids": [7, 8], "dead_nids": [9]}}[stage]
+    assert out_of_bounds(stage, ConfigRecord(honest), guard, 7, 3) is None
+    assert "expected it after" in out_of_bounds(stage, ConfigRecord(honest), ConfigRecord({"stage": "setup"}), 7, 3)
+
+
+class SecureSites:
+    """A Grid for the honest coordinator (server.secure_aggregation): each message goes to the real
+    ClientApp of one deployed site, with that site's persistent Context."""
+
+    def __init__(self, contexts: dict):
+        self.contexts = contexts
+
+    def send_and_receive(self, messages, *, timeout=None):
+        import copy
+
+        from client.app import train
+
+        replies = []
+        for message in messages:
+            message = copy.deepcopy(message)  # each site its own copy, as over a wire
+            reply = train(message, self.contexts[message.metadata.dst_node_id])
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id  # what the SuperLink stamps
+            replies.append(reply)
+        return replies
+
+
+def test_sites_that_bound_secure_aggregation_train_in_an_honest_round(tmp_path, coordinator):
+    """Four deployed sites that require secure aggregation, the coordinator's own SecAgg+ workflow: the
+    site wanting 5 sites refuses at setup (nothing spent), the three others train, mask and are summed."""
+    from server.secure_aggregation import secure_mean
+    from slm.lora import sent_tensors
+
+    sites = {n: Site(tmp_path / f"site-{n}", extra={"name": f"site-{n}", "require-secure-aggregation": True,
+                                                     **({"min-secure-cohort": 5} if n == 4 else {})})
+             for n in (1, 2, 3, 4)}
+    contexts = {n: coordinator.site_context(site, node_id=n) for n, site in sites.items()}
+    request = coordinator.message("train").content
+    sent = sent_tensors(coordinator.adapter, "ffa")
+    result = secure_mean(SecureSites(contexts), [1, 2, 3, 4], request, sent, 1000, 1, timeout=60.0)
+    assert result.mean is not None and set(result.mean) == set(sent)
+    assert any(not bool((result.mean[k].float() == sent[k].float()).all()) for k in sent)  # the sites trained
+    (refusal,) = result.refusals
+    assert dict(refusal.content["privacy"])["client"] == "site-4"
+    assert "fewer than min-secure-cohort 5" in dict(refusal.content["secure"])["reason"]
+    assert not (sites[4].ledger_dir / "ledger.json").exists()
+    for n in (1, 2, 3):
+        assert [e["status"] for e in sites[n].ledger()["entries"]] == ["committed"]
+    secure = [dict(r.content["secure"]) for r in result.replies if r.metadata.src_node_id != 4]
+    assert len(secure) == 3 and all(s["contributed"] and s["weight"] > 0 for s in secure)

@@ -83,6 +83,8 @@ def test_a_coordinator_cannot_point_a_site_at_another_file(tmp_path):
     ({"max-epsilon": float("inf")}, "'max-epsilon' must be a positive number"),
     ({"test-fraction": 1.0}, "'test-fraction' must be in"),
     ({"max-rounds": 0}, "'max-rounds' must be at least 1"),
+    ({"min-secure-cohort": 2}, "'min-secure-cohort' must be at least 3"),
+    ({"min-secure-cohort": 3.5}, "'min-secure-cohort' must be an integer"),
     ({"evaluate": "yes"}, "'evaluate' must be true or false"),
     ({"ledger-dir": "relative"}, "'ledger-dir' must be an absolute path"),
 ])
