@@ -60,14 +60,16 @@ from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from client.outbound import site_log
 from client.site import SitePolicy, is_deployment
+from privacy.mechanism.record import REJECTED, PrivacyRecord, Reason
 from slm.config import from_run_config
 from slm.lora import from_arrays
 
 SECURE_RECORD = "secure"  # in clear: whether the site's update is in the sum, and why not
 GUARD_RECORD = "fedslm_secagg_bounds"  # context state: what this site accepted in the current protocol run
 REFUSED = "refused"  # the guard's stage after a refusal: every later stage is refused until a new setup
-OUT_OF_BOUNDS = "request-out-of-bounds"  # the refusal's code on the wire
+OUT_OF_BOUNDS = Reason.OUT_OF_BOUNDS.value  # the refusal's code on the wire
 
 
 def requested(msg: Message) -> bool:
@@ -189,16 +191,19 @@ def accepted(stage: str, configs: ConfigRecord, guard: ConfigRecord) -> ConfigRe
 
 
 def refusal(msg: Message, policy: SitePolicy, stage: str, why: str) -> Message:
-    """The reply to a stage out of the site's bounds: no keys, shares or masked vector; the reason in clear."""
-    from client.app import site_log  # imported here: client.app imports this module
+    """The reply to a stage out of the site's bounds: no keys, shares or masked vector; a reason code in clear.
 
-    reason = f"secure aggregation {stage}: {why}"
-    site_log(policy, f"refused a secure-aggregation stage ({OUT_OF_BOUNDS}): {reason}")
+    The detail (the coordinator's own numbers against the site's bounds) goes to the site's log,
+    as every refusal's does (client.outbound).
+    """
+    site_log(policy.name, f"refused a secure-aggregation stage ({OUT_OF_BOUNDS}): secure aggregation {stage}: {why}")
+    sentence = Reason.OUT_OF_BOUNDS.sentence
+    record = PrivacyRecord(client=policy.name, status=REJECTED, code=OUT_OF_BOUNDS, reason=sentence)
     return Message(RecordDict({
-        "privacy": ConfigRecord({"client": policy.name, "status": "rejected", "reason": reason}),
+        "privacy": ConfigRecord(record.to_config()),
         "metrics": MetricRecord({"num-examples": 0}),
         SECURE_RECORD: ConfigRecord({"contributed": False, "weight": 0, "refused": True, "stage": stage,
-                                     "code": OUT_OF_BOUNDS, "reason": reason}),
+                                     "code": OUT_OF_BOUNDS, "reason": sentence}),
     }), reply_to=msg)
 
 

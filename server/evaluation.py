@@ -13,7 +13,7 @@ SHOWN = (("accuracy", "accuracy"), ("top1_accuracy", "top-1"))  # the accuracy o
 
 
 def evaluation_name(reply) -> str:
-    return str(reply.content["info"]["client"])
+    return str(reply.content["info"]["client"]) or None  # a site whose node config names nobody keeps node-<id>
 
 
 def summarize(intake: Intake, names: Names) -> dict:
@@ -22,8 +22,11 @@ def summarize(intake: Intake, names: Names) -> dict:
     Replies under a duplicate site name are listed in ``eval_rejected``, never merged:
     one entry per name would let one site's loss stand for several.
     """
-    per_client, loss_sum, tokens = {}, 0.0, 0.0
+    per_client, loss_sum, tokens, refused = {}, 0.0, 0.0, []
     for _, name, reply in intake.usable:
+        if "metrics" not in reply.content:  # the site refused (evaluation off, its cap, its budget): a reason code
+            refused.append({"client": name, "reason": str(reply.content["privacy"].get("reason", ""))})
+            continue
         metrics = dict(reply.content["metrics"])
         per_client[name] = metrics
         loss_sum += metrics["eval_loss"] * metrics["eval_tokens"]
@@ -33,6 +36,8 @@ def summarize(intake: Intake, names: Names) -> dict:
         weighted = [(m[key], m["eval_examples"]) for m in per_client.values() if key in m]
         if weighted:
             summary[key] = sum(v * n for v, n in weighted) / max(sum(n for _, n in weighted), 1)
+    if refused:
+        summary["eval_refused"] = refused
     if intake.failed:
         summary["eval_errors"] = [f"{names(node)}: {why}" for node, why in intake.failed]
     if intake.duplicate:
@@ -57,6 +62,7 @@ def describe(summary: dict, label: str) -> list[str]:
     head = f"{label} loss {summary['eval_loss']:.4f}" + (f", {name} {summary[key]:.1%}" if key else "")
     return ([f"{head}  ({clients})"]
             + [f"evaluation failed on {error}" for error in summary.get("eval_errors", [])]
+            + [f"{entry['client']} refused to evaluate: {entry['reason']}" for entry in summary.get("eval_refused", [])]
             + [f"{label} reply rejected: {entry['reason']}" for entry in summary.get("eval_rejected", [])])
 
 

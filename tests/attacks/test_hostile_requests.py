@@ -217,8 +217,8 @@ def test_evaluation_is_off_unless_the_site_turns_it_on(tmp_path, coordinator, ca
 
 
 def test_a_dp_evaluation_is_noised_charged_and_capped(tmp_path, coordinator, capsys):
-    site = Site(tmp_path / "dp-eval", records=60, extra={"evaluate": "dp", "max-evaluations-per-run": 2,
-                                                          "max-eval-examples": 0})
+    site = Site(tmp_path / "dp-eval", records=800, extra={"evaluate": "dp", "max-evaluations-per-run": 2,
+                                                           "max-eval-examples": 0, "evaluation-loss-bound": 20.0})
     coordinator.replies.clear()
     first, second = (coordinator.evaluate(site, server_round=r) for r in (1, 2))
     losses = [float(r.content["metrics"]["eval_loss"]) for r in (first, second)]
@@ -339,11 +339,11 @@ def test_errors_carry_no_records_column_names_indexes_or_paths(tmp_path, coordin
                  "records.jsonl", "Traceback", "Error"]
     for reply in replies:
         text = wire_text(reply)
-        assert code(reply) in {r.value for r in Reason}
+        assert code(reply) in {r.value for r in Reason} or status(reply) == "committed"  # model.name: ignored
         leaked = [word for word in forbidden if word in text]
         assert not leaked, f"{leaked} left the site in: {text[:300]}"
-    assert not any(e["status"] in ("reserved", "committed") for e in
-                   (site.ledger()["entries"] if (site.ledger_dir / "ledger.json").exists() else []))
+    spending = [e for e in site.ledger()["entries"] if e["status"] in ("reserved", "committed")]
+    assert len(spending) == len([r for r in replies if status(r) == "committed"])  # no failed round spent
 
 
 def test_no_budget_is_spent_on_a_round_that_trains_nothing(tmp_path, coordinator):
@@ -414,8 +414,9 @@ def public_keys(n: int) -> list[list[bytes]]:
             for _ in range(n)]
 
 
-def refused_stage(reply, stage: str, why: str) -> None:
-    """Refused with a reason code: no keys, shares or masked vector (no SecAgg+ record), no adapter."""
+def refused_stage(reply, stage: str, why: str, capsys) -> None:
+    """Refused with a reason code: no keys, shares or masked vector (no SecAgg+ record), no adapter; the
+    reason's detail in the site's log only."""
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     from client.secure_aggregation import OUT_OF_BOUNDS
@@ -423,8 +424,8 @@ def refused_stage(reply, stage: str, why: str) -> None:
     assert RECORD_KEY_CONFIGS not in reply.content and "arrays" not in reply.content
     secure = dict(reply.content["secure"])
     assert secure["refused"] and secure["code"] == OUT_OF_BOUNDS and secure["stage"] == stage, secure
-    assert why in secure["reason"], secure["reason"]
-    assert status(reply) == "rejected" and reason(reply) == secure["reason"]
+    assert secure["reason"] == Reason.OUT_OF_BOUNDS.sentence and why in capsys.readouterr().err
+    assert status(reply) == "rejected" and reason(reply) == secure["reason"] and code(reply) == OUT_OF_BOUNDS
     assert secure["contributed"] is False and reply.content["metrics"]["num-examples"] == 0
 
 
@@ -445,15 +446,14 @@ def test_a_secure_round_out_of_the_sites_bounds_is_refused_at_setup(tmp_path, co
     context = coordinator.site_context(site)
     reply = coordinator.secure_stage(context, {**SETUP, "sample_num": share_num, "share_num": share_num,
                                                "threshold": threshold})
-    refused_stage(reply, "setup", why)
+    refused_stage(reply, "setup", why, capsys)
     assert RECORD_KEY_STATE not in context.state.config_records  # Flower's mod never ran: no key pair exists
-    assert why in capsys.readouterr().err  # the site's own log says why
     keys = public_keys(3)
     later = coordinator.secure_stage(context, {"stage": "share_keys", "7": keys[0], "8": keys[1], "9": keys[2]})
-    refused_stage(later, "share_keys", "after refused")
+    refused_stage(later, "share_keys", "after refused", capsys)
     masked = coordinator.secure_stage(context, {"stage": "collect_masked_vectors", "ctxts": [], "srcs": []},
                                       train_request=True)
-    refused_stage(masked, "collect_masked_vectors", "after refused")
+    refused_stage(masked, "collect_masked_vectors", "after refused", capsys)
     assert not (site.ledger_dir / "ledger.json").exists()  # nothing trained, nothing spent
 
 
@@ -463,7 +463,7 @@ def test_a_secure_round_out_of_the_sites_bounds_is_refused_at_setup(tmp_path, co
                                         "min-secure-cohort 4"),
     ({}, 5, 4, 2, "3 sites share keys with this one (itself included), fewer than the threshold 4"),
 ])
-def test_a_share_keys_stage_listing_too_few_sites_is_refused(tmp_path, coordinator, extra, share_num, threshold,
+def test_a_share_keys_stage_listing_too_few_sites_is_refused(capsys, tmp_path, coordinator, extra, share_num, threshold,
                                                             neighbours, why):
     """An honest-looking setup, then a share-keys stage listing fewer public keys than the site's minimum:
     refused before the site splits its secrets into shares; the masked stage after it is refused too."""
@@ -476,13 +476,13 @@ def test_a_share_keys_stage_listing_too_few_sites_is_refused(tmp_path, coordinat
     own = setup.content[RECORD_KEY_CONFIGS]
     listed = {"stage": "share_keys", "7": [own["pk1"], own["pk2"]],
               **{str(8 + i): pair for i, pair in enumerate(public_keys(neighbours))}}
-    refused_stage(coordinator.secure_stage(context, listed), "share_keys", why)
+    refused_stage(coordinator.secure_stage(context, listed), "share_keys", why, capsys)
     flower = context.state.config_records[RECORD_KEY_STATE]
     assert flower["current_stage"] == "setup" and not flower.get("rd_seed")  # no mask seed made
     assert flower["rd_seed_share_dict:K"] == [] and flower["sk1_share_dict:K"] == []  # no shares made
     masked = coordinator.secure_stage(context, {"stage": "collect_masked_vectors", "ctxts": [b"x"], "srcs": [8]},
                                       train_request=True)
-    refused_stage(masked, "collect_masked_vectors", "after refused")
+    refused_stage(masked, "collect_masked_vectors", "after refused", capsys)
     assert not (site.ledger_dir / "ledger.json").exists()
 
 
@@ -553,7 +553,7 @@ def test_sites_that_bound_secure_aggregation_train_in_an_honest_round(tmp_path, 
     assert any(not bool((result.mean[k].float() == sent[k].float()).all()) for k in sent)  # the sites trained
     (refusal,) = result.refusals
     assert dict(refusal.content["privacy"])["client"] == "site-4"
-    assert "fewer than min-secure-cohort 5" in dict(refusal.content["secure"])["reason"]
+    assert dict(refusal.content["secure"])["code"] == "request-out-of-bounds"
     assert not (sites[4].ledger_dir / "ledger.json").exists()
     for n in (1, 2, 3):
         assert [e["status"] for e in sites[n].ledger()["entries"]] == ["committed"]

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from client.app import site_and_data
+from client.app import admitted
+from client.request import parse_evaluation
 from client.data import DataSpec, held_out_by_hash, split
 from client.site import SitePolicy, site_name
 from slm.errors import UserError
@@ -18,7 +19,14 @@ def site_config(tmp_path, **extra) -> dict:
     data = tmp_path / "records.jsonl"
     data.write_text("".join(f'{{"question": "q{i}", "answer": "a{i}"}}\n' for i in range(40)))
     return {"name": "site-a", "data-path": str(data), "ledger-dir": str(tmp_path / "ledger"), "max-epsilon": 3.0,
-            **extra}
+            "model-dir": "tiny", "fields": "question,answer", **extra}
+
+
+def site_and_data(context, run_dir: str = "") -> tuple:
+    """(the request's config, the site's policy, its records), as the ClientApp admits an evaluation request."""
+    policy, request, local = admitted(context, {"run-id": "run-1", "server-round": 1, "aggregation": "ffa",
+                                                "run-dir": run_dir}, parse_evaluation)
+    return request.config, policy, local
 
 
 def test_a_site_keeps_dp_on_with_os_entropy_its_budget_delta_ledger_and_split(tmp_path, capsys):
@@ -85,7 +93,15 @@ def test_a_coordinator_cannot_point_a_site_at_another_file(tmp_path):
     ({"max-rounds": 0}, "'max-rounds' must be at least 1"),
     ({"min-secure-cohort": 2}, "'min-secure-cohort' must be at least 3"),
     ({"min-secure-cohort": 3.5}, "'min-secure-cohort' must be an integer"),
-    ({"evaluate": "yes"}, "'evaluate' must be true or false"),
+    ({"evaluate": "yes"}, "'evaluate' 'yes' is not one of off, dp, non-sensitive"),
+    ({"evaluate": True}, "'evaluate' = true no longer exists"),
+    ({"evaluate": "non-sensitive"}, "non-sensitive needs test-data-path"),
+    ({"model-dir": None}, "'model-dir' is required in a deployment"),
+    ({"data_path": "/x.jsonl"}, "unknown key 'data_path'"),
+    ({"wire-dtypes": "float64"}, "'wire-dtypes' must name some of float16, float32"),
+    ({"min-clip-norm": 0.0}, "'min-clip-norm' must be a positive number"),
+    ({"max-lora-dropout": 1.0}, "'max-lora-dropout' must be in"),
+    ({"verbalizers": "0=negative"}, "'verbalizers'"),
     ({"ledger-dir": "relative"}, "'ledger-dir' must be an absolute path"),
 ])
 def test_a_bad_node_config_is_one_line_naming_the_key(tmp_path, extra, message):

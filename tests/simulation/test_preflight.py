@@ -23,8 +23,10 @@ def config_for(path, **extra):
 
 def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_path):
     """Under a skewed split no client sees every label: the candidates must still be the same everywhere."""
-    from client.app import site_and_data
     from types import SimpleNamespace
+
+    from client.app import admitted
+    from client.request import parse_evaluation
 
     config = config_for(label_csv(tmp_path / "d.csv"), **{"data.dirichlet-alpha": 0.1})
     lines = preflight(config, 3)
@@ -32,7 +34,9 @@ def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_p
     assert config["data.verbalizers"] == ",".join(f"{w}={w}" for w in sorted(LABELS))
     for pid in range(3):
         context = SimpleNamespace(run_config=config, node_config={"partition-id": pid, "num-partitions": 3})
-        assert site_and_data(context, str(tmp_path))[0]["data.verbalizers"] == config["data.verbalizers"]
+        round_cfg = {"run-id": "r", "server-round": 1, "aggregation": "ffa", "run-dir": str(tmp_path)}
+        assert admitted(context, round_cfg, parse_evaluation)[1].config["data.verbalizers"] == \
+            config["data.verbalizers"]
 
 
 @pytest.mark.parametrize("extra, clients, words", [

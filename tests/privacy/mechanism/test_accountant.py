@@ -164,3 +164,15 @@ def test_a_grid_over_the_bound_runs_prv_at_a_wider_error_still_an_upper_bound(mo
     monkeypatch.setattr(accountant, "PRV_MAX_GRID", 10**4)  # more than 10x over: not even at the widest error
     assert prv_eps_error([(1.0, 0.01, 1000)], 1e-5) is None
     assert epsilon([event], delta=1e-5) == epsilon([event], delta=1e-5, accountant="rdp")
+
+
+@pytest.mark.parametrize("sigma, count, delta", [(7.07, 1, 1e-5), (3.0, 4, 1e-5), (10.0, 2, 1e-6)])
+def test_the_plain_gaussian_of_a_dp_evaluation_matches_pld(sigma, count, delta):
+    """A DP evaluation is an un-subsampled Gaussian (q = 1, one step per answer): the same accountant holds."""
+    from dp_accounting import dp_event, pld
+
+    reference = pld.PLDAccountant(value_discretization_interval=1e-4)
+    reference.compose(dp_event.GaussianDpEvent(sigma), count)
+    ours = epsilon([SgmEvent(noise_multiplier=sigma, sample_rate=1.0, steps=1)] * count, delta=delta)
+    expected = reference.get_epsilon(delta)
+    assert expected * 0.995 <= ours <= expected * 1.02 + 0.011  # PRV: the upper end of its 0.01 error interval
