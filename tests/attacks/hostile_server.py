@@ -27,6 +27,8 @@ app = ServerApp()
 ATTACKS = [  # a few: each costs every site a fresh ClientApp process (the unit suite has every variant)
     ("honest-1", 1, 3, "hostile"),
     ("round-past-the-end", 5, 3, "hostile"),
+    ("crafted-adapter", 2, 3, "hostile"),  # a start the coordinator made up, not an aggregate
+    ("wrong-a-factors", 3, 3, "hostile"),  # an A digest the site cannot match: refused before its ledger
     ("always-the-last-round-a", 1, 1, "hostile-b"),
     ("always-the-last-round-b", 1, 1, "hostile-c"),
 ]
@@ -42,9 +44,13 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(1.0)
     results = []
     for label, server_round, num_rounds, run_id in ATTACKS:
+        start = adapter
+        if label == "crafted-adapter":  # every B entry set: far from the honest zero start
+            start = {k: (v + 0.05 if ".lora_B." in k else v) for k, v in adapter.items()}
+        digest = "0" * 64 if label == "wrong-a-factors" else a_factor_digest(adapter)
         round_cfg = {"num-rounds": num_rounds, "server-round": server_round, "run-id": run_id,
-                     "run-dir": "/tmp/hostile-choice", "aggregation": "ffa", "lora-a-sha256": a_factor_digest(adapter)}
-        content = RecordDict({"arrays": to_arrays(sent_tensors(adapter, "ffa"), "float16"),
+                     "run-dir": "/tmp/hostile-choice", "aggregation": "ffa", "lora-a-sha256": digest}
+        content = RecordDict({"arrays": to_arrays(sent_tensors(start, "ffa"), "float16"),
                               "config": ConfigRecord(round_cfg)})
         messages = [Message(content=content, message_type="train", dst_node_id=n) for n in nodes]
         for reply in grid.send_and_receive(messages, timeout=300):

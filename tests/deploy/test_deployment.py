@@ -90,7 +90,7 @@ def site_files(work: Path, site: str, records: list[dict], max_epsilon: float, t
     data = folder / "records.jsonl"
     data.write_text("".join(json.dumps({**r, "question": f"{site}: {r['question']}"}) + "\n" for r in records))
     return write_node_config(folder / f"node-{tag}.toml", data_path=str(data), ledger_dir=str(folder / "ledger"),
-                             max_epsilon=max_epsilon, model_dir="tiny", name=site)
+                             max_epsilon=max_epsilon, model_dir="tiny", name=site, fields="question,answer")
 
 
 def start_sites(fed: dict, stack: ExitStack, configs: dict[str, Path], tag: str) -> list:
@@ -261,7 +261,7 @@ def test_a_hostile_coordinator_gets_refusals_and_never_more_than_the_sites_budge
         data = folder / "records.jsonl"
         data.write_text("".join(json.dumps({**r, "question": f"{site}: {r['question']}"}) + "\n" for r in qa_records))
         configs[site] = write_node_config(folder / "node.toml", data_path=str(data), ledger_dir=str(folder / "ledger"),
-                                          max_epsilon=budget, model_dir="tiny", name=site)
+                                          max_epsilon=budget, model_dir="tiny", name=site, fields="question,answer")
     with ExitStack() as stack:
         start_sites(fed, stack, configs, "hostile")
         proc = flwr(fed["home"], "run", str(hostile), CONNECTION, "--stream", "--run-config",
@@ -277,7 +277,11 @@ def test_a_hostile_coordinator_gets_refusals_and_never_more_than_the_sites_budge
         assert mine["honest-1"]["privacy"]["status"] == "committed"
         rejected = mine["round-past-the-end"]
         assert rejected["privacy"]["status"] == "rejected" and not rejected["released"]
-        assert "round 5 of 3 is not a round of the run" in rejected["privacy"]["reason"]
+        assert rejected["privacy"]["code"] == "request-out-of-bounds"
+        for attack in ("round-past-the-end", "wrong-a-factors"):  # the reply holds the code's sentence, no detail
+            assert mine[attack]["privacy"]["reason"] == "the request is outside the site's policy", mine[attack]
+        crafted = mine["crafted-adapter"]  # a start the coordinator made up: trained and accounted like any other
+        assert crafted["privacy"]["status"] == "committed" and crafted["released"]
         # Told each round is the last, the site plans its whole remainder into it: it reaches its budget
         # (the crumbs end in a refusal or at a sigma under its cap), never passes it.
         spent = [p["epsilon"] for p in (mine[f"always-the-last-round-{k}"]["privacy"] for k in "ab")]
@@ -291,6 +295,7 @@ def test_a_hostile_coordinator_gets_refusals_and_never_more_than_the_sites_budge
         assert independent_epsilon(released, ledger_file["delta"]) <= budget + 0.02
         log = (work / site / "hostile.log").read_text()
         assert "refused a train request: round 5 of 3 is not a round of the run" in log
+        assert "A factors differ" in log
         for key in ("dp.delta=0.2", "dp.max-epsilon=1000.0", "data.seed=5", "dp.enabled=False"):
             assert f"ignored the coordinator's {key}" in log
     assert not Path("/tmp/hostile-fresh-ledger").exists()
