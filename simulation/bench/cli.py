@@ -137,6 +137,13 @@ def _llamacpp(args):
     return llamacpp.run(args.files, new_tokens=args.new_tokens)
 
 
+def _noise(args):
+    from simulation.bench import noise
+
+    return noise.run(args.repeats, args.layers, _ints(args.records), args.dg_samples,
+                     [float(x) for x in _strs(args.dg_sigmas)], args.seed)
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (printed as ratios; see BENCHMARKS.md)")
     names = bench.add_subparsers(dest="bench_name", required=True)
@@ -233,3 +240,12 @@ def add_bench_parser(sub) -> None:
     pu.add_argument("--steps", type=int, default=8)
     pu.add_argument("--eval-examples", type=int, default=64)
     pu.add_argument("--out", type=Path, help="keep the runs here")
+    nz = add("noise", _noise, "the DP noise generator per DP-SGD step: ChaCha20 vs torch's Mersenne Twister "
+             "(Gaussian noise, Poisson mask, share of a SmolLM2 step), and an exact discrete Gaussian's cost")
+    nz.add_argument("--repeats", type=int, default=7, help="timed draws per configuration (median)")
+    nz.add_argument("--layers", type=int, default=30, help="adapted decoder layers (SmolLM2-135M: 30)")
+    nz.add_argument("--records", default="225,100000", help="comma-separated record counts of the Poisson mask")
+    nz.add_argument("--dg-samples", type=int, default=2000, help="discrete Gaussian samples per sigma")
+    nz.add_argument("--dg-sigmas", default="10,32768", help="discrete Gaussian sigmas in grid units "
+                    "(32768 = noise multiplier 0.5 on a grid of 2^-16 C)")
+    nz.add_argument("--seed", type=int, default=-1, help="-1 = a fresh key; >= 0 reproducible draws (same speed)")

@@ -66,6 +66,42 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert len(json.loads(out.read_text())) == 5  # 4 settings at r=8, ffa + float16 at r=4
 
 
+def test_noise_bench_times_both_generators_against_the_recorded_steps(capsys):
+    from simulation.bench import noise
+
+    result = noise.run(repeats=1, records=[225], dg_samples=40, dg_sigmas=[10.0], seed=0)
+    gaussian = {r["trained"]: r for r in result["gaussian"]}
+    assert gaussian["B only (FFA)"]["values"] == 184_320 and gaussian["A and B"]["values"] == 460_800
+    assert all(r["torch MT ms"] > 0 and r["ChaCha20 ms"] > 0 and r["x MT"] > 0 for r in result["gaussian"])
+    assert [r["records"] for r in result["poisson"]] == [225]
+    assert len(result["steps"]) == len(noise.RECORDED_STEPS)
+    for row in result["steps"]:
+        assert row["% of step"] == pytest.approx(row["ChaCha20 noise + mask ms"] / row["s/step"] / 10)
+    (discrete,) = result["discrete_gaussian"]
+    assert discrete["samples"] == 40 and discrete["us/sample"] > 0 and discrete["s per step (184,320 values)"] > 0
+    assert discrete["mean ok"] == discrete["var ok"] == "yes"  # seed 0: the same draws every run
+    out = capsys.readouterr().out
+    assert "x MT" in out and "% of step" in out and "discrete Gaussian" in out
+
+
+def test_discrete_gaussian_of_the_noise_bench_has_its_pmf():
+    """sigma^2 = 1: P(y) = exp(-y^2/2) / sum_z exp(-z^2/2); 3,000 draws from a seeded keystream, loose bounds."""
+    from fractions import Fraction
+
+    from privacy.mechanism.randomness import DpRandom, seed_key
+    from simulation.bench.noise import KeystreamInts, discrete_gaussian
+
+    ints = KeystreamInts(DpRandom(seed_key(1, "test")), chunk=64)  # small chunks: refills are exercised
+    draws = [discrete_gaussian(Fraction(1), ints) for _ in range(3000)]
+    norm = sum(math.exp(-z * z / 2) for z in range(-20, 21))
+    for y in (-2, -1, 0, 1, 2):
+        assert draws.count(y) / len(draws) == pytest.approx(math.exp(-y * y / 2) / norm, abs=0.03)
+    counts = [0, 0, 0]
+    for _ in range(3000):
+        counts[ints.randbelow(3)] += 1
+    assert all(900 < c < 1100 for c in counts) and ints.randbelow(1) == 0
+
+
 @pytest.mark.integration
 def test_overhead_compares_a_federation_with_its_pure_compute(tmp_path, model_cache):
     from simulation.bench import overhead
