@@ -7,18 +7,19 @@
 #   FEDSLM_CA            the federation's ca.crt; required
 #   FEDSLM_KEY           this node's private key from `python -m deploy.certs supernode`; required
 #   FEDSLM_NODE_CONFIG   this site's node config, a TOML file; required, and checked by deploy/node_config.py
-#                        (the first four keys must be set, paths absolute). The ClientApp reads, for example
+#                        (the first four keys and model-dir must be set, paths absolute). The ClientApp reads, for example
 #                          name = "hospital-a"                     # the site's name in the coordinator's view (unique)
 #                          data-path = "/srv/fedslm/records.jsonl"   # the local records (never leave the site)
 #                          ledger-dir = "/var/lib/fedslm/ledger"   # the local privacy ledger
 #                          max-epsilon = 8.0                       # the local budget, over all rounds and runs
 #                          delta = 1e-6                            # optional (default min(1e-5, 0.1/records))
-#                          model-dir = "smollm2"                   # optional: 'smollm2', 'tiny' or an HF directory
+#                          model-dir = "smollm2"                   # 'smollm2', 'tiny' or an HF directory
+#                          fields = "question,answer"              # the columns a coordinator may name
 #                          shipped-dir = "/var/lib/fedslm/models"  # optional: where verified shipped GGUF files go
 #                                                                  # (without it the site accepts no shipped models)
 #                          test-data-path = "/srv/fedslm/held.jsonl" # optional: the held-out records (else
 #                          test-fraction = 0.1                     #   this share of data-path, by record hash)
-#                          evaluate = true                         # optional: false = answer no evaluation request
+#                          evaluate = "off"                        # optional: off (default), dp, non-sensitive
 #                        and max-train-examples, max-eval-examples, max-noise-multiplier, max-rounds,
 #                        max-local-steps (client/site.py NODE_KEYS; docs/THREAT-MODEL.md)
 #   FEDSLM_APPROVED_APPS this site's app allow-list: one `<sha256>  <comment>` line per approved app bundle,

@@ -111,7 +111,7 @@ class Federation:
         self.committed_view = copy.deepcopy(state.privacy_view)  # the view as of the last completed round
         self.names = Names()
         self.user_dp: UserDpSpec | None = None
-        self.dp_random = None  # user-level cohorts and noise: keyed in run(), once per process, never saved
+        self.dp_random = None  # user-level cohorts and noise: keyed once per process (user_dp_random), never saved
         self.last_trained, self.last_eval = 0, {}
         self.base_cfg = {"num-rounds": self.spec.rounds, "run-id": rundir.path.name, "run-dir": str(rundir.path),
                          "aggregation": self.spec.aggregation,
@@ -153,10 +153,16 @@ class Federation:
         self.rundir.append_metrics({"round": server_round, "shipped": results})
 
     # ---- training ------------------------------------------------------------------
+    def user_dp_random(self):
+        """This process's user-level cohorts and noise: keyed once, from the rounds counted when it starts."""
+        if self.dp_random is None:
+            self.dp_random = server_random(self.config["server.noise-seed"], len(self.state.user_dp_events))
+        return self.dp_random
+
     def sample(self, available: list[int]) -> list[int]:
         ordered = sorted(available, key=lambda n: (self.names(n), n))
         if self.user_dp is not None:  # Poisson over clients from OS entropy: what the user-level accountant assumes
-            return poisson_cohort(ordered, self.user_dp.sample_rate, self.dp_random)
+            return poisson_cohort(ordered, self.user_dp.sample_rate, self.user_dp_random())
         # Seeded and replayed on resume: no amplification is claimed from this selection.
         k = max(self.spec.min_clients, math.ceil(self.spec.fraction_train * len(ordered)))
         return sorted(self.state.sampling.sample(ordered, min(k, len(ordered))))
@@ -190,8 +196,8 @@ class Federation:
         if private:  # the cohort's size only; even its mean train loss would be an un-noised statistic of it
             del row["participants"]
             row["cohort"] = len(states)
-            new, row["user_dp"] = private_round(server_round, states, sent, self.user_dp, eligible, self.dp_random,
-                                                self.state.user_dp_events)
+            new, row["user_dp"] = private_round(server_round, states, sent, self.user_dp, eligible,
+                                                self.user_dp_random(), self.state.user_dp_events)
             self.view.user_level.append(row["user_dp"])
             return new, row
         for u in replies.updates:
@@ -259,8 +265,6 @@ class Federation:
             return {"stopped": "too few clients", "rounds_completed": self.state.round,
                     "rounds_trained": self._rounds_trained()}
         self.user_dp = UserDpSpec.from_config(self.config, len(nodes))
-        if self.user_dp is not None:
-            self.dp_random = server_random(self.config["server.noise-seed"], len(self.state.user_dp_events))
         say(f"run directory {self.rundir.path}  ({len(nodes)} clients, {self.spec.rounds} rounds, "
             f"aggregation {self.spec.aggregation}{', user-level DP' if self.user_dp else ''})")
         nodes = evaluation_sample(nodes, self.config["server.fraction-evaluate"], self.config["server.seed"])

@@ -4,8 +4,8 @@ Why a closed list. Anything a site sends is seen by the coordinator, and a refus
 used to be whatever the code that refused wrote: exception text that named columns, label
 values, record indexes and paths on the site's disk. So a deployed site refuses with a
 ``Reason`` code and that code's fixed sentence, nothing else; the details go to its own
-log (client.outbound). A simulation (the researcher is coordinator and every site) adds
-the detail to the sentence.
+log (client.outbound). A simulation (the researcher is coordinator and every site) says
+the detail instead, as before (the code is in the record either way).
 
 The record itself is public by design: it is the site's accounting (sigma, q, steps,
 delta, epsilon and the record count, docs/THREAT-MODEL.md). Client, server and report read
@@ -86,5 +86,5 @@ class PrivacyRecord:
 
 
 def refusal_text(reason: Reason, detail: str, deployed: bool) -> str:
-    """What a refusal says on the wire: the fixed sentence; in a simulation also the detail."""
-    return reason.sentence if deployed or not detail else f"{reason.sentence}: {detail}"
+    """What a refusal says on the wire: a deployed site's fixed sentence; a simulated site's detail."""
+    return reason.sentence if deployed or not detail else detail

@@ -171,7 +171,8 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
 
     ``seeds`` / ``generators``: the noise_seed / noise_generator fields of the privacy
     records (None: a client ledger, which does not record them; a record without
-    noise_generator was written before fedslm drew its noise from ChaCha20); ``aggregation``: None when unknown (a client's own view);
+    noise_generator was written before fedslm drew its noise from ChaCha20); ``aggregation``: None
+    when unknown (a client's own view);
     ``train_metrics_in_clear``: the run's files hold train losses or training times the
     clients sent (older versions did; under DP they no longer send them).
     """

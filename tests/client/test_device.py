@@ -10,7 +10,7 @@ from slm.errors import UserError
 from slm.lora import adapter_state, frozen_a_factors
 from slm.tasks import Task
 
-NODE = {"name": "A", "data-path": "/data/a.jsonl", "ledger-dir": "/var/ledger", "max-epsilon": 8.0}
+NODE = {"name": "A", "data-path": "/data/a.jsonl", "ledger-dir": "/var/ledger", "max-epsilon": 8.0, "model-dir": "tiny"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto means cuda here")

@@ -224,7 +224,7 @@ def test_supernode_script_requires_the_allow_list(tmp_path, allow_list, message)
     records = tmp_path / "records.jsonl"
     records.write_text('{"question": "q", "answer": "a"}\n')
     config = write_node_config(tmp_path / "node.toml", name="site-a", data_path=str(records),
-                               ledger_dir=str(tmp_path / "ledger"), max_epsilon=8.0)
+                               ledger_dir=str(tmp_path / "ledger"), max_epsilon=8.0, model_dir="tiny")
     (tmp_path / "ca.crt").write_text("unused")
     (tmp_path / "node.key").write_text("unused")
     env = script_env(tmp_path / "home", FEDSLM_SUPERLINK="127.0.0.1:1", FEDSLM_CA=str(tmp_path / "ca.crt"),

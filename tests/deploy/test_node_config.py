@@ -32,9 +32,12 @@ def test_a_complete_config_passes(tmp_path, records):
     ({"ledger_dir": "{tmp}/l", "max_epsilon": 0}, "'max-epsilon' must be a positive number"),
     ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "delta": 0.2}, "'delta' must be in \\(0, 0.001\\]"),
     ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "name": "../a"}, "node config key 'name': '../a' is not a site name"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "model_dir": None}, "'model-dir' is required in a deployment"),
+    ({"ledger_dir": "{tmp}/l", "max_epsilon": 8.0, "evaluate": True}, "'evaluate' = true no longer exists"),
 ])
 def test_what_would_leave_privacy_to_the_server_is_refused(tmp_path, records, values, message):
-    values = {"name": "site-a", **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}}
+    values = {"name": "site-a", "model_dir": "tiny",
+              **{k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in values.items()}}
     config = write_node_config(tmp_path / "node.toml", data_path=str(records),
                                **{k: v for k, v in values.items() if v is not None})
     with pytest.raises(UserError, match=message):

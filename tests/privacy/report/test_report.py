@@ -49,7 +49,7 @@ def _write_run(run, *, rounds: int = 2, planned: int = 2, user_dp: bool = False)
                           epsilon_rdp_after=_epsilon(name, rnd, "rdp"), max_epsilon=20.0, status="committed")
             ledger.entries.append(entry)
             view["clients"].setdefault(name, []).append({
-                "round": rnd, "client": name, "dp": True, "noise_seed": "os-entropy", "status": entry.status,
+                "round": rnd, "client": name, "dp": True, "noise_seed": "os-entropy", "noise_generator": "chacha20", "status": entry.status,
                 "noise_multiplier": entry.noise_multiplier, "clip_norm": entry.clip_norm,
                 "sample_rate": entry.sample_rate, "steps": entry.steps, "delta": entry.delta,
                 "epsilon": entry.epsilon_after, "epsilon_rdp": entry.epsilon_rdp_after, "max_epsilon": 20.0,
@@ -295,11 +295,21 @@ def test_what_is_not_protected_is_listed(run):
                          ("Not protected: a compromised site", "nothing about its records is protected")]:
         assert words in notes[topic], topic
     assert "pins which of its records are held out" in notes["Not protected: held-out evaluation records"]
-    randomness = notes["Randomness: not a cryptographic generator, Opacus secure_mode OFF"]
-    for words in ("Mersenne Twister", "256 bits of OS entropy", "privacy/mechanism/entropy.py",
-                  "not a cryptographically secure generator", "secure_mode", "Floating-point attacks",
-                  "not mitigated"):
+    randomness = notes["Randomness: a cryptographic generator (ChaCha20)"]
+    for words in ("ChaCha20 keystream", "RFC 8439", "256 bits of OS entropy", "privacy/mechanism/randomness.py",
+                  "Box-Muller", "Not mitigated: floating-point attacks"):
         assert words in randomness, words
+
+
+def test_rounds_drawn_from_the_mersenne_twister_are_reported_as_such():
+    """Privacy records written before the ChaCha20 generator carry no noise_generator field: the report says
+    what those rounds drew from, instead of describing today's code."""
+    from privacy.report.text import protection_notes
+
+    old = {n["topic"]: n["text"] for n in protection_notes(seeds={"os-entropy"}, generators={None, "chacha20"},
+                                                           aggregation="ffa", user=None)}
+    text = old["Randomness: not a cryptographic generator in some rounds"]
+    assert "Mersenne Twister" in text and "reconstructed" in text
 
 
 def test_rounds_whose_replies_carry_no_train_loss_are_reported(run):
