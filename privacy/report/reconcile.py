@@ -158,7 +158,8 @@ def _base(name: str, rounds: list[dict], delta: float, source: str) -> ClientAcc
     rows = [{"round": r["round"], "status": r["status"], "noise_multiplier": r["noise_multiplier"],
              "clip_norm": r["clip_norm"], "sample_rate": r["sample_rate"], "steps": r["steps"],
              "epsilon_reported": r.get("epsilon"), "epsilon_rdp_reported": r.get("epsilon_rdp"),
-             "reason": r.get("reason", ""), "noise_seed": r.get("noise_seed")} for r in rounds]
+             "reason": r.get("reason", ""), "noise_seed": r.get("noise_seed"),
+             "noise_generator": r.get("noise_generator")} for r in rounds]
     return ClientAccount(name=name, dp=True, records=last.get("records"), delta=delta, budget=last.get("max_epsilon"),
                          rounds=rows, epsilon=0.0, epsilon_rdp=0.0, epsilon_run=0.0, epsilon_run_rdp=0.0,
                          epsilon_before=0.0, source=source)
