@@ -33,6 +33,7 @@ from client.shipment import receive_and_evaluate
 from client.site import SitePolicy, is_deployment
 from client.train import train_adapter
 from privacy.mechanism.ledger import Entry, fingerprint
+from privacy.mechanism.policy import MAX_PARTICIPATIONS
 from privacy.mechanism.randomness import round_key
 from privacy.mechanism.record import NO_DP, REJECTED, PrivacyRecord, Reason
 from privacy.mechanism.transaction import Grant, Release, SiteBudget, open_release
@@ -124,6 +125,9 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
                            "fixed (not private against whoever knows it)")
     problems = [] if 1 <= request.batch_size <= len(local.train) else [
         f"expected batch {request.batch_size}: the site has {len(local.train)} training records"]
+    if request.local_steps * request.batch_size > MAX_PARTICIPATIONS * len(local.train):  # steps x q, unaccounted
+        problems.append(f"{request.local_steps} steps at an expected batch of {request.batch_size} pass over the "
+                        f"site's {len(local.train)} records more than {MAX_PARTICIPATIONS:g} times in one round")
     if policy.require_secure_aggregation and not masked:
         problems.append("this site trains only in secure-aggregation rounds (node config "
                         "require-secure-aggregation): a clear reply would show the coordinator its update")

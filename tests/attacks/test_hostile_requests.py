@@ -136,6 +136,7 @@ def test_delta_is_the_sites_never_the_coordinators(site, coordinator, capsys):
     ({}, {"train.grad-sample-mode": "ghost", "model.dtype": "bfloat16"}, "ghost clipping needs a float32 base"),
     ({}, {"train.grad-sample-mode": "ghost", "model.dtype": "int8"}, "ghost clipping needs a float32 base"),
     ({}, {"lora.r": 0}, "config key 'lora.r': must be >= 1"),
+    ({}, {"train.local-steps": 1000, "train.batch-size": 30}, "more than 100 times in one round"),
     ({}, {"no.such-key": 1}, "unknown config key 'no.such-key'"),
     ({}, {"data.prompt-field": "diagnosis"}, "not among the columns the site allows"),
     ({}, {"data.task": "label", "data.label-field": "answer"}, "the site approves no label words"),
