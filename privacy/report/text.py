@@ -218,9 +218,12 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
                  "(sigma, sample rate, steps, delta, epsilon)."},
         {"topic": "Not protected: held-out evaluation records",
          "text": "Evaluation loss and accuracy are computed on each client's held-out records, which are never "
-                 "trained on and are NOT protected by DP: their metrics leave the client in clear for any adapter "
-                 "the coordinator sends to evaluate, and are written to this report. The client pins which of its "
-                 "records are held out; anything about them that these metrics reveal is not covered."},
+                 "trained on. A simulated client's metrics (and a deployed site's with evaluate = non-sensitive, "
+                 "on a file it declared non-sensitive) are NOT protected by DP: they leave the client in clear for "
+                 "any adapter the coordinator sends to evaluate, and are written to this report. The client pins "
+                 "which of its records are held out; anything about them that these metrics reveal is not covered. "
+                 "A deployed site answers no evaluation by default; with evaluate = dp its metrics carry Gaussian "
+                 "noise charged to its ledger (its privacy records with mechanism dp-evaluation)."},
         {"topic": "Not protected: the model architecture",
          "text": "The base model, the LoRA configuration and the shapes of every update are known to the server and "
                  "to every client."},
