@@ -110,6 +110,7 @@ def attach(model_ref: str, spec: LoraSpec, dtype: str = "float32", device: torch
         for name, param in model.named_parameters():
             if param.requires_grad:
                 param.data = param.data.float()
+        model.initial_adapter = adapter_state(model)  # as attached from spec.seed, before any round changes it
         _attached[key] = (model, base.tokenizer)
     return _attached[key]
 

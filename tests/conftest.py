@@ -36,12 +36,11 @@ def config():
 @pytest.fixture
 def tiny(config):
     """(model, tokenizer) of the tiny Llama with the initial adapter restored."""
-    from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
+    from slm.lora import LoraSpec, attach, set_adapter_state
 
     model, tokenizer = attach("tiny", LoraSpec.from_config(config))
-    if not hasattr(model, "_fedslm_initial"):
-        model._fedslm_initial = adapter_state(model)
-    set_adapter_state(model, model._fedslm_initial)
+    model._fedslm_initial = model.initial_adapter  # recorded by attach: earlier tests may have trained the model
+    set_adapter_state(model, model.initial_adapter)
     return model, tokenizer
 
 

@@ -125,10 +125,9 @@ def wire_text(reply: Message) -> str:
     if reply.has_content():
         for key, record in reply.content.items():
             parts.append(key)
-            for name, value in record.items():
-                parts.append(f"{name}={value!r}")
-                if hasattr(value, "numpy"):
-                    parts.append(value.numpy().tobytes().hex())
+            for name, value in record.items():  # an array's bytes as hex (their repr would make up words by chance)
+                parts.append(f"{name}={value.numpy().tobytes().hex()}" if hasattr(value, "numpy") else
+                             f"{name}={value!r}")
     return "\n".join(parts)
 
 
