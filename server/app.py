@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -20,7 +22,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = from_run_config(context.run_config)
-    rundir = RunDir.create(config["run.root"], config["run.id"])
+    asked = Path(config["run.id"])
+    rundir = RunDir.create(config["run.root"], config["run.id"], fresh=not config["run.resume"])
+    if config["run.id"] and rundir.path.name != asked.name:  # the asked directory holds an earlier run
+        say(f"{rundir.path.with_name(asked.name)} already holds a run: this run writes {rundir.path} "
+            "(run.resume=true continues that one)")
+        config["run.id"] = str(asked.with_name(rundir.path.name))  # what config.json records
     if config["run.resume"]:
         state = checkpoint.load(rundir.path)
         rundir.keep_metrics_through(state.round)

@@ -9,6 +9,10 @@
                                DP also after a round's noise draw, before its release)
     <run>/events.jsonl         run-level events: finished, stopped early, resumed
 
+A run directory is written by one run: a new run whose directory already holds one (a
+re-used ``run.id``) writes ``<run.id>-2`` (``-3``, ...) instead, and the old one is left as
+it was; only ``run.resume`` continues a run in its own directory.
+
 JSON files are replaced atomically; metrics.jsonl is appended line by line and fsynced,
 so a crash loses at most the line being written.
 
@@ -28,15 +32,35 @@ from pathlib import Path
 
 from slm.jsonfiles import write_json_atomic
 
+# What a run leaves in its directory; any one of them means the directory holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "events.jsonl", "privacy", "adapters", "ledgers")
+
+
+def run_files(path: Path, names: tuple[str, ...] = RUN_FILES) -> list[str]:
+    """The names of ``names`` that ``path`` holds: none, no run is there."""
+    return [name for name in names if (path / name).exists()]
+
+
+def unused(path: Path) -> Path:
+    """``path``, or the first of ``path-2``, ``path-3``, ... that holds no run."""
+    candidate, k = path, 1
+    while run_files(candidate) or candidate.is_file():
+        k += 1
+        candidate = path.with_name(f"{path.name}-{k}")
+    return candidate
+
 
 @dataclass(frozen=True)
 class RunDir:
     path: Path
 
     @classmethod
-    def create(cls, root: str, run_id: str) -> "RunDir":
+    def create(cls, root: str, run_id: str, fresh: bool = False) -> "RunDir":
+        """The run's directory; ``fresh``: never one that already holds a run (see ``unused``)."""
         run_id = run_id or time.strftime("%Y%m%d-%H%M%S", time.localtime())
         path = Path(root).expanduser().resolve() / run_id
+        if fresh:
+            path = unused(path)
         path.mkdir(parents=True, exist_ok=True)
         return cls(path)
 

@@ -12,13 +12,15 @@ from simulation import audit_cmd
 from slm.errors import UserError
 from slm.quiet import quiet_libraries
 
+SIMULATION_FILE = "simulation.json"  # how a simulation was launched, for --resume
+
 
 def cmd_simulate(args) -> int:
-    from simulation.preflight import preflight
     from simulation.scenarios import describe, get_scenario
     from slm.config import parse_assignment, resolve
 
     if args.resume:
+        quiet_libraries()
         return _resume(args)
     scenario = get_scenario(args.scenario)
     overrides = dict(parse_assignment(item) for item in args.set)
@@ -36,13 +38,35 @@ def cmd_simulate(args) -> int:
         config["run.id"] = f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     config["run.root"] = str(Path(config["run.root"]).expanduser().resolve())
     run_dir = Path(config["run.root"]) / config["run.id"]
+    refuse_used(run_dir, "--out" if args.out else "run directory")  # in milliseconds: nothing heavy imported yet
+    quiet_libraries()
+    from simulation.preflight import preflight
+
     lines = preflight(config, clients)  # resolves a label task's verbalizers into config
     print(f"[fedslm] scenario {scenario.name}: {describe(scenario, config, clients, overrides)}", flush=True)
     for line in lines if len(lines) <= 12 else [*lines[:5], f"... and {len(lines) - 5} more clients"]:
         print(f"[fedslm]   {line}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "simulation.json").write_text(json.dumps({"clients": clients, "client_app": args.client_app}))
+    try:  # "x": a simulation started on the same directory meanwhile is refused, not joined
+        with (run_dir / SIMULATION_FILE).open("x") as handle:
+            handle.write(json.dumps({"clients": clients, "client_app": args.client_app}))
+    except FileExistsError:
+        refuse_used(run_dir, "--out" if args.out else "run directory")
     return _simulate(config, clients, args, run_dir)
+
+
+def refuse_used(run_dir: Path, flag: str) -> None:
+    """A run directory is written by one run: refuse one that holds anything (an empty one is fine)."""
+    from server.rundir import RUN_FILES, run_files
+
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    found = run_files(run_dir, (*RUN_FILES, SIMULATION_FILE))
+    if found:
+        raise UserError(f"{flag} {run_dir} already holds a run ({', '.join(found)}): choose a new --out, or "
+                        f"continue a run that stopped with `fedslm simulate --resume {run_dir}`")
+    what = "is a file" if run_dir.is_file() else "is not empty and holds no fedslm run"
+    raise UserError(f"{flag} {run_dir} {what}: choose a new --out (a new or empty directory)")
 
 
 def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
@@ -64,7 +88,7 @@ def _resume(args) -> int:
     run_dir = Path(args.resume).expanduser().resolve()
     try:
         config = resolve(json.loads((run_dir / "config.json").read_text()))
-        setup = json.loads((run_dir / "simulation.json").read_text())
+        setup = json.loads((run_dir / SIMULATION_FILE).read_text())
     except FileNotFoundError as err:
         raise UserError(f"--resume {run_dir}: {Path(err.filename).name} is missing (not a fedslm run directory)") from None
     except json.JSONDecodeError as err:
@@ -225,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
     try:
+        if args.func is not cmd_simulate:  # simulate checks its run directory first, before anything heavy
+            quiet_libraries()
         return args.func(args)
     except UserError as err:
         print(f"fedslm: error: {err}", file=sys.stderr)

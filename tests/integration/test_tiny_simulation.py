@@ -11,14 +11,15 @@ import torch
 pytestmark = pytest.mark.integration
 
 
+def simulate(out):
+    return [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--rounds", "2", "--clients", "2",
+            "--out", str(out)]
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, model_cache):
     out = tmp_path_factory.mktemp("runs") / "tiny-run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--rounds", "2", "--clients", "2",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = subprocess.run(simulate(out), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout + proc.stderr
 
@@ -78,3 +79,13 @@ def test_client_ledgers_and_server_view_agree(tiny_run):
         reported = [r["epsilon"] for r in view[path.parent.name]]
         assert reported == eps
         assert all(r["sampling"] == "poisson" and r["accountant"] == "prv" for r in view[path.parent.name])
+
+
+def test_the_same_command_again_is_refused_and_changes_nothing(tiny_run):
+    """A run directory is written by one run: a second run on it would append a second round 0."""
+    out, _ = tiny_run
+    before = {p: p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))}
+    proc = subprocess.run(simulate(out), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"--out {out} already holds a run" in proc.stderr and f"fedslm simulate --resume {out}" in proc.stderr
+    assert {p: p.read_bytes() if p.is_file() else None for p in sorted(out.rglob("*"))} == before
