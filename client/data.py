@@ -77,13 +77,20 @@ def check_fields(table, spec: DataSpec) -> None:
         key = {spec.prompt_field: "prompt-field", spec.response_field: "response-field",
                spec.text_field: "text-field", spec.label_field: "label-field"}[field]
         if field not in table.column_names:
-            raise UserError(
-                f"data file {spec.path}: field '{field}' (data.{key}) is missing; "
-                f"columns are {', '.join(table.column_names)}"
-            )
+            raise UserError(f"data file {spec.path}: field '{field}' (data.{key}) is missing; columns are "
+                            f"{', '.join(table.column_names)}: {_missing_fix(table.column_names, key)}")
         index = _first_empty(table, field)
         if index is not None:
             raise UserError(f"data file {spec.path}: record {index + 1} has an empty '{field}' (data.{key})")
+
+
+def _missing_fix(columns: list[str], key: str) -> str:
+    """A CSV written with another separator reads as one column holding the whole header line."""
+    separator = next((s for s in ";\t,|" if len(columns) == 1 and s in columns[0]), None)
+    if separator is not None:
+        return (f"the header reads as one column, so the file looks separated by {separator!r}; "
+                "save it comma-separated (.csv) or tab-separated (.tsv)")
+    return f"set data.{key} to one of them, or rename the column in the file"
 
 
 @lru_cache(maxsize=8)

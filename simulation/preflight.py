@@ -54,7 +54,9 @@ def check_data(config: dict, num_clients: int) -> list[LocalData]:
     spec = DataSpec.from_config(config)
     table = read_table(spec.path)
     check_fields(table, spec)
-    config["data.verbalizers"] = resolve_verbalizers(spec, table, *held_out_table(spec))
+    held = held_out_table(spec)
+    config["data.verbalizers"] = resolve_verbalizers(spec, table, *held)
+    check_record_count(spec, num_clients, table, *held)
     Task.from_config(config)  # the prompt template's placeholders
     spec = DataSpec.from_config(config)
     clients = []
@@ -66,3 +68,27 @@ def check_data(config: dict, num_clients: int) -> list[LocalData]:
                             f"({len(local.train)} records; data.test-fraction {spec.test_fraction:g})")
         clients.append(local)
     return clients
+
+
+def check_record_count(spec: DataSpec, num_clients: int, table, *held) -> None:
+    """Each simulated client needs a record to train on and one to hold out (from data.eval-path when set).
+
+    Too few records for the clients is the file's size or the client count, said as such,
+    not the batch size or an empty held-out side that it would surface as client by client.
+    A natural split's client count is its number of groups, checked by the partition.
+    """
+    if spec.partition == "natural" and num_clients > 1:
+        return
+    needs = [(spec.path, table, 1, "one to train") if held else (spec.path, table, 2, "one to train, one to hold out")]
+    needs += [(spec.eval_path, records, 1, "one to hold out") for records in held]
+    for path, records, each, why in needs:
+        if len(records) < each * num_clients:
+            most = len(records) // each
+            fix = f"use --clients {most} or fewer, or give" if most else "give"
+            raise UserError(f"data file {path}: {_count(len(records), 'record')} for {_count(num_clients, 'client')}, "
+                            f"and each client needs at least {each} ({why}): {fix} a file of at least "
+                            f"{each * num_clients} records")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -1,7 +1,8 @@
 """Reading JSON and JSON Lines files with one-line errors that name the file (and line); atomic writes.
 
 Shared by everything that reads user- or run-produced JSON: data files, ledgers, run
-directories. A corrupt file is reported, never half-read.
+directories. A corrupt file is reported, never half-read. Text is UTF-8, with or without
+a byte-order mark; anything else is refused at its line and byte, never replaced.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from slm.errors import UserError
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
 
 def read_json(path: Path, label: str = ""):
     where = f"{label} {path}".strip()
@@ -25,20 +28,40 @@ def read_json(path: Path, label: str = ""):
         raise UserError(f"{where}: corrupt JSON ({err})") from None
 
 
+def utf8_lines(path: Path, label: str = "") -> Iterator[tuple[int, str]]:
+    """Each line of a UTF-8 file with its number (from 1), a leading byte-order mark dropped.
+
+    Read as bytes, one line at a time (a phone's memory), so that the first byte that is
+    not UTF-8 stops the read with its line and its offset in the file.
+    """
+    where = f"{label} {path}".strip()
+    offset = 0
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            skip = len(UTF8_BOM) if number == 1 and raw.startswith(UTF8_BOM) else 0
+            try:
+                line = raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = offset + skip + err.start
+                raise UserError(f"{where}: line {number} is not UTF-8 (byte 0x{raw[skip + err.start]:02x} at byte "
+                                f"offset {bad}); re-save it as UTF-8") from None
+            offset += len(raw)
+            yield number, line
+
+
 def iter_json_lines(path: Path, label: str = "") -> Iterator[dict]:
     """Each non-blank line as a JSON object; the first bad line stops with its number."""
     where = f"{label} {path}".strip()
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{where}: line {number} is not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: line {number} is not a JSON object")
-            yield record
+    for number, line in utf8_lines(path, label):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{where}: line {number} is not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: line {number} is not a JSON object")
+        yield record
 
 
 def write_json_atomic(path: Path, data) -> None:

@@ -35,3 +35,13 @@ def test_a_bad_file_is_one_line(tmp_path):
     path = label_csv(tmp_path / "d.csv", labels=["0", "1"])
     with pytest.raises(UserError, match="labels 0, 1 in data file .* are not words"):
         show_data(str(path), SETTINGS, clients=2, scenario="tiny")
+
+
+def test_more_clients_than_records_names_both_counts_not_the_batch_size(tmp_path):
+    path = label_csv(tmp_path / "d.csv", labels=["Flu", "Acne"], per_label=5)
+    iid = [s for s in SETTINGS if not s.startswith("data.partition")] + ["data.partition=iid", "train.batch-size=4"]
+    with pytest.raises(UserError) as err:
+        show_data(str(path), iid, clients=1000, scenario="tiny")
+    assert str(err.value) == (f"data file {path}: 10 records for 1000 clients, and each client needs at least 2 "
+                              "(one to train, one to hold out): use --clients 5 or fewer, or give a file of at least "
+                              "2000 records")

@@ -45,7 +45,8 @@ def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_p
     ({"data.prompt-template": "{text} {label}"}, 2, "data.prompt-template': unknown placeholder {label}"),
     ({"model.max-length": 40}, 2, "config key 'model.max-length': 40 tokens leave no room for the text"),
     ({"server.min-clients": 3}, 2, "config key 'server.min-clients': 3 is more than the 2 clients"),
-    ({"data.partition": "iid", "train.batch-size": 1}, 36, "has no held-out records"),
+    ({"data.partition": "iid", "train.batch-size": 1}, 36, "36 records for 36 clients, and each client needs at least "
+     "2 (one to train, one to hold out): use --clients 18 or fewer, or give a file of at least 72 records"),
 ])
 def test_a_bad_value_stops_the_preflight_with_one_line(tmp_path, extra, clients, words):
     config = config_for(label_csv(tmp_path / "d.csv"), **extra)
@@ -67,3 +68,22 @@ def test_the_banner_describes_the_data_actually_used(tmp_path):
     assert describe(hospital, config, 4, overrides) == (
         "tiny, med.csv, label task (text field 'text', label field 'label', 6 labels), "
         "dirichlet split by 'label' (alpha 0.5) over 4 clients")
+
+
+def test_a_held_out_file_needs_a_record_per_client_and_the_train_file_one_more(tmp_path):
+    """With data.eval-path each client trains on its share of the file and holds out its share of the other."""
+    train, dev = label_csv(tmp_path / "d.csv"), label_csv(tmp_path / "dev.csv", per_label=1)
+    config = config_for(train, **{"data.eval-path": str(dev), "data.partition": "iid"})
+    with pytest.raises(UserError) as err:
+        preflight(config, 7)
+    assert str(err.value) == (f"data file {dev}: 6 records for 7 clients, and each client needs at least 1 (one to "
+                              "hold out): use --clients 6 or fewer, or give a file of at least 7 records")
+    with pytest.raises(UserError, match="^data file .*d.csv: 36 records for 37 clients, and each client needs at least "
+                                        r"1 \(one to train\): use --clients 36 or fewer"):
+        preflight(config_for(train, **{"data.eval-path": str(label_csv(tmp_path / "big.csv")),
+                                       "data.partition": "iid", "train.batch-size": 1}), 37)
+    single = tmp_path / "one.csv"
+    single.write_text("question,answer\nWhat is flu?,A virus.\n")
+    with pytest.raises(UserError, match=r"1 record for 1 client, and each client needs at least 2 \(one to train, one "
+                                        r"to hold out\): give a file of at least 2 records$"):
+        preflight(config_for(single, **{"data.task": "sft", "data.partition": "iid"}), 1)
