@@ -54,16 +54,21 @@ def describe(summary: dict, label: str) -> list[str]:
     def client(m: dict) -> str:
         return f"{m['eval_loss']:.4f}" + (f" {m[key]:.1%}" if key in m else "")
 
+    problems = ([f"evaluation failed on {error}" for error in summary.get("eval_errors", [])]
+                + [f"{entry['client']} refused to evaluate: {entry['reason']}" for entry in summary.get("eval_refused", [])]
+                + [f"{label} reply rejected: {entry['reason']}" for entry in summary.get("eval_rejected", [])])
+    if not per_client:  # no loss to give: say why in words, never "loss nan ()"
+        counts = [f"{len(summary.get(k, []))} {what}" for k, what in
+                  (("eval_refused", "refused"), ("eval_errors", "failed"), ("eval_rejected", "rejected"))
+                  if summary.get(k) or k != "eval_rejected"]
+        return [f"{label}: no site evaluated: {', '.join(counts)}"] + problems
     clients = ", ".join(f"{n} {client(m)}" for n, m in sorted(per_client.items()))
     if len(per_client) > 8:  # phones: ranges, not a thousand names
         clients = f"{len(per_client)} clients, {_range([m['eval_loss'] for m in per_client.values()], '.4f')}"
         if key:
             clients += f", {name} {_range([m[key] for m in per_client.values() if key in m], '.1%')}"
     head = f"{label} loss {summary['eval_loss']:.4f}" + (f", {name} {summary[key]:.1%}" if key else "")
-    return ([f"{head}  ({clients})"]
-            + [f"evaluation failed on {error}" for error in summary.get("eval_errors", [])]
-            + [f"{entry['client']} refused to evaluate: {entry['reason']}" for entry in summary.get("eval_refused", [])]
-            + [f"{label} reply rejected: {entry['reason']}" for entry in summary.get("eval_rejected", [])])
+    return [f"{head}  ({clients})"] + problems
 
 
 def _range(values: list[float], spec: str) -> str:

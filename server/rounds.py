@@ -39,7 +39,7 @@ from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState
 from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
 from server.intake import Names, check_secure_training, check_training
-from server.rundir import RunDir
+from server.rundir import RunDir, aggregated_update
 from server.secure_aggregation import check_config, max_weight, secure_mean
 from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_messages, shipping_warning
 from server.user_dp import UserDpSpec, poisson_cohort, private_round, server_random
@@ -367,14 +367,6 @@ def initial_state(adapter: dict, config: dict) -> ServerState:
 def _secure(config: dict, aggregation: str) -> bool:
     check_config(config, aggregation)
     return bool(config["server.secure-aggregation"])
-
-
-def aggregated_update(row: dict) -> bool:
-    """Whether a round's metrics row aggregated at least one client's update (round 0, a skipped
-    or interrupted round, and a user-level DP round over an empty cohort did not: nothing was trained)."""
-    if row.get("skipped") or row.get("interrupted"):
-        return False
-    return bool(row.get("participants")) or row.get("cohort", 0) > 0
 
 
 def _first_problem(row: dict) -> str:

@@ -14,7 +14,8 @@ re-used ``run.id``) writes ``<run.id>-2`` (``-3``, ...) instead, and the old one
 it was; only ``run.resume`` continues a run in its own directory.
 
 JSON files are replaced atomically; metrics.jsonl is appended line by line and fsynced,
-so a crash loses at most the line being written.
+so a crash loses at most the line being written. Every file is strict JSON: a non-finite
+number (an eval loss no site computed) is written as null, never as a bare NaN.
 
 The run directory (metrics.jsonl, privacy/ledger.json, checkpoint.safetensors) is secret
 material: anyone who reads it learns who took part, against whom the user-level
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from slm.jsonfiles import write_json_atomic
+from slm.jsonfiles import strict_line, write_json_atomic
 
 # What a run leaves in its directory; any one of them means the directory holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "events.jsonl", "privacy", "adapters", "ledgers")
@@ -50,6 +51,14 @@ def unused(path: Path) -> Path:
     return candidate
 
 
+def aggregated_update(row: dict) -> bool:
+    """Whether a round's metrics row aggregated at least one client's update (round 0, a skipped
+    or interrupted round, and a user-level DP round over an empty cohort did not: nothing was trained)."""
+    if row.get("skipped") or row.get("interrupted"):
+        return False
+    return bool(row.get("participants")) or row.get("cohort", 0) > 0
+
+
 @dataclass(frozen=True)
 class RunDir:
     path: Path
@@ -65,18 +74,18 @@ class RunDir:
         return cls(path)
 
     def write_config(self, config: dict) -> None:
-        write_json_atomic(self.path / "config.json", config)
+        write_json_atomic(self.path / "config.json", config, strict=True)
 
     def append_metrics(self, row: dict) -> None:
         with (self.path / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(row, allow_nan=True) + "\n")
+            handle.write(strict_line(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
     def log_event(self, event: dict) -> None:
         """Run-level events (finished, stopped, resumed) in events.jsonl."""
         with (self.path / "events.jsonl").open("a") as handle:
-            handle.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}) + "\n")
+            handle.write(strict_line({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **event}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -90,7 +99,7 @@ class RunDir:
             os.replace(tmp, path)
 
     def write_privacy_view(self, view: dict) -> None:
-        write_json_atomic(self.path / "privacy" / "ledger.json", view)
+        write_json_atomic(self.path / "privacy" / "ledger.json", view, strict=True)
 
     def adapter_dir(self, server_round: int) -> Path:
         return self.path / "adapters" / f"round-{server_round}"

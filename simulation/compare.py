@@ -56,9 +56,10 @@ def render(summaries: list[dict]) -> str:
            f"{'up B/cl':>9} {'down B/cl':>9} {'max eps':>7}"
     lines = [head, "-" * len(head)]
     for s in summaries:
-        change = (s["eval_loss_final"] / s["eval_loss_round0"] - 1) * 100 if s["eval_loss_final"] else float("nan")
+        first, final = s["eval_loss_round0"], s["eval_loss_final"]  # null: no site evaluated
+        change = (final / first - 1) * 100 if final and first else float("nan")
         lines.append(f"{s['run'][:24]:<24} {str(s['aggregation']):<7} {str(s['dp']):<5} {s['rounds']:>6} "
-                     f"{s['eval_loss_round0']:>8.4f} {s['eval_loss_final'] or float('nan'):>8.4f} {change:>6.2f}% "
+                     f"{first if first is not None else float('nan'):>8.4f} {final or float('nan'):>8.4f} {change:>6.2f}% "
                      f"{s['bytes_up_per_client_round'] or 0:>9.0f} {s['bytes_down_per_client_round'] or 0:>9.0f} "
                      f"{s['max_client_epsilon'] if s['max_client_epsilon'] is not None else float('nan'):>7.3f}")
     return "\n".join(lines)

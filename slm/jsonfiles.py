@@ -8,6 +8,7 @@ a byte-order mark; anything else is refused at its line and byte, never replaced
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -64,14 +65,35 @@ def iter_json_lines(path: Path, label: str = "") -> Iterator[dict]:
         yield record
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory."""
+def finite(value):
+    """JSON has no inf/nan: each non-finite float becomes None (null), in dicts and lists too."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def strict_line(record) -> str:
+    """One JSON Lines line (no newline) that any strict JSON reader accepts: non-finite floats as null."""
+    return json.dumps(finite(record), allow_nan=False)
+
+
+def write_json_atomic(path: Path, data, strict: bool = False) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory.
+
+    ``strict``: non-finite floats are written as null (see ``finite``), never as bare NaN/Infinity.
+    """
+    if strict:
+        data = finite(data)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
+            json.dump(data, handle, indent=1, allow_nan=not strict)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

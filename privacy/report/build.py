@@ -32,7 +32,7 @@ from pathlib import Path
 
 from privacy.report import plots
 from privacy.audit.doc import read_audit, summary_sentence
-from slm.jsonfiles import write_json_atomic
+from slm.jsonfiles import finite, write_json_atomic
 from privacy.report.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
 from privacy.report.html import render_report
 from privacy.report.neighbouring import RELATION, REPLACE_ONE_METHOD, STATEMENT
@@ -104,7 +104,7 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
     doc["summary"]["audit"] = summary_sentence(doc["audit"]) if doc["audit"] else None
     figures = _figures(utility, accounts, user, max(run["rounds_planned"], run["rounds_completed"]))
     doc["plots"] = {name: f"plots/{name}.png" for name in figures}
-    return _finite(doc), figures
+    return finite(doc), figures
 
 
 def _utility(rows: list[dict]) -> dict:
@@ -239,14 +239,3 @@ def _single(values: list):
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def _finite(value):
-    """JSON has no inf/nan: write null (the schema says what null means where it can occur)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value

@@ -9,11 +9,13 @@ same claims.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from privacy.report.neighbouring import STATEMENT
 from privacy.report.reconcile import ClientAccount, UserLevelAccount
 from privacy.report.run_files import RunFiles
 from server.aggregate import resolve_aggregation
+from server.rundir import aggregated_update
 from slm.config import describe_fields
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (a 135-million-parameter language model)",
@@ -50,12 +52,16 @@ def describe_run(files: RunFiles) -> dict:
     model = config["model.name"]
     planned, completed = config["server.rounds"], rows[-1]["round"]
     last = files.events[-1] if files.events else None
-    partial, reason = completed < planned, None
+    trained = len({r["round"] for r in rows if aggregated_update(r)})
+    partial, reasons = completed < planned or trained < planned, []
     if last and last.get("event") == "stopped":
-        partial, reason = True, f"stopped early: {last.get('stopped', 'no reason recorded')}"
-    elif partial:
-        reason = (f"metrics.jsonl ends at round {completed} of {planned} and events.jsonl records no end "
-                  "of the run: it crashed, was interrupted, or is still running")
+        partial = True
+        reasons.append(f"stopped early: {last.get('stopped', 'no reason recorded')}")
+    elif completed < planned:
+        reasons.append(f"metrics.jsonl ends at round {completed} of {planned} and events.jsonl records no end "
+                       "of the run: it crashed, was interrupted, or is still running")
+    if partial and trained < completed:
+        reasons.append(_untrained_reasons(rows, completed - trained))
     data = (config["data.path"] or "the packaged MedQuAD excerpt of medical questions and answers") \
         + f" ({describe_fields(config)})"
     partition = {"natural": f"one client per value of '{config['data.partition-by']}'",
@@ -71,11 +77,22 @@ def describe_run(files: RunFiles) -> dict:
         "aggregation": resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
         if "server.aggregation" in files.recorded else None,
         "dp_enabled": config["dp.enabled"], "user_dp_enabled": config["user-dp.enabled"],
-        "rounds_planned": planned, "rounds_completed": completed,
+        "rounds_planned": planned, "rounds_completed": completed, "rounds_trained": trained,
         "rounds_skipped": [r["round"] for r in rows if r.get("skipped")],
-        "partial": partial, "partial_reason": reason,
+        "partial": partial, "partial_reason": "; ".join(reasons) or None,
         "events": files.events, "config": config,
     }
+
+
+def _untrained_reasons(rows: list[dict], idle: int) -> str:
+    """Why rounds aggregated no update: the refusals by reason and the failures, over every round."""
+    refused = Counter(e.get("reason") or "no reason given" for r in rows for e in r.get("refused", []))
+    failed = sum(len(r.get("failed", [])) for r in rows)
+    rejected = sum(len(r.get("rejected", [])) for r in rows)
+    parts = [f"{n} refused ({why})" for why, n in refused.most_common()]
+    parts += [f"{n} failed" for n in [failed] if n] + [f"{n} rejected" for n in [rejected] if n]
+    return (f"{idle} round{'s' if idle > 1 else ''} aggregated no client update"
+            + (f": site replies {', '.join(parts)}" if parts else ""))
 
 
 def summary_sentences(run: dict, utility: dict, accounts: dict[str, ClientAccount], idle: list[str],
@@ -84,19 +101,23 @@ def summary_sentences(run: dict, utility: dict, accounts: dict[str, ClientAccoun
 
     ``idle``: clients that only evaluated (never selected for training in this run).
     """
-    partial = (f"PARTIAL RUN: only {run['rounds_completed']} of {run['rounds_planned']} planned rounds; "
-               f"{run['partial_reason']}.") if run["partial"] else None
+    trained = run.get("rounds_trained", run["rounds_completed"])
+    partial = (f"PARTIAL RUN: only {trained} of {run['rounds_planned']} planned rounds trained"
+               + (f" ({run['rounds_completed']} ran)" if run["rounds_completed"] != trained else "")
+               + f"; {run['partial_reason']}.") if run["partial"] else None
     records = [a.records for a in accounts.values() if a.records]
     total = f"{sum(records)} training records in all" if len(records) == len(accounts) and records else ""
     held = (f"{len(accounts)} of them trained, on {total or 'their records'}" if idle
             else f"holding {total}" if total else "")
     skipped = run["rounds_skipped"]
+    adapters = f"LoRA adapters (rank {run['lora']['r']} on {run['lora']['target_modules'].replace(',', ', ')})"
     what = [
-        f"This run fine-tuned {run['model']} with LoRA adapters (rank {run['lora']['r']} on "
-        f"{run['lora']['target_modules'].replace(',', ', ')}) for {run['task']}.",
+        f"This run fine-tuned {run['model']} with {adapters} for {run['task']}." if trained else
+        f"This run trained nothing: no round aggregated a client update, so its model is {run['model']} with its "
+        f"initial, untrained {adapters}, meant for {run['task']}.",
         f"The data: {run['data']}, {run['partition']} ({len(accounts) + len(idle)} clients"
         + (f"; {held}" if held else "") + "). The data never left the clients; only adapter updates did.",
-        f"{run['rounds_completed']} of {run['rounds_planned']} planned rounds ran"
+        f"{run['rounds_completed']} of {run['rounds_planned']} planned rounds ran, {trained} trained"
         + (f"; round(s) {', '.join(map(str, skipped))} left the model unchanged (too few valid client updates)"
            if skipped else "") + ". " + _utility_sentence(utility),
     ]

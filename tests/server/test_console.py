@@ -5,6 +5,7 @@
   rounds that trained, not the rounds that ran.
 """
 
+import pytest
 from fake_grid import FakeGrid
 
 from server.rounds import closing_line
@@ -59,3 +60,34 @@ def test_user_level_dp_round_over_failures_only_trained_nothing_and_names_nobody
     lines = round_lines(capsys, "round 1")
     assert any(x.startswith(line) for x in lines)
     assert not [x for x in lines if "site-" in x and "eval loss" not in x]  # evaluation: every client, fixed
+
+
+def test_an_evaluation_without_a_usable_reply_says_so_in_words():
+    from server.evaluation import describe
+
+    summary = {"eval_loss": float("nan"), "eval_clients": {}, "eval_errors": ["site-3: RuntimeError"],
+               "eval_refused": [{"client": "site-1", "reason": "budget"}, {"client": "site-2", "reason": "budget"}]}
+    lines = describe(summary, "eval")
+    assert lines[0] == "eval: no site evaluated: 2 refused, 1 failed" and not [x for x in lines if "nan" in x]
+    assert "site-1 refused to evaluate: budget" in lines and "evaluation failed on site-3: RuntimeError" in lines
+
+
+def test_run_files_are_strict_json_a_nan_eval_loss_is_null(tmp_path):
+    import json
+    import math
+
+    from server.rundir import RunDir
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
+
+    rundir = RunDir.create(str(tmp_path), "run")
+    rundir.append_metrics({"round": 0, "eval_loss": math.nan, "eval_clients": {}, "x": [math.inf]})
+    rundir.log_event({"event": "stopped", "value": -math.inf})
+    rundir.write_config({"a": math.nan})
+    rundir.write_privacy_view({"clients": {"s": [{"epsilon": math.inf}]}})
+    assert strict((tmp_path / "run" / "metrics.jsonl").read_text()) == {
+        "round": 0, "eval_loss": None, "eval_clients": {}, "x": [None]}
+    assert strict((tmp_path / "run" / "events.jsonl").read_text())["value"] is None
+    assert strict((tmp_path / "run" / "config.json").read_text()) == {"a": None}
+    assert strict((tmp_path / "run" / "privacy" / "ledger.json").read_text())["clients"]["s"][0]["epsilon"] is None

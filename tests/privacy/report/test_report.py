@@ -128,7 +128,7 @@ def test_a_stopped_run_is_reported_as_partial(tmp_path):
     run = _write_run(tmp_path / "stopped", rounds=1, planned=3)
     doc, _ = build_report(run)
     assert doc["run"]["partial"] and "stopped early: only 0 clients still have budget" in doc["run"]["partial_reason"]
-    assert doc["summary"]["partial"].startswith("PARTIAL RUN: only 1 of 3 planned rounds")
+    assert doc["summary"]["partial"].startswith("PARTIAL RUN: only 1 of 3 planned rounds trained")
     assert "PARTIAL RUN" in write_report(run).read_text()
 
 
@@ -367,3 +367,24 @@ def test_a_shipped_file_worse_than_the_untrained_base_is_flagged_plainly(run):
     assert rows["adapter+q4_0"]["vs_device_base"] == pytest.approx(-0.2)
     assert rows["q8_0"]["vs_round0"] == pytest.approx(-0.18) and not rows["base q4_0"]["worse_than_base"]
     assert "this file loses what training gained" in html and "WORSE" in html
+
+
+@pytest.mark.parametrize("planned", [1, 3])
+def test_a_run_where_every_site_refused_is_partial_and_says_nothing_trained(tmp_path, planned):
+    """Round 1 ran but every site refused (planned 1: the run 'finished'; planned 3: it stopped)."""
+    run = _write_run(tmp_path / "refused", rounds=0, planned=planned)
+    refused = [{"client": n, "reason": "budget exhausted"} for n in SIGMA]
+    row = {"round": 1, "sampled": 2, "participants": [], "refused": refused, "failed": [], "rejected": [],
+           "skipped": True, "bytes_up": 0, "bytes_down": 10}
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    if planned == 1:
+        (run / "events.jsonl").write_text(json.dumps({"event": "finished", "rounds": 1}) + "\n")
+    doc, _ = build_report(run)
+    assert doc["run"]["partial"] and doc["run"]["rounds_trained"] == 0
+    assert "1 round aggregated no client update: site replies 2 refused (budget exhausted)" in doc["run"][
+        "partial_reason"]
+    assert doc["summary"]["partial"].startswith(f"PARTIAL RUN: only 0 of {planned} planned rounds trained (1 ran)")
+    assert doc["summary"]["what"][0].startswith("This run trained nothing: no round aggregated a client update")
+    page = write_report(run).read_text()
+    assert '<div class="banner partial">PARTIAL RUN: only 0 of' in page and "This run fine-tuned" not in page
