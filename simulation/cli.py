@@ -13,6 +13,9 @@ from slm.errors import UserError
 from slm.quiet import quiet_libraries
 
 SIMULATION_FILE = "simulation.json"  # how a simulation was launched, for --resume
+# Exit codes of `fedslm simulate`: 0 every planned round trained, 2 bad input (UserError), 3 the run ran but
+# trained fewer rounds than planned (none included: every site refused or failed, or it stopped early).
+PARTIAL_EXIT = 3
 
 
 def cmd_simulate(args) -> int:
@@ -78,7 +81,27 @@ def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"the simulation ended without writing {run_dir / 'metrics.jsonl'} (see the log above)")
     print(f"[fedslm] finished in {time.time() - started:.0f}s; run directory: {run_dir}", flush=True)
+    done, trained = _done_line(run_dir, config["server.rounds"])
+    if trained < config["server.rounds"]:
+        print(f"[fedslm] {done}; exit code {PARTIAL_EXIT}", flush=True)
+        return PARTIAL_EXIT
+    print(f"[fedslm] {done}", flush=True)
     return 0
+
+
+def _done_line(run_dir: Path, planned: int) -> tuple[str, int]:
+    """The run's `done:` line from its files (the run itself ran in another process), and the rounds trained."""
+    from server.rounds import closing_line
+    from server.rundir import aggregated_update
+    from slm.jsonfiles import iter_json_lines
+
+    rows = list(iter_json_lines(run_dir / "metrics.jsonl"))
+    events = list(iter_json_lines(run_dir / "events.jsonl")) if (run_dir / "events.jsonl").is_file() else []
+    outcome = {"rounds_trained": len({r["round"] for r in rows if aggregated_update(r)}),
+               "rounds_completed": max((r["round"] for r in rows), default=0)}
+    if events and events[-1].get("event") == "stopped":
+        outcome["stopped"] = events[-1].get("stopped", "no reason recorded")
+    return closing_line(outcome, planned), outcome["rounds_trained"]
 
 
 def _resume(args) -> int:

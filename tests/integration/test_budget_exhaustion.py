@@ -21,7 +21,9 @@ def test_second_run_on_the_same_data_continues_the_spend_and_refuses(tmp_path, m
     first = simulate(tmp_path / "first", ledgers)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     second = simulate(tmp_path / "second", ledgers)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.returncode == 3, second.stdout[-3000:] + second.stderr[-3000:]  # ran, trained 0 of 2 rounds
+    assert second.stdout.rstrip().splitlines()[-1].startswith("[fedslm] done: 0 of 2 rounds trained")
+    assert second.stdout.rstrip().endswith("; exit code 3")
     assert "refused: budget exhausted" in second.stdout
     assert "clients still have budget (min-clients 1); stopping cleanly" in second.stdout
 
