@@ -55,7 +55,8 @@ def describe(summary: dict, label: str) -> list[str]:
         return f"{m['eval_loss']:.4f}" + (f" {m[key]:.1%}" if key in m else "")
 
     problems = ([f"evaluation failed on {error}" for error in summary.get("eval_errors", [])]
-                + [f"{entry['client']} refused to evaluate: {entry['reason']}" for entry in summary.get("eval_refused", [])]
+                + [f"{entry['client']} refused to evaluate: {entry['reason']}"
+                   for entry in summary.get("eval_refused", [])]
                 + [f"{label} reply rejected: {entry['reason']}" for entry in summary.get("eval_rejected", [])])
     if not per_client:  # no loss to give: say why in words, never "loss nan ()"
         counts = [f"{len(summary.get(k, []))} {what}" for k, what in

@@ -28,7 +28,6 @@ import time
 from fractions import Fraction
 from functools import partial
 
-import numpy as np
 import torch
 
 from privacy.mechanism.randomness import DpRandom, round_key
