@@ -136,8 +136,8 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
     config = request.config
     model, tokenizer = _model(config, policy, msg, request.aggregation)
     task = Task.from_config(config)
-    for i, r in enumerate(local.train):  # the site's own records must encode before anything is reserved
-        encode(task, tokenizer, r, where=f"#{i}")
+    # The site's own records must encode before anything is reserved; training takes them encoded.
+    examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(local.train)]
     started, records = time.time(), len(local.train)
     q = request.batch_size / records
     grant = None
@@ -145,7 +145,7 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
         grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record)
     with frozen_a_factors(model, freeze=request.aggregation == "ffa"), \
             recomputed_layers(model, config["train.recompute"]):  # a memory setting: same gradients
-        result = train_adapter(model, tokenizer, task, local.train, steps=request.local_steps,
+        result = train_adapter(model, tokenizer, task, examples, steps=request.local_steps,
                                batch_size=request.batch_size, lr=request.lr,
                                noise_multiplier=grant.noise_multiplier if grant else None,
                                clip_norm=request.clip_norm,
@@ -257,5 +257,5 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
 
 def _site_evaluation(policy: SitePolicy, local: LocalData, request: Request, subject: str) -> SiteEvaluation | None:
     """A deployed site's evaluation rules (None in a simulation: the researcher's own records, in clear)."""
-    return SiteEvaluation(policy, local, request, subject, Refused) if policy.deployment else None
+    return SiteEvaluation(policy, local, request, subject) if policy.deployment else None
 

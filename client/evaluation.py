@@ -34,7 +34,8 @@ from __future__ import annotations
 import hashlib
 import math
 
-from privacy.mechanism.ledger import Ledger, fingerprint
+from client.outbound import Refused
+from privacy.mechanism.ledger import LEDGER_FILE, Ledger, fingerprint
 from privacy.mechanism.randomness import DpRandom
 from privacy.mechanism.record import PrivacyRecord, Reason
 from privacy.mechanism.transaction import Grant, Release, SiteBudget, open_release
@@ -56,25 +57,24 @@ def digest_of(arrays) -> str:
 class SiteEvaluation:
     """One evaluation request on a deployed site, from admission to the released metrics."""
 
-    def __init__(self, policy, local, request, subject_sha256: str, refuse):
+    def __init__(self, policy, local, request, subject_sha256: str):
         self.policy, self.local, self.request, self.subject = policy, local, request, subject_sha256
-        self.refuse = refuse  # client.outbound.Refused
         self.grant: Grant | None = None
 
     def admit(self, task) -> None:
         """Refuse (raise) unless this site evaluates, within its cap; reserve the DP charge first."""
         policy = self.policy
         if policy.evaluate == "off":
-            raise self.refuse(Reason.EVALUATION_OFF, "node config evaluate = off")
+            raise Refused(Reason.EVALUATION_OFF, "node config evaluate = off")
         mechanism = DP_MECHANISM if policy.evaluate == "dp" else CLEAR_MECHANISM
         budget = SiteBudget(ledger_dir=policy.ledger_dir, max_epsilon=policy.max_epsilon, delta=policy.delta,
                             max_noise_multiplier=policy.max_noise_multiplier)
-        ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(self.local.train),
-                             records=len(self.local.train), delta=policy.delta or 1e-5)
-        answered = [e for e in ledger.entries if e.run_id == self.request.run_id
+        entries = Ledger.load(policy.ledger_dir / LEDGER_FILE).entries if (policy.ledger_dir / LEDGER_FILE).exists() \
+            else []
+        answered = [e for e in entries if e.run_id == self.request.run_id
                     and e.mechanism in (DP_MECHANISM, CLEAR_MECHANISM) and e.status != "refused"]
         if len(answered) >= policy.max_evaluations:
-            raise self.refuse(Reason.EVALUATION_OFF, f"the run's {policy.max_evaluations} evaluations are used "
+            raise Refused(Reason.EVALUATION_OFF, f"the run's {policy.max_evaluations} evaluations are used "
                                                      "(node config max-evaluations-per-run)")
         sums = 2 if task.kind in ACCURACY else 1
         release = Release(run_id=self.request.run_id, round=self.request.server_round,
@@ -85,7 +85,7 @@ class SiteEvaluation:
         outcome = open_release(budget, release, fingerprint=fingerprint(self.local.train),
                                records=len(self.local.train))
         if not isinstance(outcome, Grant):
-            raise self.refuse(outcome.reason, outcome.detail)
+            raise Refused(outcome.reason, outcome.detail)
         self.grant = outcome
 
     def metrics(self, model, tokenizer, task, on_progress=None) -> dict:

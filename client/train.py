@@ -44,7 +44,7 @@ from privacy.mechanism.randomness import DpRandom, seed_key
 from slm.errors import UserError
 from slm.frozen_prefix import with_prefix
 from slm.loss import per_example_loss
-from slm.tasks import Task, collate, encode
+from slm.tasks import Example, Task, collate, encode
 
 # How Opacus gets each example's clipped gradient (BENCHMARKS.md, "DP overhead"):
 # hooks = per-example gradients from captured activations and backprops (one backward);
@@ -273,8 +273,10 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     batch at once); the update is the same (virtual steps, see the module docstring).
     The model runs where its parameters are (slm.lora.attach places it); batches follow.
     ``on_step(step, steps)`` is called after each logical step (1-based): a site's progress lines.
+    ``records`` may already be encoded (``Example``): a site encodes them before it reserves its spend.
     """
-    examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(records)]
+    examples = [r if isinstance(r, Example) else encode(task, tokenizer, r, where=f"#{i}")
+                for i, r in enumerate(records)]
     q = sample_rate(batch_size, len(examples))
     autocast_context(autocast)  # reject a bad value before any step
     if physical_batch_size < 0:
