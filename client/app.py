@@ -225,7 +225,7 @@ def evaluate_shipped(msg: Message, context: Context) -> Message:
     path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local,
                                          evaluate_fn=site_rules if site is not None else evaluate)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
-                          "info": ConfigRecord({"client": local.name, "stored": str(path),
+                          "info": ConfigRecord({"client": local.name, "stored": path.name,  # never the site's path
                                                 "quant": str(announced["quant"])})})
     if site is not None:
         content["privacy"] = ConfigRecord(site.record().to_config())
