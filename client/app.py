@@ -32,6 +32,7 @@ from client.request import Request, RoundRequest, parse_evaluation, parse_round
 from client.shipment import receive_and_evaluate
 from client.site import SitePolicy, is_deployment
 from client.train import train_adapter
+from client.units import largest_unit, training_units
 from privacy.mechanism.ledger import Entry, fingerprint
 from privacy.mechanism.policy import MAX_PARTICIPATIONS
 from privacy.mechanism.randomness import round_key
@@ -122,12 +123,16 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
     policy, request, local = admitted(context, round_cfg, parse_round)
     record = PrivacyRecord(client=local.name, status=REJECTED, dp=policy.dp_enabled,
                            noise_seed="os-entropy" if policy.noise_seed < 0 else
-                           "fixed (not private against whoever knows it)")
-    problems = [] if 1 <= request.batch_size <= len(local.train) else [
-        f"expected batch {request.batch_size}: the site has {len(local.train)} training records"]
-    if request.local_steps * request.batch_size > MAX_PARTICIPATIONS * len(local.train):  # steps x q, unaccounted
+                           "fixed (not private against whoever knows it)", **policy.unit.record_fields())
+    units = training_units(policy.unit, local.train)
+    if policy.group_field and not policy.deployment:  # a deployed site states it only in its own `fedslm budget`
+        record = replace(record, group_records=largest_unit(local.train, policy.group_field, "training records"))
+    count, what = (len(local.train), "training records") if units is None else (len(units), f"{policy.unit.word}s")
+    problems = [] if 1 <= request.batch_size <= count else [
+        f"expected batch {request.batch_size}: the site has {count} {what}"]
+    if request.local_steps * request.batch_size > MAX_PARTICIPATIONS * count:  # steps x q, unaccounted
         problems.append(f"{request.local_steps} steps at an expected batch of {request.batch_size} pass over the "
-                        f"site's {len(local.train)} records more than {MAX_PARTICIPATIONS:g} times in one round")
+                        f"site's {count} {what} more than {MAX_PARTICIPATIONS:g} times in one round")
     if policy.require_secure_aggregation and not masked:
         problems.append("this site trains only in secure-aggregation rounds (node config "
                         "require-secure-aggregation): a clear reply would show the coordinator its update")
@@ -139,10 +144,10 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
     # The site's own records must encode before anything is reserved; training takes them encoded.
     examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(local.train)]
     started, records = time.time(), len(local.train)
-    q = request.batch_size / records
+    q = request.batch_size / count
     grant = None
     if policy.dp_enabled:
-        grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record)
+        grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record, count)
     with frozen_a_factors(model, freeze=request.aggregation == "ffa"), \
             recomputed_layers(model, config["train.recompute"]):  # a memory setting: same gradients
         result = train_adapter(model, tokenizer, task, examples, steps=request.local_steps,
@@ -153,17 +158,19 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
                                grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"],
                                # a memory setting, never the update's: a negative request runs in one piece
                                physical_batch_size=max(0, config["train.physical-batch-size"]),
-                               on_step=_progress(policy, config).step)
+                               on_step=_progress(policy, config).step, units=units,
+                               max_records_per_unit=policy.unit.max_records)
     if config["model.return-freed-memory"]:
         trim_freed_memory()  # what training left in the heap, before this process evaluates
     metrics = {"num-examples": records, "steps": result.steps}
     if grant is not None:
         entry = grant.commit()
-        record = _with_entry(record, entry, records)
+        record = _with_entry(record, entry, records, count)
         _log(policy, f"round {request.server_round} of run {request.run_id}: trained with sigma "
                      f"{entry.noise_multiplier:.3f}, spent {entry.epsilon_after:.3f} of {policy.max_epsilon:g}")
     else:  # no DP, no privacy claim: the training metrics may as well leave
-        record = replace(record, status=NO_DP, sample_rate=q, steps=request.local_steps, records=records)
+        record = replace(record, status=NO_DP, sample_rate=q, steps=request.local_steps, records=records,
+                         units=count)
         metrics.update({"train_loss": result.loss, "seconds": time.time() - started})
     arrays = to_arrays(sent_tensors(adapter_state(model), request.aggregation), config["server.wire-dtype"])
     content = RecordDict({"privacy": ConfigRecord(record.to_config()), "metrics": MetricRecord(metrics),
@@ -172,28 +179,30 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
 
 
 def _reserve(policy: SitePolicy, request: RoundRequest, local: LocalData, q: float, adapter_sha256: str,
-             record: PrivacyRecord) -> Grant:
+             record: PrivacyRecord, units: int) -> Grant:
     """The round's spend reserved on the site's disk, or Refused (the refusal recorded in its ledger)."""
     budget = SiteBudget(ledger_dir=policy.ledger_dir, max_epsilon=policy.max_epsilon, delta=policy.delta,
                         max_noise_multiplier=policy.max_noise_multiplier)
     release = Release(run_id=request.run_id, round=request.server_round, clip_norm=request.clip_norm, sample_rate=q,
                       steps=request.local_steps, requested_sigma=request.requested_sigma,
                       target_epsilon=request.target_epsilon, rounds_left=request.rounds_left,
-                      adapter_sha256=adapter_sha256)
-    outcome = open_release(budget, release, fingerprint=fingerprint(local.train), records=len(local.train))
+                      adapter_sha256=adapter_sha256, unit=policy.unit.ledger_label,
+                      records_per_unit=policy.unit.max_records if not policy.unit.record_level else 1,
+                      group_records=largest_unit(local.train, policy.group_field) if policy.group_field else 0)
+    outcome = open_release(budget, release, fingerprint=fingerprint(local.train), records=units)
     if isinstance(outcome, Grant):
         return outcome
     if outcome.entry is not None:
-        record = _with_entry(record, outcome.entry, len(local.train))
+        record = _with_entry(record, outcome.entry, len(local.train), units)
     _log(policy, f"refused round {request.server_round} of run {request.run_id}: {outcome.detail}")
     raise Refused(outcome.reason, outcome.detail, record)
 
 
-def _with_entry(record: PrivacyRecord, entry: Entry, records: int) -> PrivacyRecord:
+def _with_entry(record: PrivacyRecord, entry: Entry, records: int, units: int) -> PrivacyRecord:
     return replace(record, status=entry.status, noise_multiplier=entry.noise_multiplier, clip_norm=entry.clip_norm,
                    sample_rate=entry.sample_rate, steps=entry.steps, delta=entry.delta, epsilon=entry.epsilon_after,
                    epsilon_rdp=entry.epsilon_rdp_after, max_epsilon=entry.max_epsilon, accountant=entry.accountant,
-                   sampling=entry.sampling, records=records)
+                   sampling=entry.sampling, records=records, units=units)
 
 
 def _log(policy: SitePolicy, text: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from client.data import load_local_data
 from client.site import SitePolicy
+from client.units import training_units
 from privacy.mechanism.ledger import Ledger, fingerprint
 from privacy.mechanism.policy import default_delta
 from slm.config import resolve
@@ -31,12 +32,14 @@ def confirm_data(node_config_path: Path, request_overrides: dict | None = None) 
         raise UserError(f"node config {node_config_path}: not valid TOML ({err})") from None
     policy = SitePolicy.from_node_config(node_config, where=f"node config {node_config_path}")
     local = replace(load_local_data(policy.data_spec(resolve(request_overrides or {})), 0, 1), name=policy.name)
-    records = len(local.train)
+    units = training_units(policy.unit, local.train)
+    records = len(local.train) if units is None else len(units)
+    what = "training records" if units is None else f"{policy.unit.word}s ({len(local.train)} training records)"
     ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(local.train), records=records,
-                         delta=policy.delta or default_delta(records))
+                         delta=policy.delta or default_delta(records), unit=policy.unit.ledger_label)
     before = ledger.data[-1].records if ledger.data else None
     if not ledger.data_changed:
-        return f"site {policy.name}: the ledger already holds these {records} training records; nothing to confirm"
+        return f"site {policy.name}: the ledger already holds these {records} {what}; nothing to confirm"
     ledger.confirm_data()
-    return (f"site {policy.name}: confirmed {records} training records (was {before}); spent so far "
+    return (f"site {policy.name}: confirmed {records} {what} (was {before}); spent so far "
             f"{ledger.spent():.3f} of {policy.max_epsilon:g} at delta {ledger.delta:g}, unchanged")

@@ -16,6 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from client.records import as_dataset, read_table
+from client.units import group_by_unit
 from slm.errors import UserError
 from slm.tasks import derive_verbalizers, parse_verbalizers, uncovered
 
@@ -41,6 +42,7 @@ class DataSpec:
     split: str = "seeded"  # seeded (simulation: data.seed) | record-hash (a site: stable, set by nobody)
     test_path: str = ""  # a site's pinned held-out records; then every record of ``path`` trains
     eval_path: str = ""  # a simulation's held-out file, partitioned as ``path``; then every record of it trains
+    unit_field: str = ""  # whom a record is about (client.units): the held-out split keeps each unit whole
 
     @classmethod
     def from_config(cls, config: dict) -> "DataSpec":
@@ -61,6 +63,7 @@ class DataSpec:
             max_eval=config["data.max-eval-examples"],
             seed=config["data.seed"],
             eval_path=config["data.eval-path"],
+            unit_field=config["dp.privacy-unit-field"] or config["dp.group-field"],
         )
 
     def required_fields(self) -> list[str]:
@@ -82,6 +85,14 @@ def check_fields(table, spec: DataSpec) -> None:
         index = _first_empty(table, field)
         if index is not None:
             raise UserError(f"data file {spec.path}: record {index + 1} has an empty '{field}' (data.{key})")
+    if spec.unit_field:
+        if spec.unit_field not in table.column_names:
+            raise UserError(f"data file {spec.path}: the privacy unit field '{spec.unit_field}' is missing; columns "
+                            f"are {', '.join(table.column_names)}")
+        index = _first_empty(table, spec.unit_field)
+        if index is not None:
+            raise UserError(f"data file {spec.path}: record {index + 1} names no unit in '{spec.unit_field}' "
+                            "(every record must name whom it is about, else no one's guarantee covers it)")
 
 
 def _missing_fix(columns: list[str], key: str) -> str:
@@ -188,20 +199,33 @@ def split(records, spec: DataSpec, name: str) -> LocalData:
     a record is held out when the sha256 of its content, read as a fraction of 2^256, is
     below ``test_fraction``. Nobody sets it, so no coordinator can move records between
     the training and held-out sides, and appending records never moves the old ones.
+    With a unit field (client.units) both split whole units: the hash is of the unit's
+    value, the shuffle is of units, so a patient's records are all trained on or all held out.
     """
     import random
 
     rows = list(records)
+    units = group_by_unit(rows, spec.unit_field, f"data file {spec.path}")
     if spec.split == "record-hash":
-        held = [held_out_by_hash(row, spec.test_fraction) for row in rows]
+        held_units = [held_out_by_hash({"unit": rows[u[0]][spec.unit_field]} if spec.unit_field else rows[u[0]],
+                                       spec.test_fraction) for u in units]
+    else:
+        order = list(range(len(units)))
+        random.Random(spec.seed).shuffle(order)
+        n_test = max(1, round(len(units) * spec.test_fraction)) if len(units) > 1 else 0
+        held_units = [False] * len(units)
+        for i in order[:n_test]:
+            held_units[i] = True
+        if not spec.unit_field:  # the order records were held out in before units existed
+            test = [rows[i] for i in order[:n_test]]
+            train = [rows[i] for i in order[n_test:]]
+    if spec.unit_field or spec.split == "record-hash":
+        held = [False] * len(rows)
+        for u, h in zip(units, held_units):
+            for i in u:
+                held[i] = h
         test = [row for row, h in zip(rows, held) if h]
         train = [row for row, h in zip(rows, held) if not h]
-    else:
-        order = list(range(len(rows)))
-        random.Random(spec.seed).shuffle(order)
-        n_test = max(1, round(len(rows) * spec.test_fraction)) if len(rows) > 1 else 0
-        test = [rows[i] for i in order[:n_test]]
-        train = [rows[i] for i in order[n_test:]]
     if not train:
         raise UserError(f"data file {spec.path}: client '{name}' has no training records after the test split")
     if spec.max_train:

@@ -22,6 +22,11 @@ is sent is not enough: what leaves must be private by itself. Node config ``eval
 - ``non-sensitive``: clear metrics, on ``test-data-path`` only, a file the site declares
   non-sensitive (e.g. public questions of the same kind); no ledger charge.
 
+A site with a privacy unit (client.units) releases the same sums over its held-out UNITS:
+each unit's value is the mean of its records' clipped values (still in [0, L] and
+[0, 1]), so adding or removing a whole unit moves each sum by at most 1 and the charge is
+the same Gaussian mechanism, recorded under the ledger's unit; n is the unit count.
+
 Either way: at most ``max-evaluations-per-run`` answers per run id (every answer is a
 ledger entry, DP or not, so the count survives processes and is locked), and each entry
 records the sha256 of what was evaluated (an audit trail of the adapters and models the
@@ -35,6 +40,7 @@ import hashlib
 import math
 
 from client.outbound import Refused
+from client.units import group_by_unit, training_units
 from privacy.mechanism.ledger import LEDGER_FILE, Ledger, fingerprint
 from privacy.mechanism.randomness import DpRandom
 from privacy.mechanism.record import PrivacyRecord, Reason
@@ -81,9 +87,11 @@ class SiteEvaluation:
                           clip_norm=policy.evaluation_loss_bound, adapter_sha256=self.subject, mechanism=mechanism,
                           sample_rate=1.0 if mechanism == DP_MECHANISM else 0.0,
                           steps=1 if mechanism == DP_MECHANISM else 0,
-                          fixed_sigma=policy.evaluation_noise / math.sqrt(sums) if mechanism == DP_MECHANISM else 0.0)
+                          fixed_sigma=policy.evaluation_noise / math.sqrt(sums) if mechanism == DP_MECHANISM else 0.0,
+                          unit=policy.unit.ledger_label)
+        units = training_units(policy.unit, self.local.train)
         outcome = open_release(budget, release, fingerprint=fingerprint(self.local.train),
-                               records=len(self.local.train))
+                               records=len(self.local.train) if units is None else len(units))
         if not isinstance(outcome, Grant):
             raise Refused(outcome.reason, outcome.detail)
         self.grant = outcome
@@ -95,7 +103,8 @@ class SiteEvaluation:
             metrics = evaluate(model, tokenizer, task, records, on_progress=on_progress)
         else:
             metrics = dp_metrics(model, tokenizer, task, records, sigma=self.policy.evaluation_noise,
-                                 loss_bound=self.policy.evaluation_loss_bound, rng=DpRandom.fresh())
+                                 loss_bound=self.policy.evaluation_loss_bound, rng=DpRandom.fresh(),
+                                 unit_field=self.policy.unit.field)
         self.grant.commit()
         return metrics
 
@@ -104,20 +113,27 @@ class SiteEvaluation:
         return PrivacyRecord(client=self.policy.name, status="committed", mechanism=e.mechanism,
                              noise_multiplier=e.noise_multiplier, clip_norm=e.clip_norm, sample_rate=e.sample_rate,
                              steps=e.steps, delta=e.delta, epsilon=e.epsilon_after, epsilon_rdp=e.epsilon_rdp_after,
-                             max_epsilon=e.max_epsilon, records=len(self.local.test))
+                             max_epsilon=e.max_epsilon, records=len(self.local.test),
+                             **self.policy.unit.record_fields())
 
 
 def dp_metrics(model, tokenizer, task, records: list[dict], *, sigma: float, loss_bound: float,
-               rng: DpRandom) -> dict:
-    """Noised mean loss (and the task's accuracy) over ``records``: sums of per-record values, see the module."""
+               rng: DpRandom, unit_field: str = "") -> dict:
+    """Noised mean loss (and the task's accuracy) over ``records``' units (each record its own unit when
+    ``unit_field`` is ''): sums of per-unit values, see the module."""
     losses, correct = 0.0, 0.0
     accuracy_key = ACCURACY.get(task.kind)
-    for record in records:  # one record at a time: each one's own mean loss, then clipped
-        one = evaluate(model, tokenizer, task, [record])
-        losses += min(max(one["eval_loss"], 0.0), loss_bound) / loss_bound
-        if accuracy_key:
-            correct += min(max(one[accuracy_key], 0.0), 1.0)
-    n = max(len(records), 1)
+    units = group_by_unit(records, unit_field, "the site's held-out records")
+    for unit in units:  # one record at a time: each one's own mean loss, clipped; then the unit's mean
+        unit_loss, unit_correct = 0.0, 0.0
+        for i in unit:
+            one = evaluate(model, tokenizer, task, [records[i]])
+            unit_loss += min(max(one["eval_loss"], 0.0), loss_bound) / loss_bound
+            if accuracy_key:
+                unit_correct += min(max(one[accuracy_key], 0.0), 1.0)
+        losses += unit_loss / len(unit)
+        correct += unit_correct / len(unit)
+    n = max(len(units), 1)
     noise = rng.normal((2,), sigma)
     mean_loss = min(max((losses + noise[0]) * loss_bound / n, 0.0), loss_bound)
     metrics = {"eval_loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "eval_tokens": float(n),

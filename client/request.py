@@ -120,6 +120,9 @@ def _common(request: Request, policy: SitePolicy) -> list[str]:
         if named:
             found.append(f"task field(s) {', '.join(map(repr, named))} are not among the columns the site allows "
                          "(node config fields)")
+    if policy.person_field and policy.person_field in {config[key] for key in TASK_FIELDS[kind]}:
+        found.append("a task field names the site's privacy unit column: whom a record is about never becomes "
+                     "training text or a label")
     if kind == "label" and policy.deployment:
         found += _verbalizers(config["data.verbalizers"], policy.verbalizers)
     try:
@@ -169,4 +172,7 @@ def _training(request: RoundRequest, policy: SitePolicy) -> list[str]:
     bound = request.config["server.max-update-norm"]
     if not (math.isfinite(bound) and bound >= 0):
         found.append(f"update bound {bound!r} is not a number >= 0")
+    if not policy.unit.record_level and request.config["train.grad-sample-mode"] == "ghost":
+        found.append("ghost clipping with a privacy unit: a unit's gradient is the mean of its records' gradients, "
+                     "which ghost clipping never forms (use hooks or functorch)")
     return found

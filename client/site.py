@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.data import DataSpec
+from client.units import PrivacyUnit
 from slm.config import DELTA, DEVICE
 from slm.errors import UserError
 from slm.tasks import parse_verbalizers
@@ -59,6 +60,13 @@ NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
     "require-secure-aggregation": (bool, False, "train only in secure-aggregation rounds: a clear train request "
                                    "(which would show the coordinator this site's update) is refused"),
+    "privacy-unit-field": (str, "", "column of data-path naming whom each record is about (e.g. patient_id): the "
+                           "site then protects each such unit with all of its records (unit-level DP-SGD, "
+                           "client.unit_sgd); empty = each record. Never sent, never a task field"),
+    "max-records-per-unit": (int, 8, "with privacy-unit-field: most records of one unit used in one step (k)"),
+    "privacy-unit-name": (str, "person", "with privacy-unit-field: the word reports use for a unit (patient, user)"),
+    "group-field": (str, "", "record-level sites: column naming whose record it is; `fedslm budget` states what the "
+                    "record-level epsilon means for the person with the most records (never sent)"),
     "min-secure-cohort": (int, 3, "with require-secure-aggregation: the fewest sites (this one included) that must "
                           "share keys with this one in a SecAgg+ round, at least 3; the threshold must exceed half "
                           "of them (client.secure_aggregation)"),
@@ -73,6 +81,7 @@ SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory n
 # Run-config keys that a deployment takes from the site, never from the coordinator.
 SITE_OWNED = ("data.path", "data.eval-path", "data.partition", "data.partition-by", "data.dirichlet-alpha",
               "data.test-fraction", "data.max-train-examples", "data.max-eval-examples", "data.seed", "dp.enabled",
+              "dp.privacy-unit-field", "dp.max-records-per-unit", "dp.privacy-unit-name", "dp.group-field",
               "dp.max-epsilon", "dp.delta", "dp.max-noise-multiplier", "dp.noise-seed", "dp.ledger-dir", "ship.dir")
 
 def site_name(value) -> str:
@@ -129,6 +138,8 @@ class SitePolicy:
     evaluation_noise: float = 0.0  # evaluate = dp: sigma of the noised sums
     evaluation_loss_bound: float = 0.0  # evaluate = dp: per-record loss clipped to [0, this]
     min_secure_cohort: int = 3  # SecAgg+ rounds with fewer sites sharing keys are refused (client.secure_aggregation)
+    unit: PrivacyUnit = PrivacyUnit()  # whom the guarantee protects (client.units): the record by default
+    group_field: str = ""  # record-level: whose record it is, for the group-privacy statement only
 
     # ---- construction ---------------------------------------------------------------
     @classmethod
@@ -160,7 +171,9 @@ class SitePolicy:
             max_evaluations=values["max-evaluations-per-run"],
             evaluation_noise=values["evaluation-noise-multiplier"],
             evaluation_loss_bound=values["evaluation-loss-bound"],
-            min_secure_cohort=values["min-secure-cohort"])
+            min_secure_cohort=values["min-secure-cohort"],
+            unit=PrivacyUnit(values["privacy-unit-field"], values["max-records-per-unit"], values["privacy-unit-name"]),
+            group_field=values["group-field"])
         policy.check(where)
         return policy
 
@@ -175,7 +188,10 @@ class SitePolicy:
             evaluate="clear", require_secure_aggregation=False, model_dir="", device="", shipped_dir=config["ship.dir"],
             data_path=config["data.path"],
             test_data_path="", test_fraction=config["data.test-fraction"],
-            max_train=config["data.max-train-examples"], max_eval=config["data.max-eval-examples"])
+            max_train=config["data.max-train-examples"], max_eval=config["data.max-eval-examples"],
+            unit=PrivacyUnit(config["dp.privacy-unit-field"], config["dp.max-records-per-unit"],
+                             config["dp.privacy-unit-name"]),
+            group_field=config["dp.group-field"])
         policy.check("run config")
         return policy
 
@@ -196,6 +212,12 @@ class SitePolicy:
         for key, value in (("max-rounds", self.max_rounds), ("max-local-steps", self.max_local_steps)):
             if value < 1:
                 bad(key, f"must be at least 1, got {value}")
+        self.unit.check(where)
+        if self.unit.field and self.group_field:
+            bad("group-field", "is for record-level sites; with privacy-unit-field the guarantee is already per unit")
+        if self.fields is not None and (self.unit.field or self.group_field) in self.fields:
+            bad("fields", f"must not list {self.unit.field or self.group_field!r}: the column naming a person "
+                          "never becomes a task's text")
         if self.min_secure_cohort < 3:  # with 2, each site learns the other's update from the sum
             bad("min-secure-cohort", f"must be at least 3, got {self.min_secure_cohort}")
         for key, value in (("max-train-examples", self.max_train), ("max-eval-examples", self.max_eval)):
@@ -239,7 +261,12 @@ class SitePolicy:
             text_field=spec.text_field, label_field=spec.label_field, verbalizers=spec.verbalizers,
             partition="iid", partition_by="", dirichlet_alpha=0.0, test_fraction=self.test_fraction,
             max_train=self.max_train, max_eval=self.max_eval, seed=0, split="record-hash",
-            test_path=self.test_data_path)
+            test_path=self.test_data_path, unit_field=self.person_field)
+
+    @property
+    def person_field(self) -> str:
+        """The column naming whom a record is about ('' = unknown): the held-out split keeps a person whole."""
+        return self.unit.field or self.group_field
 
     def model_name(self, request_config: dict) -> str:
         return self.model_dir or request_config["model.name"]
@@ -255,7 +282,9 @@ class SitePolicy:
         from slm.config import SCHEMA
 
         mine = {"data.path": self.data_path, "dp.max-epsilon": self.max_epsilon, "dp.delta": self.delta,
-                "dp.enabled": True, "dp.noise-seed": -1, "dp.ledger-dir": str(self.ledger_dir)}
+                "dp.enabled": True, "dp.noise-seed": -1, "dp.ledger-dir": str(self.ledger_dir),
+                "dp.privacy-unit-field": self.unit.field, "dp.max-records-per-unit": self.unit.max_records,
+                "dp.privacy-unit-name": self.unit.name, "dp.group-field": self.group_field}
         found = []
         for key in SITE_OWNED:
             if key in run_config and run_config[key] != SCHEMA[key].default and run_config[key] != mine.get(key):

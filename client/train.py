@@ -31,6 +31,7 @@ is the same on every device. Opacus' own ``secure_mode`` (torchcsprng) is not ne
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
+from client.unit_sgd import mean_per_unit, sample_units, unit_bounds
 from privacy.mechanism.randomness import DpRandom, seed_key
 from slm.errors import UserError
 from slm.frozen_prefix import with_prefix
@@ -62,12 +64,12 @@ class TrainResult:
     examples_seen: int
 
 
-def sample_rate(batch_size: int, records: int, where: str = "client") -> float:
+def sample_rate(batch_size: int, records: int, where: str = "client", what: str = "records") -> float:
     if batch_size < 1:
         raise UserError("config key 'train.batch-size': must be at least 1")
     if batch_size > records:
         raise UserError(
-            f"config key 'train.batch-size': {batch_size} is larger than {where}'s {records} training records"
+            f"config key 'train.batch-size': {batch_size} is larger than {where}'s {records} training {what}"
         )
     return batch_size / records
 
@@ -170,25 +172,30 @@ def make_private(model, optimizer, *, mode: str, noise_multiplier: float, clip_n
     return forward, optimizer
 
 
-def micro_batches(batch: dict, physical_batch_size: int) -> list[dict]:
-    """A logical batch cut into consecutive pieces of at most ``physical_batch_size`` rows (0 = one piece).
+def micro_batches(batch: dict, physical_batch_size: int, bounds: list[int] | None = None) -> list[dict]:
+    """A logical batch cut into consecutive pieces of at most ``physical_batch_size`` rows (0 = one piece),
+    or at the given cut points ``bounds`` (unit-level DP: client.unit_sgd.unit_bounds, whole units per piece).
 
     Each piece is cut to its own longest example (right padding: the columns dropped are
     padding of every row in it, which neither attention nor the loss sees).
     """
     size = len(batch["input_ids"])
-    if physical_batch_size <= 0 or size <= physical_batch_size:
+    if bounds is None:
+        if physical_batch_size <= 0 or size <= physical_batch_size:
+            return [batch]
+        bounds = [*range(0, size, physical_batch_size), size]
+    if len(bounds) <= 2:
         return [batch]
     pieces = []
-    for start in range(0, size, physical_batch_size):
-        piece = {k: v[start:start + physical_batch_size] for k, v in batch.items()}
+    for start, end in itertools.pairwise(bounds):
+        piece = {k: v[start:end] for k, v in batch.items()}
         width = max(int(piece["attention_mask"].sum(dim=1).max()), 1)
         pieces.append({k: v[:, :width] for k, v in piece.items()})
     return pieces
 
 
 def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: str = "none",
-              physical_batch_size: int = 0, loss=per_example_loss) -> float:
+              physical_batch_size: int = 0, loss=per_example_loss, segments: list[int] | None = None) -> float:
     """One logical optimizer step on one batch; ``mode`` None = non-private. Returns the batch loss.
 
     The batch runs in micro-batches of at most ``physical_batch_size`` examples. Under DP
@@ -198,10 +205,13 @@ def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: st
     micro-batch gradients sum to that of the mean loss over the whole batch.
     Shared by training and the DP-overhead benchmark, so the benchmark times exactly this.
     ``loss(forward, batch)`` -> (B,) is slm.loss.per_example_loss (benchmarks pass the full-logits one).
+    ``segments`` (unit-level DP, client.unit_sgd): row i's unit; each unit's rows are averaged into one
+    gradient before clipping, and micro-batches hold whole units.
     """
     device = next(p for group in optimizer.param_groups for p in group["params"]).device
     optimizer.zero_grad(set_to_none=True)
-    pieces = micro_batches(batch, physical_batch_size)
+    bounds = unit_bounds(segments, physical_batch_size) if segments is not None else None
+    pieces = micro_batches(batch, physical_batch_size, bounds)
     size, total = len(batch["input_ids"]), 0.0
     for i, piece in enumerate(pieces):
         with autocast_context(autocast, device):
@@ -214,6 +224,10 @@ def take_step(forward, optimizer, batch: dict, *, mode: str | None, autocast: st
         else:
             losses.mean().backward()
             fp32_grad_samples(optimizer)  # clipping norms in fp32, also under bf16 autocast
+            if segments is not None:
+                start = bounds[i]
+                piece_segments = torch.tensor(segments[start:start + len(losses)])
+                mean_per_unit(optimizer.params, piece_segments - piece_segments.min())
         total += float(losses.detach().sum())
         if mode is not None and i < len(pieces) - 1:
             optimizer.signal_skip_step(do_skip=True)
@@ -262,7 +276,8 @@ def check_first_update(model, before: tuple[dict, dict], *, noised: bool) -> Non
 def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: int, batch_size: int, lr: float,
                   noise_multiplier: float | None, clip_norm: float, seed: bytes | int,
                   make_optimizer=None, grad_sample_mode: str = "hooks", autocast: str = "none",
-                  physical_batch_size: int = 0, on_step=None) -> TrainResult:
+                  physical_batch_size: int = 0, on_step=None, units: list[list[int]] | None = None,
+                  max_records_per_unit: int = 1) -> TrainResult:
     """Run ``steps`` optimizer steps; DP-SGD when ``noise_multiplier`` is not None.
 
     ``seed``: a 32-byte DpRandom key (a site passes fresh OS entropy), or an int for a
@@ -274,10 +289,18 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     The model runs where its parameters are (slm.lora.attach places it); batches follow.
     ``on_step(step, steps)`` is called after each logical step (1-based): a site's progress lines.
     ``records`` may already be encoded (``Example``): a site encodes them before it reserves its spend.
+    ``units`` (unit-level DP, client.unit_sgd): each privacy unit's record indices; then ``batch_size``
+    is the expected number of UNITS, q is taken over units, and each sampled unit gives at most
+    ``max_records_per_unit`` records, whose mean gradient is clipped as one.
     """
     examples = [r if isinstance(r, Example) else encode(task, tokenizer, r, where=f"#{i}")
                 for i, r in enumerate(records)]
-    q = sample_rate(batch_size, len(examples))
+    q = (sample_rate(batch_size, len(examples)) if units is None
+         else sample_rate(batch_size, len(units), what="units"))
+    if units is not None and noise_multiplier is not None and grad_sample_mode == "ghost":
+        raise UserError("config key 'train.grad-sample-mode' = ghost cannot train with a privacy unit: ghost "
+                        "clipping keeps only per-example gradient norms, and a unit's clipped gradient is the "
+                        "mean of its records' gradients; use hooks or functorch")
     autocast_context(autocast)  # reject a bad value before any step
     if physical_batch_size < 0:
         raise UserError("config key 'train.physical-batch-size': must be 0 (one piece) or a positive number")
@@ -301,7 +324,11 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
     losses, seen = [], 0
     try:
         for step in range(steps):
-            chosen = dp_random.bernoulli(len(examples), q).nonzero()[0].tolist()  # Poisson: each record with prob q
+            segments = None
+            if units is None:
+                chosen = dp_random.bernoulli(len(examples), q).nonzero()[0].tolist()  # Poisson: each record, prob q
+            else:  # Poisson over units, at most k records of each (client.unit_sgd)
+                chosen, segments = sample_units(dp_random, units, q, max_records_per_unit)
             if not chosen:
                 optimizer.zero_grad(set_to_none=True)
                 if private:
@@ -309,7 +336,7 @@ def train_adapter(model, tokenizer, task: Task, records: list[dict], *, steps: i
             else:
                 batch = collate([examples[i] for i in chosen], tokenizer.pad_token_id)
                 losses.append(take_step(forward, optimizer, batch, mode=mode, autocast=autocast,
-                                        physical_batch_size=physical_batch_size))
+                                        physical_batch_size=physical_batch_size, segments=segments))
                 seen += len(chosen)
             if step == 0:
                 check_first_update(model, first, noised=noised)

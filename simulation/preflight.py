@@ -14,6 +14,7 @@ from client.data import DataSpec, LocalData, check_fields, held_out_table, load_
 from client.records import read_table
 from client.site import SitePolicy
 from client.train import sample_rate
+from client.units import group_by_unit
 from server.rounds import RoundSpec
 from slm.base import resolve_model_dir
 from slm.errors import UserError
@@ -32,6 +33,10 @@ def preflight(config: dict, num_clients: int) -> list[str]:
                         f"{num_clients} clients: every round would be skipped")
     LoraSpec.from_config(config)
     RoundSpec.from_config(config)
+    if config["dp.privacy-unit-field"] and config["dp.enabled"] and config["train.grad-sample-mode"] == "ghost":
+        raise UserError("config key 'train.grad-sample-mode' = ghost cannot train with dp.privacy-unit-field: a "
+                        "unit's gradient is the mean of its records' gradients, which ghost clipping never forms; "
+                        "use hooks or functorch")
     clients = check_data(config, num_clients)
     resolve_model_dir(config["model.name"])
     for local in clients:
@@ -62,7 +67,12 @@ def check_data(config: dict, num_clients: int) -> list[LocalData]:
     clients = []
     for pid in range(num_clients):
         local = load_local_data(spec, pid, num_clients)
-        sample_rate(config["train.batch-size"], len(local.train), where=f"client '{local.name}'")
+        if config["dp.privacy-unit-field"]:  # the batch counts expected units (client.unit_sgd)
+            units = group_by_unit(local.train, config["dp.privacy-unit-field"], f"data file {spec.path}")
+            sample_rate(config["train.batch-size"], len(units), where=f"client '{local.name}'",
+                        what=f"units ({config['dp.privacy-unit-field']})")
+        else:
+            sample_rate(config["train.batch-size"], len(local.train), where=f"client '{local.name}'")
         if not local.test:
             raise UserError(f"data file {spec.path}: client '{local.name}' has no held-out records "
                             f"({len(local.train)} records; data.test-fraction {spec.test_fraction:g})")

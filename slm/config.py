@@ -87,6 +87,12 @@ SCHEMA: dict[str, Key] = {
                                  "BENCHMARKS.md 13)"),
     "dp.noise-seed": Key(-1, "-1 = fresh OS entropy per round; >= 0 reproducible noise, NOT private against anyone who knows it"),
     "dp.ledger-dir": Key("", "where client ledgers live; empty = <run dir>/ledgers"),
+    "dp.privacy-unit-field": Key("", "column naming whom each record is about (e.g. patient_id): DP protects each "
+                                     "such unit with all of its records (unit-level DP-SGD); empty = each record"),
+    "dp.max-records-per-unit": Key(8, "with a privacy unit: most records of one unit used in one step (k)"),
+    "dp.privacy-unit-name": Key("person", "with a privacy unit: the word reports use for it (patient, user)"),
+    "dp.group-field": Key("", "record-level runs: column naming whose record it is, so the report states what "
+                              "the record-level epsilon means for the person with the most records (never trained on)"),
     # the server
     "server.rounds": Key(3, "federated rounds"),
     "server.min-clients": Key(2, "fewest replies for a round to count"),
@@ -185,6 +191,7 @@ RANGES: dict[str, Range] = {
     "dp.max-noise-multiplier": POSITIVE,
     "dp.clip-norm": POSITIVE,
     "dp.noise-seed": SEED,
+    "dp.max-records-per-unit": AT_LEAST_ONE,
     "server.rounds": AT_LEAST_ONE,
     "server.min-clients": AT_LEAST_ONE,
     "server.fraction-train": SHARE,

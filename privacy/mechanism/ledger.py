@@ -12,6 +12,14 @@ The records' fingerprint is still kept, as the data version the ledger last saw.
 site's training records change, training stops until the operator confirms the new
 version (``fedslm confirm-data``); the spend continues, it never resets.
 
+A ledger protects ONE privacy unit for its whole life (client.units: the record, or a
+person named by the site's unit field), stated on every entry. Releases under two units
+do not compose into one number: a record-level release protects a person with g records
+only by group privacy, a unit-level one protects a record only as a change of its unit.
+So a site whose unit changes stops training, and ``confirm-data`` accepts the new unit
+only for a ledger that has spent nothing under the old one; otherwise the new guarantee
+needs a new ledger directory, and the old ledger keeps stating what it spent, in its unit.
+
 A spend is *reserved* (written to disk) before training starts and *committed* after it: a
 crash mid-training leaves a reserved entry, which counts. Refused rounds are recorded too
 and spend nothing. The budget check happens inside the reservation, against what is on
@@ -76,6 +84,9 @@ class Entry:
     data_fingerprint: str = ""  # the data version trained on (ledger format 2)
     mechanism: str = "dp-sgd"  # dp-sgd: a training round; dp-evaluation: noised held-out metrics (sample rate 1)
     adapter_sha256: str = ""  # the adapter the coordinator sent for this release (audit trail)
+    unit: str = "record"  # whom the release protects: record | unit:<field> (client.units.PrivacyUnit.ledger_label)
+    records_per_unit: int = 1  # unit-level: most records of one unit in one step (k)
+    group_records: int = 0  # record-level with the site's group-field: the most records of one person then
 
     def event(self) -> SgmEvent:
         return SgmEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, steps=self.steps)
@@ -89,16 +100,19 @@ class DataVersion:
     records: int
     time: str
     how: str  # "first use" | "confirmed by the operator" | "imported from ledger-<fp>.json"
+    unit: str = "record"  # the privacy unit the ledger protects from this version on; ``records`` counts units
 
 
 @dataclass
 class Ledger:
-    """The site's ledger; ``fingerprint``/``records`` describe the records this process holds."""
+    """The site's ledger; ``fingerprint``/``records``/``unit`` describe the records this process holds
+    (``records`` counts privacy units: records, or units of a unit field)."""
 
     directory: Path
     fingerprint: str
     records: int
     delta: float
+    unit: str = "record"
     entries: list[Entry] = field(default_factory=list)
     data: list[DataVersion] = field(default_factory=list)
 
@@ -108,7 +122,8 @@ class Ledger:
 
     # ---- reading -------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: Path, *, fingerprint: str, records: int, delta: float) -> "Ledger":
+    def open(cls, directory: Path, *, fingerprint: str, records: int, delta: float,
+             unit: str = "record") -> "Ledger":
         """The site's ledger in ``directory``; new (nothing on disk yet) if it has none.
 
         ``delta`` applies only to a new ledger: it is fixed when the ledger is created,
@@ -116,7 +131,7 @@ class Ledger:
         total meaningless. Ledgers of format 1 (one per dataset) found in ``directory``
         are imported: all their entries count.
         """
-        ledger = cls(directory=Path(directory), fingerprint=fingerprint, records=records, delta=delta)
+        ledger = cls(directory=Path(directory), fingerprint=fingerprint, records=records, delta=delta, unit=unit)
         ledger._reload()
         return ledger
 
@@ -132,7 +147,8 @@ class Ledger:
         ledger = cls(directory=path.parent, fingerprint="", records=0, delta=0.0)
         ledger._read(path, raw)
         if ledger.data:
-            ledger.fingerprint, ledger.records = ledger.data[-1].fingerprint, ledger.data[-1].records
+            last = ledger.data[-1]
+            ledger.fingerprint, ledger.records, ledger.unit = last.fingerprint, last.records, last.unit
         return ledger
 
     def _reload(self) -> None:
@@ -159,8 +175,16 @@ class Ledger:
 
     @property
     def data_changed(self) -> bool:
-        """True when this process's records are not the version the ledger last accepted."""
-        return bool(self.data) and self.data[-1].fingerprint != self.fingerprint
+        """True when this process's records, or its privacy unit, are not what the ledger last accepted."""
+        return bool(self.data) and (self.data[-1].fingerprint != self.fingerprint or self.unit_changed)
+
+    @property
+    def unit_changed(self) -> bool:
+        return bool(self.data) and self.data[-1].unit != self.unit
+
+    def spent_under_other_units(self) -> list[str]:
+        """Units other than this process's that entries have spent under (a ledger never mixes them)."""
+        return sorted({e.unit for e in self.entries if e.status in SPENDING and e.unit != self.unit})
 
     def spent_events(self) -> list[SgmEvent]:
         return [e.event() for e in self.entries if e.status in SPENDING]
@@ -197,7 +221,7 @@ class Ledger:
                 return self._refuse(entry, f"budget exhausted: this round would bring the spend to {eps:.3f}, "
                                            f"over the budget {budget:g}")
             if not self.data:
-                self.data.append(DataVersion(self.fingerprint, self.records, _now(), "first use"))
+                self.data.append(DataVersion(self.fingerprint, self.records, _now(), "first use", self.unit))
             entry = replace(entry, status="reserved", time=_now(), delta=self.delta, epsilon_after=eps,
                             epsilon_rdp_after=epsilon(events, delta=self.delta, accountant="rdp"),
                             data_fingerprint=self.fingerprint)
@@ -228,16 +252,30 @@ class Ledger:
         return entry
 
     def confirm_data(self) -> DataVersion:
-        """The operator accepts this process's records as the site's data; the spend continues."""
+        """The operator accepts this process's records (and unit) as the site's data; the spend continues.
+
+        A new unit is accepted only while nothing was spent under another one: the ledger
+        would otherwise compose releases that protect different people differently.
+        """
         with self._locked():
-            version = DataVersion(self.fingerprint, self.records, _now(), "confirmed by the operator")
-            if not self.data or self.data[-1].fingerprint != self.fingerprint:
+            other = self.spent_under_other_units()
+            if other:
+                raise UserError(f"ledger {self.path}: has spent under privacy unit {other[0]!r}; a ledger never "
+                                f"composes releases of two units, so protecting {self.unit!r} is a new guarantee: "
+                                "give the site a new ledger-dir for it (the old ledger keeps stating its spend)")
+            version = DataVersion(self.fingerprint, self.records, _now(), "confirmed by the operator", self.unit)
+            if not self.data or self.data[-1].fingerprint != self.fingerprint or self.unit_changed:
                 self.data.append(version)
                 self.save()
             return self.data[-1]
 
     def data_change_reason(self) -> str:
         last = self.data[-1]
+        if last.unit != self.unit:
+            return (f"the site's privacy unit changed from {last.unit!r} to {self.unit!r} since the ledger last "
+                    f"accepted its records; a ledger composes releases of one unit only, so nothing trains until "
+                    f"the operator confirms (fedslm confirm-data; refused once spent under the old unit: then a "
+                    f"new ledger-dir); the spend so far ({self.spent():.3f}) stays")
         return (f"the site's training records changed since the ledger last accepted them ({last.records} -> "
                 f"{self.records} records); nothing trains until the operator confirms the new version "
                 f"(fedslm confirm-data); the spend so far ({self.spent():.3f}) stays")

@@ -69,6 +69,10 @@ class PrivacyRecord:
     accountant: str = "prv"
     sampling: str = "poisson"
     records: int = 0
+    unit: str = "record"  # whom the guarantee protects: "record", or the site's word for a unit ("patient")
+    records_per_unit: int = 1  # unit-level: most records of one unit in one step (k)
+    units: int = 0  # unit-level: how many units trained (the sample rate's denominator; released as q is)
+    group_records: int = 0  # a SIMULATED record-level site with dp.group-field: most records of one person
 
     def to_config(self) -> dict:
         """For a Flower ConfigRecord (every value a str, bool, int or float)."""

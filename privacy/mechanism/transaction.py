@@ -49,6 +49,9 @@ class Release:
     fixed_sigma: float | None = None  # a DP evaluation: the site's own sigma, no calibration
     mechanism: str = "dp-sgd"
     adapter_sha256: str = ""  # the adapter the release starts from (audit trail)
+    unit: str = "record"  # whom it protects (client.units.PrivacyUnit.ledger_label); q is taken over these
+    records_per_unit: int = 1  # unit-level: most records of one unit in one step
+    group_records: int = 0  # record-level with the site's group-field: the most records of one person
 
 
 @dataclass(frozen=True)
@@ -73,13 +76,17 @@ class Refusal:
 
 
 def open_release(budget: SiteBudget, release: Release, *, fingerprint: str, records: int) -> Grant | Refusal:
-    """Reserve ``release`` in the site's ledger, or say why not (recorded in the ledger when it got that far)."""
+    """Reserve ``release`` in the site's ledger, or say why not (recorded in the ledger when it got that far).
+
+    ``records`` counts the release's privacy units (records, or units of the site's unit field).
+    """
     ledger = Ledger.open(budget.ledger_dir, fingerprint=fingerprint, records=records,
-                         delta=budget.delta or default_delta(records))
+                         delta=budget.delta or default_delta(records), unit=release.unit)
     entry = Entry(run_id=release.run_id, round=release.round, noise_multiplier=0.0, clip_norm=release.clip_norm,
                   sample_rate=release.sample_rate, steps=release.steps, delta=ledger.delta, epsilon_after=0.0,
                   epsilon_rdp_after=0.0, max_epsilon=budget.max_epsilon, status="", mechanism=release.mechanism,
-                  adapter_sha256=release.adapter_sha256)
+                  adapter_sha256=release.adapter_sha256, unit=release.unit, records_per_unit=release.records_per_unit,
+                  group_records=release.group_records)
     site_rule = _site_rules(ledger, budget)
     if site_rule is not None:
         reason, detail = site_rule
@@ -106,8 +113,8 @@ def _site_rules(ledger: Ledger, budget: SiteBudget) -> tuple[Reason, str] | None
     if ledger.data_changed:
         return Reason.DATA_CHANGED, ledger.data_change_reason()
     if ledger.delta * ledger.records >= 1:
-        return Reason.INTERNAL, (f"delta {ledger.delta:g} is not below 1/records (1/{ledger.records}): such a "
-                                 "guarantee allows publishing a record outright")
+        return Reason.INTERNAL, (f"delta {ledger.delta:g} is not below 1/{ledger.unit} count (1/{ledger.records}): "
+                                 "such a guarantee allows publishing one outright")
     if ledger.path.exists() and budget.delta and budget.delta != ledger.delta:
         return Reason.INTERNAL, (f"the site's delta {budget.delta:g} differs from its ledger's {ledger.delta:g}, "
                                  "fixed when the ledger was created; keep the ledger's delta or start a new ledger "

@@ -35,7 +35,7 @@ from privacy.audit.doc import read_audit, summary_sentence
 from slm.jsonfiles import finite, write_json_atomic
 from privacy.report.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
 from privacy.report.html import render_report
-from privacy.report.neighbouring import RELATION, REPLACE_ONE_METHOD, STATEMENT
+from privacy.report.neighbouring import GROUP_METHOD, RELATION, REPLACE_ONE_METHOD, STATEMENT
 from privacy.report.text import PER_CLIENT_SECRET, describe_run, protection_notes, summary_sentences
 from privacy.report.run_files import RunFiles
 from privacy.report.secure_aggregation import secure_aggregation_doc, secure_note
@@ -84,15 +84,19 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
         "utility": utility,
         "clients": clients,
         "accounting": {"accountant": "prv", "cross_check": "rdp", "sampling": "poisson",
-                       "sample_level_unit": "one training record of one client",
+                       "sample_level_unit": "one training record of one client" if all(
+                           not a.unit_level for a in accounts.values()) else
+                       "per client (clients.<name>.unit): one record, or one privacy unit with all of its records",
                        "neighbouring_relation": RELATION, "record_count_in_clear": True, "statement": STATEMENT,
-                       "replace_one": REPLACE_ONE_METHOD,
+                       "replace_one": REPLACE_ONE_METHOD, "group": GROUP_METHOD,
+                       "units": sorted({a.unit for a in accounts.values()}),
                        "client_selection_amplification": False, "disagreements": disagreements},
         "user_level": _user_doc(user),
         "per_client_statistics": _per_client_doc(user),
         "protection": protection_notes(seeds={r.get("noise_seed") for a in accounts.values() for r in a.rounds},
                                        generators={r.get("noise_generator") for a in accounts.values()
                                                    for r in a.rounds},
+                                       units={a.unit for a in accounts.values() if a.dp},
                                        aggregation=run["aggregation"], user=user,
                                        server_noise_seed=files.config["server.noise-seed"],
                                        dp_enabled=run["dp_enabled"],
@@ -143,6 +147,8 @@ def _client_doc(account: ClientAccount, eval_records: int | None) -> dict:
         "epsilon_before": account.epsilon_before, "recomputed": account.recomputable,
         "epsilon_replace_one": account.epsilon_replace_one, "epsilon_run_replace_one": account.epsilon_run_replace_one,
         "budget": account.budget, "remaining": account.remaining, "refused": account.refused,
+        "unit": account.unit, "records_per_unit": account.records_per_unit, "units": account.units,
+        "group_records": account.group_records or None, "epsilon_group": account.epsilon_group,
         "source": account.source, "disagreements": account.disagreements, "rounds": account.rounds,
     }
 

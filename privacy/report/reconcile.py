@@ -29,7 +29,7 @@ from functools import lru_cache
 
 from privacy.mechanism.accountant import SgmEvent, epsilon
 from privacy.mechanism.ledger import SPENDING, Ledger
-from privacy.report.neighbouring import epsilon_replace_one
+from privacy.report.neighbouring import epsilon_group, epsilon_replace_one
 
 TOLERANCE = 1e-3
 
@@ -71,6 +71,16 @@ class ClientAccount:
     # replace-one neighbouring (privacy.report.neighbouring), same delta; None where the events are not all here
     epsilon_replace_one: float | None = None
     epsilon_run_replace_one: float | None = None
+    # whom the epsilons protect (client.units): "record", or the site's word for a unit ("patient")
+    unit: str = "record"
+    records_per_unit: int = 1  # unit-level: most records of one unit in one step
+    units: int | None = None  # unit-level: how many units trained
+    group_records: int = 0  # record-level with a group field (simulation): the most records of one person
+    epsilon_group: float | None = None  # what epsilon means for that person (privacy.report.neighbouring)
+
+    @property
+    def unit_level(self) -> bool:
+        return self.unit != "record"
 
     @property
     def remaining(self) -> float | None:
@@ -96,6 +106,8 @@ def account_client(name: str, records: list[dict], ledger: Ledger | None, run_id
     account.epsilon_run_replace_one = epsilon_replace_one(account.run_events, delta=account.delta)
     if account.recomputable:
         account.epsilon_replace_one = epsilon_replace_one(account.events, delta=account.delta)
+        if not account.unit_level and account.group_records > 1:
+            account.epsilon_group = epsilon_group(account.events, delta=account.delta, group=account.group_records)
     return account
 
 
@@ -162,7 +174,9 @@ def _base(name: str, rounds: list[dict], delta: float, source: str) -> ClientAcc
              "noise_generator": r.get("noise_generator")} for r in rounds]
     return ClientAccount(name=name, dp=True, records=last.get("records"), delta=delta, budget=last.get("max_epsilon"),
                          rounds=rows, epsilon=0.0, epsilon_rdp=0.0, epsilon_run=0.0, epsilon_run_rdp=0.0,
-                         epsilon_before=0.0, source=source)
+                         epsilon_before=0.0, source=source, unit=last.get("unit", "record"),
+                         records_per_unit=last.get("records_per_unit", 1), units=last.get("units") or None,
+                         group_records=last.get("group_records", 0))
 
 
 def _compare(account: ClientAccount, row: dict, *, outside_spend_possible: bool) -> None:

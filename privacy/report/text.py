@@ -166,11 +166,24 @@ def _client_sentence(a: ClientAccount) -> str:
         return f"Client {a.name}{records} trained WITHOUT differential privacy: its records have no formal protection."
     if math.isnan(a.epsilon):
         return f"Client {a.name}: its privacy records could not be read, so no guarantee can be stated."
-    text = (f"Each record of client {a.name}{records} is protected with (ε, δ) = "
-            f"({a.epsilon:.2f}, {fmt_delta(a.delta)}) over all training on these records so far, under adding or "
-            "removing one record (its record count is sent in clear, so it is not hidden)")
+    if a.unit_level:
+        held = f" ({a.units} {a.unit}s, {a.records} records)" if a.units else records
+        text = (f"Each {a.unit} of client {a.name}{held}, with all of their records (at most {a.records_per_unit} "
+                f"of them in any one step), is protected with (ε, δ) = ({a.epsilon:.2f}, {fmt_delta(a.delta)}) over "
+                f"all training on these records so far, under adding or removing one {a.unit} (the {a.unit} count "
+                "is sent in clear, so it is not hidden)")
+        one = a.unit
+    else:
+        text = (f"Each record of client {a.name}{records} is protected with (ε, δ) = "
+                f"({a.epsilon:.2f}, {fmt_delta(a.delta)}) over all training on these records so far, under adding or "
+                "removing one record (its record count is sent in clear, so it is not hidden)")
+        one = "record"
     if a.epsilon_replace_one is not None and math.isfinite(a.epsilon_replace_one):
-        text += f"; under replacing one record by another, ε = {a.epsilon_replace_one:.2f} at the same δ"
+        text += f"; under replacing one {one} by another, ε = {a.epsilon_replace_one:.2f} at the same δ"
+    if a.epsilon_group is not None:
+        text += (f"; a person with {a.group_records} records (the most any one holds here) is protected only with "
+                 f"ε = {a.epsilon_group:.2f} at the same δ (group privacy, computed; protect people directly with "
+                 "a privacy unit)")
     if not a.recomputable:
         text += (f" (this run: ε = {a.epsilon_run:.2f}; the total includes earlier spend that the client "
                  "reported and only its own ledger holds)")
@@ -185,7 +198,7 @@ def _client_sentence(a: ClientAccount) -> str:
 
 
 def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLevelAccount | None,
-                     generators: set | None = None,
+                     generators: set | None = None, units: set | None = None,
                      server_noise_seed: int | None = None, dp_enabled: bool = True,
                      train_metrics_in_clear: bool = False) -> list[dict]:
     """What is and is not protected, as {"topic", "text"} items.
@@ -199,10 +212,17 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
     """
     update = ("its LoRA B factors; A is fixed by the shared seed, FFA-LoRA" if aggregation == "ffa"
               else "its LoRA adapter factors")
+    people = sorted((units or set()) - {"record"})
     notes = [
         {"topic": "Unit of privacy",
-         "text": "One training record (one example, e.g. one question-answer pair) of one client. A person with k "
-                 "records in a client's data is protected roughly k times more weakly (group privacy)."},
+         "text": ("One training record (one example, e.g. one question-answer pair) of one client. A person with k "
+                  "records in a client's data is protected far more weakly (group privacy: the report computes it "
+                  "where a client names whose records are whose)." if not people else
+                  f"Clients that name a privacy unit ({', '.join(people)}) protect each such unit with ALL of its "
+                  "records: DP-SGD samples units (Poisson, rate q over units), averages each sampled unit's "
+                  "gradients over at most k of its records and clips that mean as one, so adding or removing a "
+                  "whole unit is what their ε bounds (unit-level DP, Charles et al. 2025; Chua et al. 2024)"
+                  + ("; the other clients protect each record." if "record" in (units or set()) else "."))},
         {"topic": "Neighbouring relation",
          "text": f"Every sample-level guarantee in this report is {STATEMENT}. It bounds what anyone can tell "
                  "about one record being in the training data or not; it does not hide how many records there "

@@ -144,6 +144,14 @@ def _noise(args):
                      [float(x) for x in _strs(args.dg_sigmas)], args.seed)
 
 
+def _privacy_unit(args):
+    from simulation.bench import privacy_unit
+
+    return privacy_unit.run(_strs(args.parts), records=args.records, rounds=args.rounds, steps=args.steps,
+                            batch=args.batch, k=args.k, length=args.length, model=args.model,
+                            eval_examples=args.eval_examples, repeats=args.repeats, out=args.out)
+
+
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks (printed as ratios; see BENCHMARKS.md)")
     names = bench.add_subparsers(dest="bench_name", required=True)
@@ -240,6 +248,16 @@ def add_bench_parser(sub) -> None:
     pu.add_argument("--steps", type=int, default=8)
     pu.add_argument("--eval-examples", type=int, default=64)
     pu.add_argument("--out", type=Path, help="keep the runs here")
+    pun = add("privacy-unit", _privacy_unit, "patient-level vs record-level DP on MedQuAD grouped by focus: "
+              "utility at eps 8, step time, memory as units grow", 8, 128)
+    pun.add_argument("--parts", default="step,memory,utility", help="from step, memory, utility")
+    pun.add_argument("--records", type=int, default=240, help="records per institute (whole focuses)")
+    pun.add_argument("--rounds", type=int, default=3)
+    pun.add_argument("--steps", type=int, default=5, help="local steps per round")
+    pun.add_argument("--k", type=int, default=4, help="most records of one patient per step")
+    pun.add_argument("--eval-examples", type=int, default=32, help="held-out records per site")
+    pun.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median)")
+    pun.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
     nz = add("noise", _noise, "the DP noise generator per DP-SGD step: ChaCha20 vs torch's Mersenne Twister "
              "(Gaussian noise, Poisson mask, share of a SmolLM2 step), and an exact discrete Gaussian's cost")
     nz.add_argument("--repeats", type=int, default=7, help="timed draws per configuration (median)")

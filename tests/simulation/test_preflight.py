@@ -87,3 +87,36 @@ def test_a_held_out_file_needs_a_record_per_client_and_the_train_file_one_more(t
     with pytest.raises(UserError, match=r"1 record for 1 client, and each client needs at least 2 \(one to train, one "
                                         r"to hold out\): give a file of at least 2 records$"):
         preflight(config_for(single, **{"data.task": "sft", "data.partition": "iid"}), 1)
+
+
+def patient_csv(path):
+    """Six labels x 6 records, each patient holding 3 records of one label."""
+    path.write_text("patient,label,text\n" + "".join(f"p{label}{i // 3},{label},patient {i} has signs of "
+                                                     f"{label.lower()}\n" for i in range(6) for label in LABELS))
+    return path
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"dp.privacy-unit-field": "mrn"}, "the privacy unit field 'mrn' is missing; columns are patient, label, text"),
+    ({"dp.privacy-unit-field": "patient", "train.grad-sample-mode": "ghost"},
+     "ghost cannot train with dp.privacy-unit-field"),
+    ({"dp.privacy-unit-field": "patient", "train.batch-size": 12},
+     "12 is larger than client 'client-0''s 11 training units (patient)"),
+    ({"dp.privacy-unit-field": "patient", "data.prompt-template": "{patient}: {text}"},
+     "unknown placeholder {patient}"),
+])
+def test_a_bad_privacy_unit_stops_the_preflight_with_one_line(tmp_path, extra, words):
+    config = config_for(patient_csv(tmp_path / "p.csv"), **{"data.partition": "iid", **extra})
+    with pytest.raises(UserError) as err:
+        preflight(config, 1)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_patient_level_simulation_splits_whole_patients_and_passes(tmp_path):
+    from client.data import DataSpec, load_local_data
+
+    config = config_for(patient_csv(tmp_path / "p.csv"), **{"data.partition": "iid", "data.test-fraction": 0.25,
+                                                            "dp.privacy-unit-field": "patient"})
+    preflight(config, 1)
+    local = load_local_data(DataSpec.from_config(config), 0, 1)
+    assert not {r["patient"] for r in local.train} & {r["patient"] for r in local.test}

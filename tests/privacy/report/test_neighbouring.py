@@ -92,3 +92,33 @@ def test_between_add_remove_and_its_group_privacy_bound(events):
 def test_contract_no_events_and_no_noise():
     assert epsilon_replace_one([], delta=1e-5) == 0.0
     assert epsilon_replace_one([SgmEvent(0.0, 0.1, 1)], delta=1e-5) == math.inf
+
+
+# ---- group privacy: what a record-level epsilon means for a person with g records ----------------------
+
+def exact_gaussian_add_remove(mu: float, delta: float) -> float:
+    """The Gaussian mechanism with mu = sensitivity / sigma (Balle & Wang 2018, Theorem 8)."""
+    norm = stats.norm
+    return _eps_from_profile(lambda e: norm.cdf(mu / 2 - e / mu) - math.exp(e) * norm.cdf(-mu / 2 - e / mu), delta)
+
+
+@pytest.mark.parametrize("group,sigma,steps", [(2, 4.0, 3), (5, 20.0, 10)])
+def test_group_epsilon_without_sampling_is_the_gaussian_with_g_times_the_sensitivity(group, sigma, steps):
+    """q = 1: all g records are in every batch, so T steps move the sum by g C each: mu = g sqrt(T) / sigma."""
+    from privacy.report.neighbouring import epsilon_group
+
+    got = epsilon_group([SgmEvent(sigma, 1.0, steps)], delta=1e-5, group=group)
+    exact = exact_gaussian_add_remove(group * math.sqrt(steps) / sigma, 1e-5)
+    assert exact <= got <= exact + 0.02  # PLD's pessimistic discretisation: an upper bound, close
+
+
+def test_group_of_one_is_the_record_level_epsilon_and_grows_with_the_group():
+    from privacy.report.neighbouring import epsilon_group
+
+    events = [SgmEvent(1.0, 0.05, 120)]
+    one = epsilon_group(events, delta=1e-5, group=1)
+    assert one == pytest.approx(epsilon(events, delta=1e-5), abs=0.03)  # PRV vs PLD, both upper bounds
+    by_group = [epsilon_group(events, delta=1e-5, group=g) for g in (1, 2, 4)]
+    assert by_group == sorted(by_group) and by_group[2] > 2 * by_group[0]
+    # never looser than plain group privacy's (g eps, g e^((g-1) eps) delta): here compared in eps at delta
+    assert by_group[1] <= 2 * epsilon(events, delta=1e-5 / (2 * math.exp(one)))

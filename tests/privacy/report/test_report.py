@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from privacy.mechanism.accountant import SgmEvent, epsilon
-from privacy.mechanism.ledger import Entry, Ledger, fingerprint
+from privacy.mechanism.ledger import DataVersion, Entry, Ledger, fingerprint
 from privacy.report.build import SCHEMA, build_report, write_report
 from simulation.cli import main
 from slm.config import resolve
@@ -388,3 +388,54 @@ def test_a_run_where_every_site_refused_is_partial_and_says_nothing_trained(tmp_
     assert doc["summary"]["what"][0].startswith("This run trained nothing: no round aggregated a client update")
     page = write_report(run).read_text()
     assert '<div class="banner partial">PARTIAL RUN: only 0 of' in page and "This run fine-tuned" not in page
+
+
+def test_a_patient_level_client_is_stated_in_patients_and_a_record_level_one_per_person(run):
+    """Issue 25 item 4: unit-level guarantees read in the site's word; record-level ones with a group
+    field also state what epsilon means for the person with the most records (group privacy, computed)."""
+    from privacy.report.neighbouring import epsilon_group
+
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    for record in view["clients"]["alpha"]:
+        record.update(unit="patient", records_per_unit=3, units=12)
+    for record in view["clients"]["beta"]:
+        record.update(group_records=4)
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    doc, _ = build_report(run)
+    alpha, beta = doc["clients"]["alpha"], doc["clients"]["beta"]
+    assert alpha["unit"] == "patient" and alpha["units"] == 12 and alpha["epsilon_group"] is None
+    text = " ".join(doc["summary"]["clients"]) if isinstance(doc["summary"].get("clients"), list) else json.dumps(
+        doc["summary"], ensure_ascii=False)
+    assert "Each patient of client alpha (12 patients, 40 records), with all of their records (at most 3" in text
+    assert "under adding or removing one patient" in text
+    expected = epsilon_group(_client_events("beta", 2), delta=DELTA, group=4)
+    assert beta["group_records"] == 4 and beta["epsilon_group"] == pytest.approx(expected)
+    assert expected > beta["epsilon"]
+    assert f"a person with 4 records (the most any one holds here) is protected only with ε = {expected:.2f}" in text
+    assert "patient" in doc["accounting"]["units"] and "record" in doc["accounting"]["units"]
+    unit_note = next(n for n in doc["protection"] if n["topic"] == "Unit of privacy")["text"]
+    assert "protect each such unit with ALL of its records" in unit_note
+
+
+def test_budget_states_a_unit_ledger_in_units_and_a_record_ledger_per_person(tmp_path, capsys):
+    from privacy.report.neighbouring import epsilon_group
+
+    events = _client_events("alpha", 1)
+    for name, fields in (("ward", {"unit": "unit:patient_id", "records_per_unit": 3}),
+                         ("clinic", {"group_records": 5})):
+        ledger = Ledger.open(tmp_path / name, fingerprint="f", records=RECORDS, delta=DELTA,
+                             unit=fields.get("unit", "record"))
+        ledger.entries.append(Entry(run_id="r", round=1, noise_multiplier=SIGMA["alpha"], clip_norm=1.0,
+                                    sample_rate=RATE, steps=STEPS, delta=DELTA, epsilon_after=_epsilon("alpha", 1, "prv"),
+                                    epsilon_rdp_after=_epsilon("alpha", 1, "rdp"), max_epsilon=20.0,
+                                    status="committed", **fields))
+        ledger.data.append(DataVersion("f", RECORDS, "", "first use", ledger.unit))
+        ledger.save()
+    assert main(["budget", str(tmp_path / "ward" / "ledger.json")]) == 0
+    ward = capsys.readouterr().out
+    assert f"units (patient_id) {RECORDS}" in ward
+    assert "add/remove-one-unit neighbouring: each unit of 'patient_id' with ALL of its records (at most 3" in ward
+    assert main(["budget", str(tmp_path / "clinic" / "ledger.json"), "--json"]) == 0
+    clinic = json.loads(capsys.readouterr().out)
+    assert clinic["unit"] == "record" and clinic["group_records"] == 5
+    assert clinic["spent_epsilon_group"] == pytest.approx(epsilon_group(events, delta=DELTA, group=5))
