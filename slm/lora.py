@@ -24,8 +24,9 @@ from peft import (
     set_peft_model_state_dict,
 )
 
-from slm.base import load_base
+from slm.base import hub_id, load_base
 from slm.errors import UserError
+from slm.jsonfiles import write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,25 @@ def through_wire(state: dict[str, torch.Tensor], wire_dtype: str) -> dict[str, t
     return {k: v.to(WIRE_DTYPES[wire_dtype]).to(v.dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
+BASE_FILE = "base_model.json"  # next to adapter_config.json: the base's hub id and where it was on this machine
+
+
 def save_adapter(state: dict[str, torch.Tensor], spec: LoraSpec, base_model_path: str, out: Path) -> None:
-    """Write PEFT's on-disk format (adapter_config.json + adapter_model.safetensors)."""
+    """Write PEFT's on-disk format (adapter_config.json + adapter_model.safetensors), portable.
+
+    ``base_model_name_or_path`` is the base's hub id (slm.base.hub_id), so
+    ``AutoPeftModelForCausalLM.from_pretrained(out)`` finds the base on any machine that has
+    that model; the local directory it was trained on goes in ``base_model.json``, a file of
+    its own (PEFT would take a local path there as the base, which exists nowhere else).
+    Without a known hub id (the tiny test model) the local path stays in both.
+    """
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     config = spec.peft_config(1 + max(_layer_indices(state), default=0))
-    config.base_model_name_or_path = str(base_model_path)
+    hub = hub_id(base_model_path)
+    config.base_model_name_or_path = hub or str(base_model_path)
+    write_json_atomic(out / BASE_FILE, {"hub_id": hub, "local_path": str(base_model_path)})
     config.inference_mode = True
     tmp = out / "adapter_model.safetensors.tmp"
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))

@@ -75,3 +75,31 @@ def test_unknown_target_module_is_named():
     spec = LoraSpec.from_config(resolve({"model.name": "tiny", "lora.target-modules": "q_proj,qkv"}))
     with pytest.raises(UserError, match="lora.target-modules': qkv not found"):
         attach("tiny", spec)
+
+
+def test_a_saved_adapter_names_the_hub_id_and_loads_from_another_directory(tiny, tmp_path, config):
+    """Issue 27 item 6: adapters recorded the writer's cache path as their base and loaded nowhere else."""
+    import json
+    import shutil
+
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slm.base import SMOLLM2_HUB_ID, cache_dir, hub_id, resolve_model_dir
+
+    base = shutil.copytree(resolve_model_dir("tiny"), tmp_path / "base-on-machine-a")
+    raw = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**raw, "_name_or_path": "fedslm-tests/tiny-llama"}))
+    model, _ = tiny
+    state = {k: torch.randn_like(v) * 0.05 for k, v in adapter_state(model).items()}
+    set_adapter_state(model, state)
+    save_adapter(state, LoraSpec.from_config(config), str(base), tmp_path / "written")
+    moved = shutil.move(tmp_path / "written", tmp_path / "elsewhere" / "adapter")
+    assert PeftConfig.from_pretrained(moved).base_model_name_or_path == "fedslm-tests/tiny-llama"
+    assert json.loads((moved / "base_model.json").read_text()) == {"hub_id": "fedslm-tests/tiny-llama",
+                                                                    "local_path": str(base)}
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), moved).eval()
+    ids = torch.tensor([[5, 9, 77, 120, 33]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert hub_id(cache_dir() / "smollm2-135m-instruct") == SMOLLM2_HUB_ID
+    assert hub_id(resolve_model_dir("tiny")) is None  # no hub id known: the local path stays
