@@ -45,9 +45,10 @@ def cmd_simulate(args) -> int:
     quiet_libraries()
     from simulation.preflight import preflight
 
-    lines = preflight(config, clients)  # resolves a label task's verbalizers into config
+    *lines, window = preflight(config, clients)  # resolves a label task's verbalizers into config
     print(f"[fedslm] scenario {scenario.name}: {describe(scenario, config, clients, overrides)}", flush=True)
-    for line in lines if len(lines) <= 12 else [*lines[:5], f"... and {len(lines) - 5} more clients"]:
+    lines = lines if len(lines) <= 12 else [*lines[:5], f"... and {len(lines) - 5} more clients"]
+    for line in [*lines, window]:
         print(f"[fedslm]   {line}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:  # "x": a simulation started on the same directory meanwhile is refused, not joined

@@ -10,6 +10,8 @@ to do it.
 
 from __future__ import annotations
 
+import itertools
+
 from client.data import DataSpec, LocalData, check_fields, held_out_table, load_local_data, resolve_verbalizers
 from client.records import read_table
 from client.site import SitePolicy
@@ -22,8 +24,11 @@ from slm.lora import LoraSpec
 from slm.tasks import Task, encode
 
 
+WINDOW_SAMPLE = 400  # training records encoded to count those the window cuts (about a second with SmolLM2's template)
+
+
 def preflight(config: dict, num_clients: int) -> list[str]:
-    """Validate everything; return one description line per client.
+    """Validate everything; return one description line per client, then what the window cuts.
 
     A label task's verbalizers are resolved here, once, from the whole file, and written
     into ``config`` (which every ClientApp receives): every party scores the same candidates.
@@ -41,12 +46,28 @@ def preflight(config: dict, num_clients: int) -> list[str]:
     resolve_model_dir(config["model.name"])
     for local in clients:
         SitePolicy.for_simulation(config, local.name, run_dir="")
-    if config["data.task"] == "label":  # do the template and the candidate words leave room for the text?
-        from slm.tokenizer import load_tokenizer
+    lines = [f"{local.name}: {len(local.train)} train / {len(local.test)} test records" for local in clients]
+    return [*lines, window_line(config, clients)]
 
-        encode(Task.from_config(config), load_tokenizer(config["model.name"]), clients[0].train[0],
-               where="the first training record")
-    return [f"{local.name}: {len(local.train)} train / {len(local.test)} test records" for local in clients]
+
+def window_line(config: dict, clients: list[LocalData]) -> str:
+    """How many training records model.max-length cuts, and how (a sample of up to WINDOW_SAMPLE records).
+
+    Also the check that the template and a label task's candidate words leave room for the text
+    (encode raises, naming model.max-length, on the first record).
+    """
+    from slm.tokenizer import load_tokenizer
+
+    task, tokenizer = Task.from_config(config), load_tokenizer(config["model.name"])
+    rounds = itertools.zip_longest(*(local.train for local in clients))  # round robin over the clients
+    sample = [r for rows in rounds for r in rows if r is not None][:WINDOW_SAMPLE]
+    cut = sum(encode(task, tokenizer, r, where="a training record").cut for r in sample)
+    how = {"sft": "the prompt in the middle of its text, chat template and instruction kept; the response at its "
+                  "end", "label": "the text at its end, instruction and labels kept",
+           "next-word": "the text at its end"}[task.kind]
+    return (f"window: {cut} of {len(sample)} sampled training records exceed model.max-length {task.max_length} "
+            f"tokens and are cut: {how}" if cut else
+            f"window: all {len(sample)} sampled training records fit model.max-length {task.max_length}")
 
 
 def check_data(config: dict, num_clients: int) -> list[LocalData]:

@@ -41,6 +41,7 @@ PLACEHOLDERS = {"sft": ("prompt",), "label": ("text", "labels")}
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss
+    cut: bool = False  # the record did not fit model.max-length: its text was shortened (see encode)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _longest_completion(task: Task, tokenizer) -> int:
     return max(len(_completion_ids(tokenizer, word)) for _, word in task.verbalizers)
 
 
-def _label_prompt(task: Task, tokenizer, text: str) -> list[int]:
+def _label_prompt(task: Task, tokenizer, text: str) -> tuple[list[int], bool]:
     """The filled template, its text cut from the end so that prompt + longest verbalizer fit.
 
     Every candidate of a record then has the same prompt (label scoring compares them), and
@@ -210,7 +211,7 @@ def _label_prompt(task: Task, tokenizer, text: str) -> list[int]:
 
     ids = render(text)
     if len(ids) <= budget:
-        return ids
+        return ids, False
     fixed = len(render(""))
     if fixed >= budget:
         raise UserError(f"config key 'model.max-length': {task.max_length} tokens leave no room for the text "
@@ -221,18 +222,54 @@ def _label_prompt(task: Task, tokenizer, text: str) -> list[int]:
     while keep > 0:  # decoding a cut may re-tokenize a little longer: shrink until it fits
         ids = render(tokenizer.decode(text_ids[:keep]))
         if len(ids) <= budget:
-            return ids
+            return ids, True
         keep -= len(ids) - budget
-    return render("")
+    return render(""), True
+
+
+CUT_MARK = " … "  # where an SFT prompt's user text was shortened
+
+
+def _sft_prompt(task: Task, tokenizer, text: str) -> tuple[list[int], bool]:
+    """The chat-formatted instruction, its user text cut in the MIDDLE so that it takes at most half the window.
+
+    Half the window stays for the response, which alone carries loss; the chat template (system
+    and user headers), the template's own words and the text's start and end are kept: cutting
+    the prompt's start (as before) dropped ``<|im_start|>user`` and the instruction itself. When
+    the template alone needs more than half, the prompt takes what it needs plus 8 text tokens.
+    """
+    def render(body: str) -> list[int]:
+        return _chat(tokenizer, [{"role": "user", "content": task.prompt_template.format(prompt=body)}])
+
+    ids = render(text)
+    fixed = len(render(CUT_MARK))
+    budget = max(task.max_length // 2, fixed + 8)
+    if len(ids) <= budget:
+        return ids, False
+    if budget + 2 > task.max_length:  # room for at least one response token and the end of turn
+        raise UserError(f"config key 'model.max-length': {task.max_length} tokens leave no room for an SFT "
+                        f"record (the chat template and data.prompt-template take {fixed}); raise it")
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(text_ids) - (len(ids) - budget) - 1
+    while keep > 0:  # decoding a cut may re-tokenize a little longer: shrink until it fits
+        head = (keep + 1) // 2
+        tail = text_ids[len(text_ids) - (keep - head):] if keep > head else []
+        ids = render(tokenizer.decode(text_ids[:head]) + CUT_MARK + tokenizer.decode(tail))
+        if len(ids) <= budget:
+            return ids, True
+        keep -= len(ids) - budget
+    return render(CUT_MARK), True
 
 
 def prompt_ids(task: Task, tokenizer, record: dict, where: str = "") -> list[int]:
     """The tokens before the completion: the same for every candidate label of a record."""
+    return _prompt(task, tokenizer, record, where)[0]
+
+
+def _prompt(task: Task, tokenizer, record: dict, where: str) -> tuple[list[int], bool]:
+    """(the prompt's tokens, whether its text was cut to fit)."""
     if task.kind == "sft":
-        prompt = task.prompt_template.format(prompt=_value(record, task.prompt_field, where))
-        ids = _chat(tokenizer, [{"role": "user", "content": prompt}])
-        budget = task.max_length // 2  # keep at least half of the window for the response: it alone has loss
-        return ids[-budget:] if len(ids) > budget else ids
+        return _sft_prompt(task, tokenizer, _value(record, task.prompt_field, where))
     if task.kind == "label":
         return _label_prompt(task, tokenizer, _value(record, task.text_field, where))
     raise ValueError(f"a {task.kind} task has no prompt")
@@ -250,17 +287,22 @@ def _value(record: dict, field: str, where: str) -> str:
 
 
 def encode(task: Task, tokenizer, record: dict, where: str = "") -> Example:
-    """One record -> token ids and loss labels, at most ``task.max_length`` tokens."""
+    """One record -> token ids and loss labels, at most ``task.max_length`` tokens.
+
+    What does not fit is cut, and the example says so (``cut``): next-word text and an SFT
+    response at their end, an SFT prompt in the middle of its user text (``_sft_prompt``),
+    a label text at its end (``_label_prompt``; the labels and instruction are kept).
+    """
     if task.kind == "next-word":
         ids = tokenizer(_value(record, task.text_field, where), add_special_tokens=False)["input_ids"]
         ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
-        ids = ids[: task.max_length]
-        return Example(ids, [IGNORE] + ids[1:])
+        return Example(ids[: task.max_length], [IGNORE] + ids[1: task.max_length], cut=len(ids) > task.max_length)
     if task.kind == "sft":
         completion = _value(record, task.response_field, where)
     else:
         completion = verbalize(task, record, where)
-    return _with_completion(task, prompt_ids(task, tokenizer, record, where), _completion_ids(tokenizer, completion))
+    prompt, cut = _prompt(task, tokenizer, record, where)
+    return _with_completion(task, prompt, _completion_ids(tokenizer, completion), cut)
 
 
 def encode_candidates(task: Task, tokenizer, record: dict, where: str = "") -> list[Example]:
@@ -269,13 +311,13 @@ def encode_candidates(task: Task, tokenizer, record: dict, where: str = "") -> l
     The same examples as ``encode`` of the record with each label value, but the prompt (chat
     template and all) is built once: label scoring runs K candidates per record.
     """
-    prompt = prompt_ids(task, tokenizer, record, where)
-    return [_with_completion(task, prompt, _completion_ids(tokenizer, word)) for _, word in task.verbalizers]
+    prompt, cut = _prompt(task, tokenizer, record, where)
+    return [_with_completion(task, prompt, _completion_ids(tokenizer, word), cut) for _, word in task.verbalizers]
 
 
-def _with_completion(task: Task, prompt: list[int], completion_ids: list[int]) -> Example:
-    completion_ids = completion_ids[: task.max_length - len(prompt)]
-    return Example(prompt + completion_ids, [IGNORE] * len(prompt) + completion_ids)
+def _with_completion(task: Task, prompt: list[int], completion_ids: list[int], prompt_cut: bool = False) -> Example:
+    kept = completion_ids[: task.max_length - len(prompt)]
+    return Example(prompt + kept, [IGNORE] * len(prompt) + kept, cut=prompt_cut or len(kept) < len(completion_ids))
 
 
 def verbalize(task: Task, record: dict, where: str) -> str:

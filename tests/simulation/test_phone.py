@@ -28,8 +28,8 @@ def test_packaged_excerpt_has_a_thousand_users_with_four_lines_each():
 def test_every_phone_client_is_one_user_with_three_lines_to_train_on():
     scenario = get_scenario("phone")
     config = resolve({"model.name": "tiny"}, base=scenario.overrides)
-    lines = preflight(config, scenario.clients)
-    assert len(lines) == scenario.clients == PHONE_USERS
+    *lines, window = preflight(config, scenario.clients)
+    assert len(lines) == scenario.clients == PHONE_USERS and window.startswith("window: ")
     assert all(line.endswith("3 train / 1 test records") for line in lines)
     names = {load_local_data(DataSpec.from_config(config), i, scenario.clients).name for i in (0, 1, 500)}
     assert len(names) == 3 and all("::" in n for n in names)

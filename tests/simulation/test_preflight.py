@@ -29,8 +29,8 @@ def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_p
     from client.request import parse_evaluation
 
     config = config_for(label_csv(tmp_path / "d.csv"), **{"data.dirichlet-alpha": 0.1})
-    lines = preflight(config, 3)
-    assert len(lines) == 3
+    *lines, window = preflight(config, 3)
+    assert len(lines) == 3 and window.startswith("window: 32 of 32 sampled training records exceed")
     assert config["data.verbalizers"] == ",".join(f"{w}={w}" for w in sorted(LABELS))
     for pid in range(3):
         context = SimpleNamespace(run_config=config, node_config={"partition-id": pid, "num-partitions": 3})
@@ -120,3 +120,16 @@ def test_a_patient_level_simulation_splits_whole_patients_and_passes(tmp_path):
     preflight(config, 1)
     local = load_local_data(DataSpec.from_config(config), 0, 1)
     assert not {r["patient"] for r in local.train} & {r["patient"] for r in local.test}
+
+
+def test_the_preflight_says_how_many_records_the_window_cuts(tmp_path):
+    rows = "".join(f'{{"question": "{"why " * (200 if i % 4 == 0 else 2)}?", "answer": "because"}}\n' for i in range(40))
+    (tmp_path / "qa.jsonl").write_text(rows)
+    config = resolve({"model.name": "tiny", "model.max-length": 64, "data.path": str(tmp_path / "qa.jsonl"),
+                      "data.task": "sft", "data.partition": "iid", "train.batch-size": 2, "server.min-clients": 1})
+    window = preflight(config, 2)[-1]
+    train = 40 - 2 * max(1, round(20 * 0.1))  # each client holds out its share
+    assert window.startswith("window: ") and f"of {train} sampled training records exceed model.max-length 64" in window
+    assert "the prompt in the middle of its text, chat template and instruction kept" in window
+    cut = int(window.split()[1])
+    assert 0 < cut < train  # the long questions only

@@ -30,10 +30,24 @@ def test_sft_loss_only_on_response_and_end_of_turn(tiny):
 
 def test_sft_truncation_keeps_half_the_window_for_the_response(tiny):
     _, tok = tiny
-    task = Task(kind="sft", max_length=40)
+    task = Task(kind="sft", max_length=80)
     ex = encode(task, tok, {"question": "x" * 500, "answer": "y" * 500})
-    assert len(ex.input_ids) == 40
-    assert sum(label != IGNORE for label in ex.labels) == 20
+    assert len(ex.input_ids) == 80 and ex.cut
+    assert sum(label != IGNORE for label in ex.labels) == 40
+
+
+def test_a_long_sft_prompt_is_cut_in_the_middle_never_its_template_or_instruction(tiny):
+    """Issue 27 item 6: the prompt's last tokens were kept, losing <|im_start|>user and the instruction."""
+    _, tok = tiny
+    task = Task(kind="sft", max_length=200, prompt_template="Answer as a nurse would.\n{prompt}")
+    question = "START " + " ".join(f"w{i}" for i in range(300)) + " END?"
+    ex = encode(task, tok, {"question": question, "answer": "fine"})
+    prompt = tok.decode([t for t, label in zip(ex.input_ids, ex.labels) if label == IGNORE])
+    assert prompt.startswith("<|im_start|>user") and "Answer as a nurse would." in prompt
+    assert "START" in prompt and "END?" in prompt and "…" in prompt and "w150" not in prompt
+    assert ex.cut and len(ex.input_ids) <= 200
+    short = encode(task, tok, {"question": "Why?", "answer": "fine"})
+    assert not short.cut and "…" not in tok.decode(short.input_ids)
 
 
 def test_label_task_scores_the_verbalizer(tiny):
