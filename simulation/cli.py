@@ -20,7 +20,7 @@ PARTIAL_EXIT = 3
 
 def cmd_simulate(args) -> int:
     from simulation.scenarios import describe, get_scenario
-    from slm.config import parse_assignment, resolve
+    from slm.config import RUN_ID, RUN_ID_MAX, parse_assignment, resolve
 
     if args.resume:
         quiet_libraries()
@@ -34,6 +34,9 @@ def cmd_simulate(args) -> int:
     clients = args.clients if args.clients is not None else scenario.clients
     if args.out:
         out = Path(args.out).expanduser().resolve()
+        if not RUN_ID.fullmatch(out.name):
+            raise UserError(f"--out {args.out}: the directory's name is the run id, which sites write to their ledger: "
+                            f"use 1-{RUN_ID_MAX} letters, digits or . _ : + -")
         overrides["run.root"], overrides["run.id"] = str(out.parent), out.name
     overrides.setdefault("run.scenario", scenario.name)
     config = resolve(overrides, base=scenario.overrides)

@@ -168,6 +168,10 @@ SEED = Range(-1)  # -1 = fresh OS entropy
 MAX_DELTA = 1e-3  # a larger delta is no guarantee worth the name (it must also stay below 1/records)
 DELTA = Range(0, MAX_DELTA, low_open=True, special=(0,))  # 0 = derived from the record count
 
+# A run id: what sites accept (client.request.RUN_ID, 128 characters) less room for the '-N' a re-used id gets.
+RUN_ID_MAX = 120
+RUN_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:+-]{{0,{RUN_ID_MAX - 1}}}")
+
 # Keys whose numbers are bounded. resolve() rejects anything else with one line naming the key;
 # client.site applies DELTA to a site's own delta too.
 RANGES: dict[str, Range] = {
@@ -243,6 +247,9 @@ def resolve(overrides: Mapping[str, object] | None = None, base: Mapping[str, ob
     for name, rule in RANGES.items():
         if name in config and not rule.admits(config[name]):
             raise UserError(f"config key '{name}': must be {rule}, got {config[name]!r}")
+    if config["run.id"] and not RUN_ID.fullmatch(config["run.id"]):
+        raise UserError(f"config key 'run.id': {config['run.id'][:40]!r} must be 1-{RUN_ID_MAX} letters, digits or "
+                        ". _ : + - (sites write it to their ledger and log; a re-used id gets '-2', which must fit too)")
     return config
 
 

@@ -8,6 +8,7 @@ a run in its own directory.
 
 import json
 
+import pytest
 from fake_grid import FakeGrid, initial_adapter
 from flwr.app import Context, RecordDict
 
@@ -71,3 +72,21 @@ def test_a_deployment_reusing_a_run_id_writes_a_fresh_directory(tmp_path, releas
     assert (f"[fedslm] {old} already holds a run: this run writes {fresh} (run.resume=true continues that one)"
             in out.splitlines())
     assert f"run directory: {fresh}" in out
+
+
+def test_the_longest_run_id_still_fits_the_sites_after_its_re_use_suffix(tmp_path):
+    """Issue 27: a 127-128 character run id became 129+ with '-2', which every site refused."""
+    from client.request import RUN_ID as SITE_RUN_ID
+    from server.rundir import RunDir
+    from slm.config import RUN_ID_MAX
+    from slm.errors import UserError
+
+    longest = "r" * RUN_ID_MAX
+    resolve({"run.id": longest})
+    first = RunDir.create(str(tmp_path), longest, fresh=True)
+    (first.path / "config.json").write_text("{}")
+    again = RunDir.create(str(tmp_path), longest, fresh=True)
+    assert again.path.name == longest + "-2" and SITE_RUN_ID.fullmatch(again.path.name)
+    for bad in ("r" * (RUN_ID_MAX + 1), "my run", "../elsewhere"):
+        with pytest.raises(UserError, match="config key 'run.id'"):
+            resolve({"run.id": bad})
