@@ -38,6 +38,7 @@ from server import checkpoint
 from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState
 from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
+from server.exchange import send_and_receive
 from server.intake import Names, check_secure_training, check_training
 from server.rundir import RunDir, aggregated_update
 from server.secure_aggregation import check_config, max_weight, secure_mean
@@ -123,7 +124,8 @@ class Federation:
         content = RecordDict({"arrays": to_arrays(sent, self.config["server.wire-dtype"]),
                               "config": ConfigRecord({**self.base_cfg, "server-round": server_round})})
         messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
-        return list(self.grid.send_and_receive(messages, timeout=self.spec.timeout))
+        return send_and_receive(self.grid, messages, timeout=self.spec.timeout, what=f"round {server_round} "
+                                f"{'training' if message_type == 'train' else 'evaluation'}", say=say)
 
     # ---- evaluation ----------------------------------------------------------------
     def evaluate(self, server_round: int, nodes, replies=None, label: str = "eval") -> dict:
@@ -144,7 +146,8 @@ class Federation:
         untrained = round0_eval_loss(self.rundir.path)
         for shipment in shipments:
             messages = ship_messages(shipment, nodes, {**self.base_cfg, "server-round": server_round})
-            replies = list(self.grid.send_and_receive(messages, timeout=self.spec.timeout))
+            replies = send_and_receive(self.grid, messages, timeout=self.spec.timeout,
+                                       what=f"round {server_round} shipping {shipment.label}", say=say)
             summary = self.evaluate(server_round, nodes, replies=replies, label=f"shipped {shipment.label} eval")
             results[shipment.label] = {**summary, **shipment.record()}
             warning = shipping_warning(shipment, summary.get("eval_loss"), untrained)

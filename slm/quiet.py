@@ -8,12 +8,14 @@ Silenced warnings, each understood:
 - transformers' deprecation notices about gradient checkpointing, which we do not use.
 - Ray's notice about overriding accelerator env vars on a CPU-only run.
 Progress bars (tqdm: partitioners, GGUF dequantization) are off: our own per-round lines
-are the progress display. Flower's logger keeps its own console handler; it stops
+are the progress display. Ray's coloured "(ClientAppActor pid=...)" prefixes lose their ANSI
+codes when stdout is not a terminal (RAY_COLOR_PREFIX=0), so a redirected log is plain text. Flower's logger keeps its own console handler; it stops
 propagating to the root logger, whose handler would print Flower's DEBUG records twice.
 """
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -22,6 +24,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.getLogger("flwr").propagate = False
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

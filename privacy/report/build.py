@@ -189,16 +189,18 @@ def _figures(utility: dict, accounts: dict[str, ClientAccount], user: UserLevelA
     """The figures that have something to show; ``rounds`` (planned) fixes the x axis, so a partial run looks short."""
     figures = {}
     dp_accounts = {n: a for n, a in accounts.items() if a.dp and a.rounds}
+    sites = set(accounts) | {n for r in utility["rounds"] for n in r["eval_clients"]}
+    colours = plots.palette(sites)  # one colour per site in every figure
     if dp_accounts:
         series = {n: [(k, _epsilon_after(a, k)) for k in range(rounds + 1) if k <= a.rounds[-1]["round"]]
                   for n, a in dp_accounts.items()}
         user_points = [(0, 0.0)] + [(r["round"], r["epsilon"]) for r in user.rounds] if user else None
         figures["epsilon"] = plots.epsilon_plot(series, {n: a.budget for n, a in dp_accounts.items()}, rounds,
-                                                user_points)
+                                                user_points, colours=colours)
         sigmas = {n: [(r["round"], r["noise_multiplier"]) for r in a.rounds if r["status"] != "refused"]
                   for n, a in dp_accounts.items()}
         refused = {n: [r["round"] for r in a.refused] for n, a in dp_accounts.items()}
-        figures["noise"] = plots.noise_plot(sigmas, refused, rounds)
+        figures["noise"] = plots.noise_plot(sigmas, refused, rounds, colours=colours)
     evaluated = [r for r in utility["rounds"] if _is_number(r["eval_loss"])]
     if utility["final"] is None:  # nothing trained was evaluated: a lone round-0 point would only puzzle
         return figures
@@ -209,7 +211,8 @@ def _figures(utility: dict, accounts: dict[str, ClientAccount], user: UserLevelA
                 per_client.setdefault(name, []).append((r["round"], loss))
     accuracy = {k: [(r["round"], r[k]) for r in evaluated if k in r] for k in ACCURACY_KEYS}
     figures["utility"] = plots.utility_plot([r["round"] for r in evaluated], [r["eval_loss"] for r in evaluated],
-                                            per_client, {k: v for k, v in accuracy.items() if v}, rounds)
+                                            per_client, {k: v for k, v in accuracy.items() if v}, rounds,
+                                            colours=colours)
     if dp_accounts:
         points = [(max(_epsilon_after(a, r["round"]) for a in dp_accounts.values()), r["eval_loss"], r["round"])
                   for r in evaluated]

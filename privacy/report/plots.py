@@ -45,23 +45,32 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _grouped(series: dict[str, list]) -> dict[str, list]:
-    """Clients with identical curves share one line and one label: drawn apart, all but the last would be hidden."""
+def palette(names) -> dict[str, str]:
+    """One colour per site, the same in every figure of a report: sites in sorted order over matplotlib's
+    default cycle (tab10), so a site keeps its colour whichever figures it appears in."""
+    cycle = [f"C{i}" for i in range(10)]
+    return {name: cycle[i % len(cycle)] for i, name in enumerate(sorted(names))}
+
+
+def _grouped(series: dict[str, list], colours: dict[str, str]) -> list[tuple[str, str | None, list]]:
+    """(label, colour, points): clients with identical curves share one line and one label (drawn apart, all but
+    the last would be hidden), in the first one's colour."""
     groups: dict[tuple, list[str]] = {}
     for name, points in series.items():
         groups.setdefault(tuple(points), []).append(name)
-    return {", ".join(names) + (" (identical)" if len(names) > 1 else ""): list(points)
-            for points, names in groups.items()}
+    return [(", ".join(names) + (" (identical)" if len(names) > 1 else ""), colours.get(names[0]), list(points))
+            for points, names in groups.items()]
 
 
 def epsilon_plot(series: dict[str, list[tuple[int, float]]], budgets: dict[str, float], rounds: int,
-                 user_level: list[tuple[int, float]] | None = None, xlabel: str = "round") -> bytes:
+                 user_level: list[tuple[int, float]] | None = None, xlabel: str = "round",
+                 colours: dict[str, str] | None = None) -> bytes:
     """Cumulative epsilon per client (solid) with each distinct budget as a dashed line; x from 0 to ``rounds``."""
     fig, ax = _figure("Privacy spent: cumulative epsilon (PRV)", xlabel, "epsilon", rounds)
-    for name, points in _grouped(series).items():
+    for name, colour, points in _grouped(series, colours or palette(series)):
         finite = [(x, y) for x, y in points if math.isfinite(y)]
         if finite:
-            ax.plot(*zip(*finite), marker="o", label=name)
+            ax.plot(*zip(*finite), marker="o", label=name, color=colour)
     for budget in sorted({b for b in budgets.values() if b is not None and math.isfinite(b)}):
         owners = [n for n, b in budgets.items() if b == budget]
         label = f"budget {budget:g}" + ("" if len(owners) == len(budgets) else f" ({', '.join(owners)})")
@@ -72,25 +81,30 @@ def epsilon_plot(series: dict[str, list[tuple[int, float]]], budgets: dict[str, 
     return _png(fig)
 
 
-def noise_plot(series: dict[str, list[tuple[int, float]]], refused: dict[str, list[int]], rounds: int) -> bytes:
+def noise_plot(series: dict[str, list[tuple[int, float]]], refused: dict[str, list[int]], rounds: int,
+               colours: dict[str, str] | None = None) -> bytes:
     """Noise multiplier sigma each client trained with; x marks a refused round."""
     fig, ax = _figure("Noise multiplier per round", "round", "sigma (noise std / clip norm)", rounds, first=1)
-    for name, points in _grouped(series).items():
-        ax.plot(*zip(*points), marker="o", label=name)
-    for name, refused_in in _grouped(refused).items():
+    colours = colours or palette(set(series) | set(refused))
+    for name, colour, points in _grouped(series, colours):
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name, color=colour)
+    for name, colour, refused_in in _grouped(refused, colours):
         if refused_in:
             ax.plot(refused_in, [0] * len(refused_in), linestyle="none", marker="x", markersize=9, clip_on=False,
-                    label=f"{name}: refused")
+                    label=f"{name}: refused", color=colour)
     ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))
     return _png(fig)
 
 
 def utility_plot(evaluated: list[int], loss: list[float], per_client: dict[str, list[tuple[int, float]]],
-                 accuracy: dict[str, list[tuple[int, float]]], rounds: int) -> bytes:
+                 accuracy: dict[str, list[tuple[int, float]]], rounds: int,
+                 colours: dict[str, str] | None = None) -> bytes:
     """Federated eval loss (bold) and each client's (thin); accuracies on a right-hand axis."""
     fig, ax = _figure("Utility on held-out records (lower loss is better)", "round", "eval loss", rounds)
+    colours = colours or palette(per_client)
     for name, points in per_client.items():
-        ax.plot(*zip(*points), linewidth=0.9, alpha=0.7, label=name)
+        ax.plot(*zip(*points), linewidth=0.9, alpha=0.7, label=name, color=colours.get(name))
     ax.plot(evaluated, loss, color="black", linewidth=2.2, marker="o", label="federated (token-weighted)")
     if accuracy:
         right = ax.twinx()

@@ -439,3 +439,27 @@ def test_budget_states_a_unit_ledger_in_units_and_a_record_ledger_per_person(tmp
     clinic = json.loads(capsys.readouterr().out)
     assert clinic["unit"] == "record" and clinic["group_records"] == 5
     assert clinic["spent_epsilon_group"] == pytest.approx(epsilon_group(events, delta=DELTA, group=5))
+
+
+def test_each_site_keeps_one_colour_across_every_figure(run, monkeypatch):
+    """Issue 27 item 6: each figure cycled colours on its own, so a site changed colour between plots."""
+    from matplotlib.axes import Axes
+
+    drawn = []
+    original = Axes.plot
+
+    def recording(self, *args, **kwargs):
+        drawn.append((kwargs.get("label"), kwargs.get("color")))
+        return original(self, *args, **kwargs)
+
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    view["clients"]["beta"][-1]["noise_multiplier"] = 2.0  # alpha and beta differ in every figure
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    monkeypatch.setattr(Axes, "plot", recording)
+    build_report(run)
+    by_site = {}
+    for label, colour in drawn:
+        if label in SIGMA:
+            by_site.setdefault(label, set()).add(colour)
+    assert set(by_site) == set(SIGMA) and all(len(c) == 1 and None not in c for c in by_site.values()), by_site
+    assert by_site["alpha"] != by_site["beta"]
