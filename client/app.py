@@ -123,7 +123,8 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
     policy, request, local = admitted(context, round_cfg, parse_round)
     record = PrivacyRecord(client=local.name, status=REJECTED, dp=policy.dp_enabled,
                            noise_seed="os-entropy" if policy.noise_seed < 0 else
-                           "fixed (not private against whoever knows it)", **policy.unit.record_fields())
+                           "fixed (not private against whoever knows it)", deployed=policy.deployment,
+                           **policy.unit.record_fields())
     units = training_units(policy.unit, local.train)
     if policy.group_field and not policy.deployment:  # a deployed site states it only in its own `fedslm budget`
         record = replace(record, group_records=largest_unit(local.train, policy.group_field, "training records"))

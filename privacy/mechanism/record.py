@@ -73,6 +73,7 @@ class PrivacyRecord:
     records_per_unit: int = 1  # unit-level: most records of one unit in one step (k)
     units: int = 0  # unit-level: how many units trained (the sample rate's denominator; released as q is)
     group_records: int = 0  # a SIMULATED record-level site with dp.group-field: most records of one person
+    deployed: bool = False  # a deployed site: it trained on its own file (node config), not the run config's data
 
     def to_config(self) -> dict:
         """For a Flower ConfigRecord (every value a str, bool, int or float)."""

@@ -68,6 +68,12 @@ def describe_run(files: RunFiles) -> dict:
                  "dirichlet": f"a skewed split by '{config['data.partition-by']}' "
                               f"(Dirichlet alpha {config['data.dirichlet-alpha']:g})",
                  "iid": "split at random"}.get(config["data.partition"], config["data.partition"])
+    sites = {name: records[-1] for name, records in files.view.get("clients", {}).items() if records}
+    if sites and all(r.get("deployed") for r in sites.values()):  # what the sites said, not the run config's file
+        data = ("each site's own file, which the coordinator never sees (" + ", ".join(
+            f"{name}: {r['records']} training records" if r.get("records") else f"{name}: record count not reported"
+            for name, r in sorted(sites.items())) + f"; task fields {describe_fields(config)})")
+        partition = "none: each site trained on its own records, split into training and held-out by the site"
     return {
         "id": files.run_id, "dir": str(files.path), "scenario": config.get("run.scenario"),
         "model": MODELS.get(model, model), "model_name": model,

@@ -463,3 +463,18 @@ def test_each_site_keeps_one_colour_across_every_figure(run, monkeypatch):
             by_site.setdefault(label, set()).add(colour)
     assert set(by_site) == set(SIGMA) and all(len(c) == 1 and None not in c for c in by_site.values()), by_site
     assert by_site["alpha"] != by_site["beta"]
+
+
+def test_a_deployments_report_describes_each_sites_own_file(run):
+    """Issue 27 item 4: a deployment's report described the run config's packaged excerpt, split at random."""
+    assert "each site's own file" not in build_report(run)[0]["run"]["data"]  # a simulation: the run config's file
+    view = json.loads((run / "privacy" / "ledger.json").read_text())
+    for records in view["clients"].values():
+        for record in records:
+            record["deployed"] = True
+    (run / "privacy" / "ledger.json").write_text(json.dumps(view))
+    doc, _ = build_report(run)
+    data, partition = doc["run"]["data"], doc["run"]["partition"]
+    assert data.startswith("each site's own file, which the coordinator never sees (alpha: 40 training records, "
+                           "beta: 40 training records")
+    assert "MedQuAD" not in data and "at random" not in partition and partition.startswith("none:")
