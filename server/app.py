@@ -15,7 +15,9 @@ from slm.base import resolve_model_dir
 from slm.config import from_run_config
 from slm.errors import UserError
 from slm.lora import LoraSpec, adapter_state, attach
+from slm.quiet import quiet_libraries
 
+quiet_libraries()  # also in the ServerApp process Flower starts (flwr run): its console is the user's
 app = ServerApp()
 
 

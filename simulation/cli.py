@@ -146,6 +146,12 @@ def cmd_budget(args) -> int:
     return 0
 
 
+def cmd_flwr_run(args) -> int:
+    from simulation.flwr_run import run
+
+    return run(args.supernodes, args.run_config, keep_home=args.keep_home)
+
+
 def cmd_confirm_data(args) -> int:
     from client.confirm import confirm_data
     from slm.config import parse_assignment
@@ -266,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--clients", type=int, help="number of simulated clients (default: the scenario's)")
     data.add_argument("--scenario", default="hospital", help="tiny | hospital | phone (default: hospital)")
     data.set_defaults(func=cmd_data)
+    flwr_run = sub.add_parser("flwr-run", help="Flower's `flwr run .` simulation without dependency installation, "
+                                               "on a private SuperLink that is stopped afterwards")
+    flwr_run.add_argument("--supernodes", type=int, default=4, help="simulated SuperNodes (clients)")
+    flwr_run.add_argument("--run-config", default="", help='Flower run config, e.g. "model.name=\'tiny\' server.rounds=1"')
+    flwr_run.add_argument("--keep-home", action="store_true", help="keep the private FLWR_HOME (SuperLink logs)")
+    flwr_run.set_defaults(func=cmd_flwr_run)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     from simulation.bench.cli import add_bench_parser

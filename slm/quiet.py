@@ -24,8 +24,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    if not sys.stdout.isatty():
+    if not sys.stdout.isatty():  # a redirected log is plain text: no ANSI colour codes from Ray or Flower
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        try:
+            from flwr.supercore.logger import update_console_handler
+
+            update_console_handler(colored=False)
+        except ImportError:
+            pass
     logging.getLogger("flwr").propagate = False
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
