@@ -89,19 +89,40 @@ def stop(processes: list, grace: float = 10.0) -> None:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+DONE = re.compile(r"\[fedslm\] done: (\d+) of (\d+) rounds trained")
+PARTIAL_EXIT = 3  # as `fedslm simulate`: fewer rounds trained than planned (zero included)
+
+
 def _relay(command: list[str], env: dict) -> int:
-    """Run ``command``, copying its output line by line; without a terminal, without its colour codes."""
-    plain = not sys.stdout.isatty()
+    """Run ``command``, copying its output line by line (without a terminal, without its colour codes); the
+    exit code the run deserves.
+
+    `flwr run` exits 0 whatever its ServerApp did (measured with flwr 1.41: a ServerApp that raises is
+    reported as "Exit Code: 700" in the stream, and the command still returns 0). So the exit code is
+    read from the ServerApp's own last line, "[fedslm] done: T of P rounds trained": 0 when T = P,
+    3 when fewer rounds trained, 1 when the run never said how it ended (it crashed).
+    """
+    plain, done = not sys.stdout.isatty(), None
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as proc:
         for line in proc.stdout:
             sys.stdout.write(ANSI.sub("", line) if plain else line)
             sys.stdout.flush()
-        return proc.wait()
+            done = DONE.search(ANSI.sub("", line)) or done
+        code = proc.wait()
+    if code != 0:
+        return code
+    if done is None:
+        print("[fedslm] flwr-run: the run ended without its done: line (see the errors above); exit code 1",
+              flush=True)
+        return 1
+    trained, planned = int(done.group(1)), int(done.group(2))
+    return 0 if trained >= planned else PARTIAL_EXIT
 
 
 def run(supernodes: int, run_config: str, app_dir: Path = APP_DIR, keep_home: bool = False) -> int:
-    """`flwr run APP --stream` on a private, managed SuperLink that is stopped afterwards; flwr's exit code."""
+    """`flwr run APP --stream` on a private, managed SuperLink that is stopped afterwards; the run's exit code
+    (0 all planned rounds trained, 3 fewer, 1 no end reported: see ``_relay``)."""
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     if not Path(flwr).exists():
         raise UserError("flwr-run: the `flwr` command is not installed next to this Python (./install.sh)")

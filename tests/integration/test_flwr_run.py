@@ -35,3 +35,14 @@ def test_flwr_run_trains_installs_nothing_and_leaves_no_superlink(tmp_path):
     assert "stopped the SuperLink it started" in out and not Path(home).exists()
     left = [p for p in psutil.process_iter(["cmdline"]) if any(home in part for part in p.info["cmdline"] or [])]
     assert left == []
+
+
+def test_flwr_run_exits_3_when_no_round_trained(tmp_path):
+    """flwr run itself exits 0 whatever the ServerApp did; a run where every site refused (budget) must not."""
+    run_config = ("model.name='tiny' model.max-length=48 server.rounds=1 server.min-clients=1 train.local-steps=2 "
+                  f"data.max-train-examples=32 data.max-eval-examples=4 ship.quantizations='' run.root='{tmp_path}' "
+                  "run.id='refused' dp.max-epsilon=0.01 dp.target-epsilon=0.01")
+    done = subprocess.run([sys.executable, "-m", "simulation.cli", "flwr-run", "--supernodes", "1", "--run-config",
+                           run_config], cwd=ROOT, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 3, (done.stdout + done.stderr)[-3000:]
+    assert "done: 0 of 1 rounds trained" in done.stdout
