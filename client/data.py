@@ -139,7 +139,10 @@ def partition(table, spec: DataSpec, partition_id: int, num_partitions: int):
     if num_partitions <= 1:
         return table
     if spec.partition in ("dirichlet", "natural") and spec.partition_by not in table.column_names:
-        raise UserError(f"data file {spec.path}: field '{spec.partition_by}' (data.partition-by) is missing")
+        how = "one client per value" if spec.partition == "natural" else "a skewed split by its values"
+        raise UserError(f"data file {spec.path}: field '{spec.partition_by}' (data.partition-by, {how}) is missing; "
+                        f"columns are {', '.join(table.column_names)}: name one of them with --set "
+                        "data.partition-by=COLUMN, or split at random with --set data.partition=iid")
     partitioner = _partitioner(table, spec, num_partitions)
     try:
         part = partitioner.load_partition(partition_id)

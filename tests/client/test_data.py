@@ -162,3 +162,14 @@ def test_a_separate_eval_file_is_partitioned_and_all_of_the_train_file_trains(tm
     with pytest.raises(UserError, match=r"dev2.jsonl: field 'answer' \(data.response-field\) is missing"):
         load_local_data(spec_for(train, **{"data.eval-path": str(write_jsonl(tmp_path / "dev2.jsonl",
                                                                                 [{"question": "q"}]))}), 0, 3)
+
+
+def test_a_file_without_the_partition_column_suggests_the_fix(tmp_path):
+    """Issue 27 item 5: `fedslm data my.jsonl` on any file without a `source` column named no way out."""
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": r["question"], "answer": r["answer"]} for r in ROWS])
+    with pytest.raises(UserError) as err:
+        partition(read_table(str(path)), spec_for(path, **{"data.partition": "natural", "data.partition-by": "source"}),
+                  0, 2)
+    message = str(err.value)
+    assert "field 'source' (data.partition-by, one client per value) is missing; columns are question, answer" in message
+    assert "--set data.partition=iid" in message and "\n" not in message
