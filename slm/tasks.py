@@ -236,19 +236,20 @@ def _sft_prompt(task: Task, tokenizer, text: str) -> tuple[list[int], bool]:
     Half the window stays for the response, which alone carries loss; the chat template (system
     and user headers), the template's own words and the text's start and end are kept: cutting
     the prompt's start (as before) dropped ``<|im_start|>user`` and the instruction itself. When
-    the template alone needs more than half, the prompt takes what it needs plus 8 text tokens.
+    the template alone needs more than half, the prompt takes what it needs plus up to 8 text
+    tokens, leaving the response at least 2.
     """
     def render(body: str) -> list[int]:
         return _chat(tokenizer, [{"role": "user", "content": task.prompt_template.format(prompt=body)}])
 
     ids = render(text)
     fixed = len(render(CUT_MARK))
-    budget = max(task.max_length // 2, fixed + 8)
-    if len(ids) <= budget:
-        return ids, False
-    if budget + 2 > task.max_length:  # room for at least one response token and the end of turn
+    if fixed + 2 > task.max_length:  # the template, one response token and the end of turn
         raise UserError(f"config key 'model.max-length': {task.max_length} tokens leave no room for an SFT "
                         f"record (the chat template and data.prompt-template take {fixed}); raise it")
+    budget = max(task.max_length // 2, fixed + min(8, task.max_length - 2 - fixed))
+    if len(ids) <= budget:
+        return ids, False
     text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     keep = len(text_ids) - (len(ids) - budget) - 1
     while keep > 0:  # decoding a cut may re-tokenize a little longer: shrink until it fits
