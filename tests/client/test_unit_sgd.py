@@ -126,3 +126,25 @@ def test_units_refuse_ghost_clipping_and_a_batch_above_the_unit_count(tiny, qa_r
     with pytest.raises(UserError, match="4 training units"):
         train_adapter(model, tok, TASK, rows, steps=1, batch_size=5, lr=0.01, noise_multiplier=1.0, clip_norm=1.0,
                       seed=0, units=units, max_records_per_unit=2)
+
+
+def test_unit_level_steps_run_unchanged_on_the_phone_profile(config, qa_records):
+    """int8 base, decoder layers recomputed, one record per micro-batch: the same unit-level update as one piece."""
+    from slm.lora import LoraSpec, attach
+    from slm.recompute import recomputed_layers
+
+    model, tok = attach("tiny", LoraSpec.from_config(config), "int8")
+    rows = _with_patients(qa_records[:10], [4, 3, 2, 1])
+    units = group_by_unit(rows, "patient_id")
+    initial = adapter_state(model)
+    common = dict(steps=2, batch_size=2, lr=0.05, noise_multiplier=0.7, clip_norm=0.5, seed=5, units=units,
+                  max_records_per_unit=3)
+    train_adapter(model, tok, TASK, rows, **common)
+    one_piece = adapter_state(model)
+    set_adapter_state(model, initial)
+    with recomputed_layers(model):
+        train_adapter(model, tok, TASK, rows, physical_batch_size=1, **common)
+    phone = adapter_state(model)
+    assert any(not torch.equal(one_piece[n], initial[n]) for n in initial)
+    for name in initial:
+        torch.testing.assert_close(phone[name], one_piece[name], rtol=1e-4, atol=1e-6)
