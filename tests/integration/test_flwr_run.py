@@ -17,14 +17,19 @@ import pytest
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+SMALL = ("model.name='tiny' model.max-length=48 server.rounds=1 train.local-steps=2 data.max-train-examples=32 "
+         "data.max-eval-examples=4 ship.quantizations=''")
+
+
+def flwr_run(supernodes: int, run_config: str):
+    """`fedslm flwr-run` as a user types it."""
+    return subprocess.run([sys.executable, "-m", "simulation.cli", "flwr-run", "--supernodes", str(supernodes),
+                           "--run-config", f"{SMALL} {run_config}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=480, check=False)
 
 
 def test_flwr_run_trains_installs_nothing_and_leaves_no_superlink(tmp_path):
-    run_config = ("model.name='tiny' model.max-length=48 server.rounds=1 server.min-clients=2 train.local-steps=2 "
-                  f"data.max-train-examples=32 data.max-eval-examples=4 ship.quantizations='' run.root='{tmp_path}' "
-                  "run.id='flwr-run'")
-    done = subprocess.run([sys.executable, "-m", "simulation.cli", "flwr-run", "--supernodes", "2", "--run-config",
-                           run_config], cwd=ROOT, capture_output=True, text=True, timeout=480)
+    done = flwr_run(2, f"server.min-clients=2 run.root='{tmp_path}' run.id='flwr-run'")
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "flwr-run" / "metrics.jsonl").read_text().splitlines()]
@@ -39,10 +44,7 @@ def test_flwr_run_trains_installs_nothing_and_leaves_no_superlink(tmp_path):
 
 def test_flwr_run_exits_3_when_no_round_trained(tmp_path):
     """flwr run itself exits 0 whatever the ServerApp did; a run where every site refused (budget) must not."""
-    run_config = ("model.name='tiny' model.max-length=48 server.rounds=1 server.min-clients=1 train.local-steps=2 "
-                  f"data.max-train-examples=32 data.max-eval-examples=4 ship.quantizations='' run.root='{tmp_path}' "
-                  "run.id='refused' dp.max-epsilon=0.01 dp.target-epsilon=0.01")
-    done = subprocess.run([sys.executable, "-m", "simulation.cli", "flwr-run", "--supernodes", "1", "--run-config",
-                           run_config], cwd=ROOT, capture_output=True, text=True, timeout=480)
+    done = flwr_run(1, f"server.min-clients=1 run.root='{tmp_path}' run.id='refused' dp.max-epsilon=0.01 "
+                       "dp.target-epsilon=0.01")
     assert done.returncode == 3, (done.stdout + done.stderr)[-3000:]
     assert "done: 0 of 1 rounds trained" in done.stdout
