@@ -126,8 +126,9 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
                            "fixed (not private against whoever knows it)", deployed=policy.deployment,
                            **policy.unit.record_fields())
     units = training_units(policy.unit, local.train)
-    if policy.group_field and not policy.deployment:  # a deployed site states it only in its own `fedslm budget`
-        record = replace(record, group_records=largest_unit(local.train, policy.group_field, "training records"))
+    group = largest_unit(local.train, policy.group_field, "training records") if policy.group_field else 0
+    if not policy.deployment:  # a deployed site states it only in its own `fedslm budget`, never on the wire
+        record = replace(record, group_records=group)
     count, what = (len(local.train), "training records") if units is None else (len(units), f"{policy.unit.word}s")
     problems = [] if 1 <= request.batch_size <= count else [
         f"expected batch {request.batch_size}: the site has {count} {what}"]
@@ -148,7 +149,7 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
     q = request.batch_size / count
     grant = None
     if policy.dp_enabled:
-        grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record, count)
+        grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record, count, group)
     with frozen_a_factors(model, freeze=request.aggregation == "ffa"), \
             recomputed_layers(model, config["train.recompute"]):  # a memory setting: same gradients
         result = train_adapter(model, tokenizer, task, examples, steps=request.local_steps,
@@ -180,7 +181,7 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
 
 
 def _reserve(policy: SitePolicy, request: RoundRequest, local: LocalData, q: float, adapter_sha256: str,
-             record: PrivacyRecord, units: int) -> Grant:
+             record: PrivacyRecord, units: int, group: int) -> Grant:
     """The round's spend reserved on the site's disk, or Refused (the refusal recorded in its ledger)."""
     budget = SiteBudget(ledger_dir=policy.ledger_dir, max_epsilon=policy.max_epsilon, delta=policy.delta,
                         max_noise_multiplier=policy.max_noise_multiplier)
@@ -189,7 +190,7 @@ def _reserve(policy: SitePolicy, request: RoundRequest, local: LocalData, q: flo
                       target_epsilon=request.target_epsilon, rounds_left=request.rounds_left,
                       adapter_sha256=adapter_sha256, unit=policy.unit.ledger_label,
                       records_per_unit=policy.unit.max_records if not policy.unit.record_level else 1,
-                      group_records=largest_unit(local.train, policy.group_field) if policy.group_field else 0)
+                      group_records=group)
     outcome = open_release(budget, release, fingerprint=fingerprint(local.train), records=units)
     if isinstance(outcome, Grant):
         return outcome

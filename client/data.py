@@ -208,27 +208,20 @@ def split(records, spec: DataSpec, name: str) -> LocalData:
     import random
 
     rows = list(records)
-    units = group_by_unit(rows, spec.unit_field, f"data file {spec.path}")
+    units = group_by_unit(rows, spec.unit_field, f"data file {spec.path}")  # [[0], [1], ...] without a unit field
     if spec.split == "record-hash":
-        held_units = [held_out_by_hash({"unit": rows[u[0]][spec.unit_field]} if spec.unit_field else rows[u[0]],
-                                       spec.test_fraction) for u in units]
+        def key(unit: list[int]) -> dict:
+            return {"unit": rows[unit[0]][spec.unit_field]} if spec.unit_field else rows[unit[0]]
+
+        held = {i for u in units if held_out_by_hash(key(u), spec.test_fraction) for i in u}
+        test = [row for i, row in enumerate(rows) if i in held]
+        train = [row for i, row in enumerate(rows) if i not in held]
     else:
         order = list(range(len(units)))
         random.Random(spec.seed).shuffle(order)
         n_test = max(1, round(len(units) * spec.test_fraction)) if len(units) > 1 else 0
-        held_units = [False] * len(units)
-        for i in order[:n_test]:
-            held_units[i] = True
-        if not spec.unit_field:  # the order records were held out in before units existed
-            test = [rows[i] for i in order[:n_test]]
-            train = [rows[i] for i in order[n_test:]]
-    if spec.unit_field or spec.split == "record-hash":
-        held = [False] * len(rows)
-        for u, h in zip(units, held_units):
-            for i in u:
-                held[i] = h
-        test = [row for row, h in zip(rows, held) if h]
-        train = [row for row, h in zip(rows, held) if not h]
+        test = [rows[i] for u in order[:n_test] for i in units[u]]
+        train = [rows[i] for u in order[n_test:] for i in units[u]]
     if not train:
         raise UserError(f"data file {spec.path}: client '{name}' has no training records after the test split")
     if spec.max_train:

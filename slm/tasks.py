@@ -243,6 +243,8 @@ def _sft_prompt(task: Task, tokenizer, text: str) -> tuple[list[int], bool]:
         return _chat(tokenizer, [{"role": "user", "content": task.prompt_template.format(prompt=body)}])
 
     ids = render(text)
+    if len(ids) <= task.max_length // 2:  # most records: one render, nothing else
+        return ids, False
     fixed = len(render(CUT_MARK))
     if fixed + 2 > task.max_length:  # the template, one response token and the end of turn
         raise UserError(f"config key 'model.max-length': {task.max_length} tokens leave no room for an SFT "
