@@ -155,3 +155,21 @@ def test_a_site_cannot_offer_its_unit_column_as_a_task_field(tmp_path):
                                          "fields": "question,answer,patient_id"})
     with pytest.raises(UserError, match="'fields' must not list 'patient_id'"):
         SitePolicy.from_node_config(site.node_config)
+
+
+def test_a_deployed_site_sends_neither_its_group_size_nor_why_its_unit_column_failed(tmp_path, coordinator, capsys):
+    """The group size (a statistic of the records) stays in the site's own `fedslm budget`; a unit column
+    missing from the file is an internal error whose detail (column names) stays in the site's log."""
+    clinic = Site(tmp_path / "clinic", extra={"group-field": "patient_id"})
+    patient_file(clinic.data)
+    reply = coordinator.train(clinic)
+    assert reply.content["privacy"]["status"] == "committed" and reply.content["privacy"]["group_records"] == 0
+    kept = clinic.ledger()["entries"][-1]["group_records"]  # on the site's disk, for its own budget statement
+    assert 2 <= kept <= max(PATIENTS.values())  # the largest patient's training records (the split holds some out)
+    broken = Site(tmp_path / "broken", extra={"privacy-unit-field": "mrn"})
+    patient_file(broken.data)
+    failed = coordinator.train(broken)
+    text = wire_text(failed)
+    assert failed.content["privacy"]["code"] == "internal-error"
+    assert "mrn" not in text and "patient_id" not in text and "question" not in text
+    assert "privacy unit field 'mrn' is missing" in capsys.readouterr().err
