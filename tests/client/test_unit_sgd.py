@@ -133,18 +133,22 @@ def test_unit_level_steps_run_unchanged_on_the_phone_profile(config, qa_records)
     from slm.lora import LoraSpec, attach
     from slm.recompute import recomputed_layers
 
-    model, tok = attach("tiny", LoraSpec.from_config(config), "int8")
+    model, tok = attach("tiny", LoraSpec.from_config(config), "int8")  # cached: other tests get it back as found
+    set_adapter_state(model, model.initial_adapter)
     rows = _with_patients(qa_records[:10], [4, 3, 2, 1])
     units = group_by_unit(rows, "patient_id")
     initial = adapter_state(model)
     common = dict(steps=2, batch_size=2, lr=0.05, noise_multiplier=0.7, clip_norm=0.5, seed=5, units=units,
                   max_records_per_unit=3)
-    train_adapter(model, tok, TASK, rows, **common)
-    one_piece = adapter_state(model)
-    set_adapter_state(model, initial)
-    with recomputed_layers(model):
-        train_adapter(model, tok, TASK, rows, physical_batch_size=1, **common)
-    phone = adapter_state(model)
+    try:
+        train_adapter(model, tok, TASK, rows, **common)
+        one_piece = adapter_state(model)
+        set_adapter_state(model, initial)
+        with recomputed_layers(model):
+            train_adapter(model, tok, TASK, rows, physical_batch_size=1, **common)
+        phone = adapter_state(model)
+    finally:
+        set_adapter_state(model, model.initial_adapter)
     assert any(not torch.equal(one_piece[n], initial[n]) for n in initial)
     for name in initial:
         torch.testing.assert_close(phone[name], one_piece[name], rtol=1e-4, atol=1e-6)
