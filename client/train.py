@@ -42,11 +42,13 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from client.unit_sgd import mean_per_unit, sample_units, unit_bounds
+from client.units import sample_rate
 from privacy.mechanism.randomness import DpRandom, seed_key
+from slm.batch import collate
 from slm.errors import UserError
 from slm.frozen_prefix import with_prefix
 from slm.loss import per_example_loss
-from slm.tasks import Example, Task, collate, encode
+from slm.tasks import Example, Task, encode
 
 # How Opacus gets each example's clipped gradient (BENCHMARKS.md, "DP overhead"):
 # hooks = per-example gradients from captured activations and backprops (one backward);
@@ -62,16 +64,6 @@ class TrainResult:
     steps: int
     sample_rate: float
     examples_seen: int
-
-
-def sample_rate(batch_size: int, records: int, where: str = "client", what: str = "records") -> float:
-    if batch_size < 1:
-        raise UserError("config key 'train.batch-size': must be at least 1")
-    if batch_size > records:
-        raise UserError(
-            f"config key 'train.batch-size': {batch_size} is larger than {where}'s {records} training {what}"
-        )
-    return batch_size / records
 
 
 def autocast_context(autocast: str, device: torch.device | str = "cpu"):

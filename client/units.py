@@ -91,3 +91,14 @@ def largest_unit(records: list[dict], field: str, where: str = "") -> int:
 
 def _hashable(value):
     return value if isinstance(value, (str, int, float, bool)) else repr(value)
+
+
+def sample_rate(batch_size: int, records: int, where: str = "client", what: str = "records") -> float:
+    """Poisson sampling's q: the expected batch over the units (records, or people) a step samples from."""
+    if batch_size < 1:
+        raise UserError("config key 'train.batch-size': must be at least 1")
+    if batch_size > records:
+        raise UserError(
+            f"config key 'train.batch-size': {batch_size} is larger than {where}'s {records} training {what}"
+        )
+    return batch_size / records

@@ -16,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from client.site import NODE_KEYS, REQUIRED, SitePolicy  # the ClientApp's own policy (imports torch: a few seconds per node start)
+from client.site import NODE_KEYS, REQUIRED, SitePolicy  # the ClientApp's own policy (standard library only)
 from slm.errors import UserError
 
 

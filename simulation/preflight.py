@@ -14,13 +14,8 @@ import itertools
 
 from client.data import DataSpec, LocalData, check_fields, held_out_table, load_local_data, resolve_verbalizers
 from client.records import read_table
-from client.site import SitePolicy
-from client.train import sample_rate
-from client.units import group_by_unit
-from server.rounds import RoundSpec
-from slm.base import resolve_model_dir
+from client.units import group_by_unit, sample_rate
 from slm.errors import UserError
-from slm.lora import LoraSpec
 from slm.tasks import Task, encode
 
 
@@ -32,17 +27,24 @@ def preflight(config: dict, num_clients: int) -> list[str]:
 
     A label task's verbalizers are resolved here, once, from the whole file, and written
     into ``config`` (which every ClientApp receives): every party scores the same candidates.
+    The file is checked first, with nothing heavier than the standard library imported: a
+    bad file is one line within a second; torch, peft and the model come after.
     """
     if config["server.min-clients"] > num_clients:
         raise UserError(f"config key 'server.min-clients': {config['server.min-clients']} is more than the "
                         f"{num_clients} clients: every round would be skipped")
+    clients = check_data(config, num_clients)
+    from client.site import SitePolicy
+    from server.rounds import RoundSpec
+    from slm.base import resolve_model_dir
+    from slm.lora import LoraSpec
+
     LoraSpec.from_config(config)
     RoundSpec.from_config(config)
     if config["dp.privacy-unit-field"] and config["dp.enabled"] and config["train.grad-sample-mode"] == "ghost":
         raise UserError("config key 'train.grad-sample-mode' = ghost cannot train with dp.privacy-unit-field: a "
                         "unit's gradient is the mean of its records' gradients, which ghost clipping never forms; "
                         "use hooks or functorch")
-    clients = check_data(config, num_clients)
     resolve_model_dir(config["model.name"])
     for local in clients:
         SitePolicy.for_simulation(config, local.name, run_dir="")

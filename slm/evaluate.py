@@ -14,10 +14,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from slm.batch import collate
 from slm.frozen_prefix import with_prefix
 from slm.label_scoring import score_labels
 from slm.loss import CHUNK, loss_positions
-from slm.tasks import Task, collate, encode
+from slm.tasks import Task, encode
 
 
 @torch.no_grad()

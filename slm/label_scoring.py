@@ -36,8 +36,9 @@ from typing import Callable
 
 import torch
 
+from slm.batch import collate, token_losses
 from slm.frozen_prefix import cut, kept_rows, layer_range
-from slm.tasks import IGNORE, Example, Task, collate, encode_candidates, token_losses, verbalize
+from slm.tasks import IGNORE, Example, Task, encode_candidates, verbalize
 from slm.unwrap import causal_lm
 
 

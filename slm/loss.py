@@ -9,7 +9,7 @@ out (N, H), and the frozen head is applied to them ``CHUNK`` rows at a time, eac
 under ``torch.utils.checkpoint``: the backward recomputes a chunk's logits instead of
 keeping them, so at most one chunk of logits (CHUNK x V) lives at any time.
 
-The definition is slm.tasks.per_example_loss exactly: each example's loss is the mean
+The definition is slm.batch.per_example_loss exactly: each example's loss is the mean
 of the next-token cross entropies (in fp32) over its loss tokens. Per-example DP-SGD stays
 exact under Opacus: its hooks sit on the LoRA layers inside the decoder body, which is
 called as a module here (hooks fire on any call of a hooked module); the head is frozen
@@ -91,7 +91,7 @@ def example_loss_sums(model, batch: dict, chunk: int = CHUNK) -> tuple[torch.Ten
 
 
 def per_example_loss(model, batch: dict, chunk: int = CHUNK) -> torch.Tensor:
-    """Mean loss over each example's loss tokens, (B,): slm.tasks.per_example_loss without full logits."""
+    """Mean loss over each example's loss tokens, (B,): slm.batch.per_example_loss without full logits."""
     sums, counts = example_loss_sums(model, batch, chunk)
     return sums / counts.clamp_min(1)
 
@@ -99,7 +99,7 @@ def per_example_loss(model, batch: dict, chunk: int = CHUNK) -> torch.Tensor:
 def full_logits_loss(model, batch: dict) -> torch.Tensor:
     """The same (B,) loss through the model's full (B, T, V) logits: the reference the chunked loss is
     checked against, and the "before" of its benchmark."""
-    from slm.tasks import per_example_loss as from_logits
+    from slm.batch import per_example_loss as from_logits
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return from_logits(logits, batch["labels"])

@@ -9,7 +9,9 @@
 
 Privacy unit: one encoded example = one record. Per-example loss is the mean over that
 example's loss tokens, and a batch's loss is the mean of per-example losses, which is
-what Opacus assumes with ``loss_reduction="mean"`` when it rescales per-sample gradients.
+what Opacus assumes with ``loss_reduction="mean"`` when it rescales per-sample gradients
+(slm/batch.py turns examples into tensors and losses; this module imports no torch, so a
+command checks a user's file and template before the seconds that importing torch takes).
 """
 
 from __future__ import annotations
@@ -19,9 +21,6 @@ import re
 import string
 from dataclasses import dataclass
 from functools import lru_cache
-
-import torch
-import torch.nn.functional as F
 
 from slm.errors import UserError
 
@@ -329,39 +328,6 @@ def verbalize(task: Task, record: dict, where: str) -> str:
         if label == value:
             return word
     raise UserError(f"record {where}: label {value!r} has no verbalizer in data.verbalizers")
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example of the batch."""
-    width = max((len(e.input_ids) for e in examples), default=1)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token next-token loss and a mask of the tokens that carry loss. Both (B, T-1)."""
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
-    mask = shift_labels != IGNORE
-    losses = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.clamp_min(0).reshape(-1),
-        reduction="none",
-    ).view_as(shift_labels)
-    return losses * mask, mask
-
-
-def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean loss over each example's loss tokens, shape (B,)."""
-    losses, mask = token_losses(logits, labels)
-    return losses.sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
 def summarize(loss_sum: float, tokens: int) -> dict[str, float]:

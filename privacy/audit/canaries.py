@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from slm.tasks import IGNORE, Task, collate, encode, per_example_loss
+from slm.batch import collate, per_example_loss
+from slm.tasks import IGNORE, Task, encode
 
 PROMPT = "Patient {key}: what is the access code?"
 KEY_LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I or O: never mistaken for digits

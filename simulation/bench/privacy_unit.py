@@ -113,9 +113,10 @@ def step_time(model: str, rows: int, units: int, length: int, repeats: int) -> d
 
     from client.train import make_private, take_step
     from privacy.mechanism.randomness import DpRandom, seed_key
+    from slm.batch import collate
     from slm.config import resolve
     from slm.lora import LoraSpec, attach
-    from slm.tasks import Task, collate, encode
+    from slm.tasks import Task, encode
 
     config = resolve({"model.name": model, "model.max-length": length, "lora.dropout": 0.0})
     net, tok = attach(model, LoraSpec.from_config(config))

@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+from start_point import nonzero_lora_b
 
 from client.train import train_adapter
+from slm.batch import collate, per_example_loss
 from slm.errors import UserError
 from slm.lora import adapter_state
-from slm.tasks import Task, collate, encode, per_example_loss
-from start_point import nonzero_lora_b
+from slm.tasks import Task, encode
 
 
 def manual_clipped_mean(model, tok, task, records, clip):

@@ -76,3 +76,28 @@ def test_numeric_labels_need_verbalizers(tmp_path):
     path.write_text("label,text\n" + "".join(f"{i % 2},sentence {i}\n" for i in range(20)))
     assert_one_line_error(fedslm("simulate", "--scenario", "tiny", "--set", f"data.path={path}",
                                  "--set", "data.task=label"), "labels 0, 1 in data file", "0=negative,1=positive")
+
+
+# A user's bad file is reported before torch is imported (importing it takes seconds): the
+# command runs in a fresh interpreter that lists the heavy modules loaded when the error came.
+BEFORE_HEAVY = """
+import sys
+from simulation.cli import main
+code = main(sys.argv[1:])
+print(sorted(m for m in ("torch", "peft", "opacus") if m in sys.modules), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("command", ["simulate", "data"])
+@pytest.mark.parametrize("content", ["question,answer\n", "question,answer\ncaf\xe9,ok\n"], ids=["header-only", "latin-1"])
+def test_a_bad_file_is_reported_before_torch_is_imported(tmp_path, command, content):
+    path = tmp_path / "records.csv"
+    path.write_bytes(content.encode("latin-1"))
+    args = ["simulate", "--scenario", "tiny", "--set", f"data.path={path}", "--out", str(tmp_path / "run")] \
+        if command == "simulate" else ["data", str(path)]
+    proc = subprocess.run([sys.executable, "-c", BEFORE_HEAVY, *args], capture_output=True, text=True, timeout=120)
+    error, loaded = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and error.startswith("fedslm: error: data file") and str(path) in error, proc.stderr
+    assert loaded == "[]", f"imported before the file was checked: {loaded}"
+    assert not (tmp_path / "run").exists()

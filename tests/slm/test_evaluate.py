@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from slm.batch import collate, token_losses
 from slm.evaluate import evaluate
-from slm.tasks import Task, collate, encode, token_losses
+from slm.tasks import Task, encode
 
 
 @pytest.mark.parametrize("kind", ["next-word", "sft"])

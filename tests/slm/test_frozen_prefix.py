@@ -7,12 +7,12 @@ from opacus import GradSampleModule
 
 import client.train
 from client.train import train_adapter
-from slm.config import resolve
+from slm.batch import collate
 from slm.errors import UserError
 from slm.frozen_prefix import PrefixCache, cut, with_prefix
 from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
 from slm.loss import per_example_loss
-from slm.tasks import Task, collate, encode
+from slm.tasks import Task, encode
 from slm.unwrap import causal_lm
 
 

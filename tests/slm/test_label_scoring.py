@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from slm.base import load_base
+from slm.batch import collate, token_losses
 from slm.evaluate import evaluate
 from slm.label_scoring import reference_scores, score_labels
 from slm.lora import adapter_state, set_adapter_state
-from slm.tasks import Task, collate, encode, parse_verbalizers, token_losses
+from slm.tasks import Task, encode, parse_verbalizers
 
 VERBALIZERS = {
     2: "0=negative,1=positive",

@@ -4,8 +4,9 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from slm.batch import collate
 from slm.loss import full_logits_loss, per_example_loss
-from slm.tasks import IGNORE, Task, collate, encode
+from slm.tasks import IGNORE, Task, encode
 
 
 def _batch(tok, records, kind="sft"):

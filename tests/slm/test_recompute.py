@@ -5,10 +5,11 @@ import torch
 from opacus import GradSampleModule
 
 from client.train import train_adapter
+from slm.batch import collate
 from slm.lora import adapter_state, set_adapter_state
 from slm.loss import per_example_loss
 from slm.recompute import recomputed_layers
-from slm.tasks import Task, collate, encode
+from slm.tasks import Task, encode
 
 
 def _batch(tokenizer, config, records):

@@ -1,16 +1,15 @@
 import pytest
 
+from slm.batch import collate, per_example_loss
 from slm.errors import UserError
 from slm.tasks import (
     IGNORE,
     Task,
     check_template,
-    collate,
     derive_verbalizers,
     encode,
     encode_candidates,
     parse_verbalizers,
-    per_example_loss,
     prompt_ids,
 )
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from privacy.audit.run import _check_fits
 from privacy.audit.canaries import (
     candidate_secrets,
     digit_token_ids,
@@ -16,7 +15,9 @@ from privacy.audit.canaries import (
     score_canaries,
     summarize,
 )
-from slm.tasks import Task, collate, encode, per_example_loss, token_losses
+from privacy.audit.run import _check_fits
+from slm.batch import collate, per_example_loss, token_losses
+from slm.tasks import Task, encode
 
 TASK = Task(kind="sft", max_length=128)
 
