@@ -26,7 +26,9 @@ That runs Flower's own ``flwr-clientapp`` with two names of its runtime module r
   the run's metadata would point to (fab id, version and hash are the coordinator's word).
 
 A bundle not on the list is refused before anything in it is unpacked or imported: the
-coordinator's reply is an error naming the hash prefix, the site's log (stderr) gets one line
+coordinator's reply is an error naming the hash prefix and the site by the ``name`` of its node
+config (``$FEDSLM_NODE_CONFIG``; a site refused every app has sent nothing else, and the
+coordinator would otherwise know it only as node-<id>); the site's log (stderr) gets one line
 with the full hash. flwr is pinned (1.41.0); should an upgrade stop calling what is replaced
 here, the guard exits with an error instead of running unguarded.
 
@@ -44,6 +46,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import tomllib
 import zipfile
 from pathlib import Path, PurePosixPath
 
@@ -65,15 +68,17 @@ def say(line: str) -> None:
 class Guard:
     """One flwr-clientapp process: its bundle checked, then unpacked and loaded from where it was unpacked."""
 
-    def __init__(self, install_from_fab, get_load_client_app_fn, allow_list: str | None, flwr_home: Path):
+    def __init__(self, install_from_fab, get_load_client_app_fn, allow_list: str | None, flwr_home: Path,
+                 site: str = ""):
         self.flower_install, self.flower_loader = install_from_fab, get_load_client_app_fn
-        self.allow_list, self.flwr_home = allow_list, flwr_home
+        self.allow_list, self.flwr_home, self.site = allow_list, flwr_home, site
         self.installed: Path | None = None
 
     def check(self, fab: bytes) -> str:
         """The bundle's sha256 if this site approved it, else NotApproved (and one line in the site's log)."""
         digest = hashlib.sha256(fab).hexdigest()
-        refused = NotApproved(f"app {digest[:16]} is not approved by this site")
+        refused = NotApproved(f"app {digest[:16]} is not approved by " + (f"site '{self.site}'" if self.site
+                                                                           else "this site"))
         try:
             if not self.allow_list:
                 raise AllowListError(f"{ENV} is not set")
@@ -198,6 +203,19 @@ def discard(target: Path) -> None:
         shutil.rmtree(aside)
 
 
+def site_name(node_config: str | None) -> str:
+    """The ``name`` of the site's node config ('' when unset or unreadable: the refusal then says "this site").
+
+    Read with tomllib alone: this process imports nothing of the app (see above), and the
+    node config was checked by deploy/supernode.sh when the SuperNode started.
+    """
+    try:
+        name = tomllib.loads(Path(node_config).read_text(encoding="utf-8")).get("name", "") if node_config else ""
+    except (OSError, ValueError):
+        return ""
+    return name if isinstance(name, str) and name.isprintable() and "'" not in name and len(name) <= 120 else ""
+
+
 def guard_flower(allow_list: str | None) -> Guard:
     """Replace the two names in Flower's ClientApp runtime; stop if Flower no longer calls them."""
     from flwr.supercore.utils import get_flwr_home
@@ -208,7 +226,8 @@ def guard_flower(allow_list: str | None) -> Guard:
     if missing:
         raise SystemExit(f"fedslm app guard: error: flwr.supernode.runtime.run_clientapp no longer calls "
                          f"{', '.join(missing)} (Flower upgraded past 1.41?); refusing to run any app unguarded")
-    guard = Guard(runtime.install_from_fab, runtime.get_load_client_app_fn, allow_list, get_flwr_home())
+    guard = Guard(runtime.install_from_fab, runtime.get_load_client_app_fn, allow_list, get_flwr_home(),
+                  site_name(os.environ.get("FEDSLM_NODE_CONFIG")))
     sys.dont_write_bytecode = True  # no __pycache__ in the approved directory: the next message would discard it
     runtime.install_from_fab, runtime.get_load_client_app_fn = guard.install, guard.loader
     return guard

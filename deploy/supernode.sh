@@ -56,8 +56,10 @@ approve="python -m deploy.approve APP_DIR --allow-list FILE"
 [[ -f "$allow_list" && -r "$allow_list" ]] || { echo "supernode.sh: error: FEDSLM_APPROVED_APPS $allow_list is missing or unreadable ($approve)" >&2; exit 2; }
 PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$venv/bin/python" -m deploy.allow_list "$allow_list" || exit 2
 # Exported: every task process inherits them (deploy/site-bin/flwr-clientapp and deploy/app_guard.py read
-# them), absolute whatever a task's working directory.
+# them; the guard names the site in a refusal by the node config's `name`), absolute whatever a task's
+# working directory.
 export FEDSLM_APPROVED_APPS="$(realpath "$allow_list")" FEDSLM_VENV="$(cd "$venv" && pwd)"
+export FEDSLM_NODE_CONFIG="$(realpath "$node_config")"
 # The SuperNode starts flower-superexec from PATH (the virtualenv's), which starts each task's command from
 # PATH: deploy/site-bin comes first, so flwr-clientapp is the guarded one and no other task command runs.
 export PATH="$here/site-bin:$venv/bin:$PATH"

@@ -11,6 +11,7 @@ from privacy.report.build import write_report
 from server import checkpoint
 from server.rounds import Federation, closing_line, initial_state, say
 from server.rundir import RunDir
+from server.status import check_complete, quiet_partial_runs
 from slm.base import resolve_model_dir
 from slm.config import from_run_config
 from slm.errors import UserError
@@ -18,6 +19,7 @@ from slm.lora import LoraSpec, adapter_state, attach
 from slm.quiet import quiet_libraries
 
 quiet_libraries()  # also in the ServerApp process Flower starts (flwr run): its console is the user's
+quiet_partial_runs()
 app = ServerApp()
 
 
@@ -40,9 +42,10 @@ def main(grid: Grid, context: Context) -> None:
         state = initial_state(adapter_state(model), config)
     federation = Federation(grid, config, rundir, state, str(resolve_model_dir(config["model.name"])))
     outcome = federation.run(resumed=config["run.resume"])
-    say(closing_line(outcome, config["server.rounds"]))
     say(f"run directory: {rundir.path}")
     try:
         say(f"privacy report: {write_report(rundir.path)}")
     except UserError as err:  # e.g. a run that stopped before round 0 wrote no metrics.jsonl
         say(f"privacy report not written: {err}")
+    say(closing_line(outcome, config["server.rounds"]))  # last: what actually happened
+    check_complete(outcome["rounds_trained"], config["server.rounds"])  # else Flower records finished:failed

@@ -19,6 +19,7 @@ server.validate before it can touch the global adapter.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -102,6 +103,11 @@ def check_secure_training(usable, record: Callable[[str, dict], None]) -> Traini
     return out
 
 
+# deploy/app_guard.py's refusal names the site by its node config: a site that refused every
+# app has sent nothing else, and would otherwise stay node-<id> in every line and the report.
+REFUSED_BY_SITE = re.compile(r"is not approved by site '([^'\n]{1,120})'(?:'>)?$")  # Flower: <class ...>:<'...'>
+
+
 class Names:
     """Node id -> the name it reported, and the names that several nodes reported."""
 
@@ -124,7 +130,11 @@ class Names:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                intake.failed.append((node, last_line(reply.error.reason)))
+                reason = last_line(reply.error.reason)
+                refused_by = REFUSED_BY_SITE.search(reason)
+                if refused_by and node not in self.of:  # a name from a reply with content wins
+                    self.of[node] = refused_by.group(1)
+                intake.failed.append((node, reason))
                 continue
             name = name_of(reply) or self(node)  # a reply without a name keeps the node's
             self.of[node] = name

@@ -15,7 +15,7 @@ from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
 from flwr.supernode.runtime import run_clientapp as runtime
 from harness import DEPLOY, ROOT, script_env, write_node_config
 
-from deploy.app_guard import REPLACED, Guard, NotApproved, guard_flower
+from deploy.app_guard import REPLACED, Guard, NotApproved, guard_flower, site_name
 from deploy.approve import bundle, fab_hash
 
 SITE_BIN = DEPLOY / "site-bin"
@@ -42,6 +42,25 @@ def test_a_bundle_not_on_the_list_is_refused_before_flower_sees_it(fab, tmp_path
     assert not (tmp_path / "flwr-home").exists()
     with pytest.raises(NotApproved, match="no approved app bundle was unpacked"):
         guard.loader("", None, True)
+
+
+def test_a_refusal_names_the_site_from_its_node_config_and_the_coordinator_reads_it(fab, tmp_path):
+    """A site that refuses every app sends nothing else: its refusal is where the coordinator learns its name."""
+    from server.intake import REFUSED_BY_SITE
+
+    node_config = tmp_path / "node.toml"
+    node_config.write_text('name = "hospital-a"\ndata-path = "/srv/records.jsonl"\n')
+    assert site_name(str(node_config)) == "hospital-a"
+    guard = Guard(refusing_install, None, str(tmp_path / "none.txt"), tmp_path, site=site_name(str(node_config)))
+    with pytest.raises(NotApproved) as refused:
+        guard.install(fab)
+    reason = f"<class 'deploy.app_guard.NotApproved'>:<'{refused.value}'>"  # as Flower's error reply carries it
+    assert str(refused.value) == f"app {fab_hash(fab)[:16]} is not approved by site 'hospital-a'"
+    assert REFUSED_BY_SITE.search(reason).group(1) == "hospital-a"
+    for unnamed in ("", "name = 3\n", "name = \"it's\"\n", "not toml ["):
+        node_config.write_text(unnamed)
+        assert site_name(str(node_config)) == ""
+    assert site_name(str(tmp_path / "missing.toml")) == site_name(None) == ""
 
 
 @pytest.mark.parametrize("name, content, why", [(None, None, "FEDSLM_APPROVED_APPS is not set"),

@@ -116,11 +116,11 @@ def run_app(fed: dict, run_id: str, extra: str, app: Path | None = None) -> list
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def reported_hashes(fed: dict) -> list[str]:
-    """The fab hash of every run, as Flower's SuperLink records and reports it (`flwr ls`)."""
+def reported_runs(fed: dict) -> list[dict]:
+    """Every run as Flower's SuperLink records and reports it (`flwr ls`): fab hash, status, ..."""
     proc = flwr(fed["home"], "ls", CONNECTION, "--format", "json", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return [run["fab-hash"] for run in json.loads(proc.stdout)["runs"]]
+    return json.loads(proc.stdout)["runs"]
 
 
 def ledger(work: Path, site: str) -> list[dict]:
@@ -155,7 +155,8 @@ def test_two_rounds_then_a_restart_continues_the_ledger_and_a_spent_budget_refus
     assert [r["round"] for r in rows] == [0, 1, 2]
     # deploy.approve's hash is the one Flower reports for the submission and the one each site's guard
     # computed from the bundle bytes its SuperNode handed to flwr-clientapp.
-    assert reported_hashes(fed) == [fed["app_hash"]]
+    assert [(run["fab-hash"], run["status"]) for run in reported_runs(fed)] == [(fed["app_hash"],
+                                                                                 "finished:completed")]
     for site in SITES:
         assert f"fedslm app guard: app sha256 {fed['app_hash']} approved" in (work / site / "first.log").read_text()
     assert all({p["client"] for p in r["participants"]} == set(SITES) and not r["refused"] for r in rows[1:])
@@ -207,11 +208,17 @@ def test_a_modified_app_is_refused_before_any_of_it_runs(federation, qa_records)
         start_sites(fed, stack, configs, "modified")
         rows = run_app(fed, "modified", "server.rounds=1", app=modified)
 
-    refusal = f"app {modified_hash[:16]} is not approved by this site"
+    refusal = {site: f"app {modified_hash[:16]} is not approved by site '{site}'" for site in SITES}
     assert [r["round"] for r in rows] == [0, 1]
-    assert len(rows[0]["eval_errors"]) == 2 and all(refusal in e for e in rows[0]["eval_errors"])
+    # Each site is named by its node config in every line, though it sent nothing but the refusal.
+    errors = sorted(rows[0]["eval_errors"])
+    assert len(errors) == 2 and all(e.startswith(f"{site}: ") and refusal[site] in e for site, e in zip(SITES, errors))
     assert rows[1]["skipped"] and not rows[1]["participants"] and not rows[1]["refused"]
-    assert len(rows[1]["failed"]) == 2 and all(refusal in f["reason"] for f in rows[1]["failed"])
+    failed = sorted((f["client"], f["reason"]) for f in rows[1]["failed"])
+    assert [site for site, _ in failed] == list(SITES) and all(refusal[site] in why for site, why in failed)
+    # `flwr run` exits 0 whatever happened: the run's status is where Flower says that nothing trained.
+    (run,) = [run for run in reported_runs(fed) if run["fab-hash"] == modified_hash]
+    assert run["status"] == "finished:failed" and run["status-details"].endswith("0 of 1 rounds trained"), run
     site_homes = {str(flwr_home(work, site)) for site in SITES}
     assert not site_homes & {marker.read_text() for marker in markers.iterdir()}  # never imported on a site
     for site in SITES:

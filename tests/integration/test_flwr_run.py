@@ -48,3 +48,6 @@ def test_flwr_run_exits_3_when_no_round_trained(tmp_path):
                        "dp.target-epsilon=0.01")
     assert done.returncode == 3, (done.stdout + done.stderr)[-3000:]
     assert "done: 0 of 1 rounds trained" in done.stdout
+    # Flower records the run as failed; its crash report is one line (server/status.py), not a traceback.
+    assert "[fedslm] run status: failed, 0 of 1 rounds trained" in done.stdout
+    assert "Traceback" not in done.stdout and "Exit Code" not in done.stdout

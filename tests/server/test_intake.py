@@ -36,6 +36,17 @@ def test_errors_silences_and_unnamed_replies():
     assert [(n, name) for n, name, _ in intake.usable] == [(8, "node-8")]  # a reply without a name keeps its node's
 
 
+def test_a_site_refused_by_its_app_guard_is_named_by_the_refusal_unless_it_named_itself():
+    names = Names()
+    guard = ("<class 'deploy.app_guard.NotApproved'>:<'app 0123456789abcdef is not approved by site '{}''>")
+    intake = names.take_in([reply(4, {}, error=guard.format("hospital-a")), reply(5, {}, error=guard.format("")),
+                            reply(6, {}, error="RuntimeError: is not approved by site 'spoof'\nmore")], by_info)
+    assert [names(node) for node, _ in intake.failed] == ["hospital-a", "node-5", "node-6"]
+    names.take_in([named(4, "GARD")], by_info)  # a name the site reported with content wins from then on
+    names.take_in([reply(4, {}, error=guard.format("other"))], by_info)
+    assert names(4) == "GARD"
+
+
 def test_a_federation_rejects_duplicate_names_in_training_and_evaluation(make_federation, capsys):
     """Unnamed deployed sites are all client-0: one refusal must not stop them all, nor one eval entry stand for all."""
     grid = FakeGrid({1: ("client-0", "ok"), 2: ("client-0", "refuse"), 3: ("GARD", "ok")})
