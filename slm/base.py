@@ -132,6 +132,9 @@ def _publish_dir(target: Path, build) -> None:
 def _convert_gguf(out: Path) -> None:
     gguf = smollm2_gguf_path()
     print(f"fedslm: converting {gguf.name} to an HF directory once (about half a minute) ...", flush=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the line above says what happens; no bars in a site's log
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
