@@ -96,7 +96,7 @@ def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
 def _done_line(run_dir: Path, planned: int) -> tuple[str, int]:
     """The run's `done:` line from its files (the run itself ran in another process), and the rounds trained."""
     from server.rounds import closing_line
-    from server.rundir import aggregated_update
+    from privacy.report.run_files import aggregated_update
     from slm.jsonfiles import iter_json_lines
 
     rows = list(iter_json_lines(run_dir / "metrics.jsonl"))
@@ -280,9 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     flwr_run.set_defaults(func=cmd_flwr_run)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
-    from simulation.bench.cli import add_bench_parser
-
-    add_bench_parser(sub)
     return parser
 
 

@@ -266,7 +266,7 @@ def reference_scores(model, tokenizer, task: Task, records: list[dict]) -> torch
 
     Each candidate runs as a whole sequence with full-vocabulary logits at every position,
     as evaluation did before score_labels. Kept as the reference that the fast scorer is
-    tested (tests/slm/test_label_scoring.py) and benchmarked (``fedslm bench label-scoring``)
+    tested (tests/slm/test_label_scoring.py) and benchmarked (``python -m benchmarks label-scoring``)
     against; evaluation never calls it.
     """
     rows = []

@@ -7,7 +7,7 @@ import pytest
 
 from client.data import DataSpec, load_local_data
 from server.rounds import evaluation_sample
-from simulation.bench.phone_data import build_excerpt, first_users
+from benchmarks.phone_data import build_excerpt, first_users
 from simulation.preflight import preflight
 from simulation.scenarios import PHONE_DATA, PHONE_USERS, get_scenario
 from slm.config import resolve
@@ -65,7 +65,7 @@ def test_evaluation_sample_is_fixed_and_sized():
 @pytest.mark.integration
 def test_scale_run_keeps_memory_flat_across_client_counts(tmp_path, model_cache):
     """Two real phone federations (tiny model): same work per round, 12 vs 60 clients."""
-    from simulation.bench import scale
+    from benchmarks import scale
 
     results = scale.run([12, 60], rounds=1, model="tiny", out=tmp_path)
     assert [r["clients"] for r in results] == [12, 60]
@@ -79,7 +79,7 @@ def test_scale_run_keeps_memory_flat_across_client_counts(tmp_path, model_cache)
 
 _STAGES = """
 import json
-from simulation.bench.phone_memory import StagePeaks
+from benchmarks.phone_memory import StagePeaks
 
 stages = StagePeaks()
 stages.mark("before")
@@ -108,7 +108,7 @@ def test_stage_peaks_are_per_stage():
 
 def test_phone_scenario_runs_the_memory_levers():
     """The phone scenario's round is the one BENCHMARKS.md measures within 1 GB: int8 base, pieces, recomputation."""
-    from simulation.bench.phone_memory import phone_profile
+    from benchmarks.phone_memory import phone_profile
 
     keys = get_scenario("phone").overrides
     profile = phone_profile()

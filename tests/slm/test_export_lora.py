@@ -109,7 +109,7 @@ def test_llama_cpp_applies_the_adapter_as_transformers_does(model_cache, tmp_pat
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM
 
-    from simulation.bench.llamacpp import compare_logits
+    from benchmarks.llamacpp import compare_logits
     from slm.base import smollm2_gguf_path
     from slm.config import resolve
     from slm.lora import LoraSpec, attach

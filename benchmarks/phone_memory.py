@@ -1,6 +1,6 @@
 """Phone memory: peak resident memory of one client round, by stage, per memory profile.
 
-``fedslm bench phone-memory [--round dp|phone] [--profiles fp32,int8,phone] [--steps N]``
+``python -m benchmarks phone-memory [--round dp|phone] [--profiles fp32,int8,phone] [--steps N]``
 runs one client round per profile, each in a fresh process (peak resident memory is a
 per-process high-water mark), and reports the peak of every stage of that round: imports
 (torch, transformers, PEFT, Opacus and ours), model load (base + LoRA), data (records read
@@ -174,10 +174,10 @@ def run(round_name: str = "dp", profiles=("fp32", "int8", "phone"), steps: int =
         if name not in PROFILES:
             from slm.errors import UserError
 
-            raise UserError(f"fedslm bench phone-memory --profiles: unknown profile {name!r} "
+            raise UserError(f"python -m benchmarks phone-memory --profiles: unknown profile {name!r} "
                             f"(choose from {', '.join(PROFILES)})")
         profile = PROFILES[name]()
-        out = subprocess.run([sys.executable, "-m", "simulation.bench.phone_memory", round_name, name, str(steps),
+        out = subprocess.run([sys.executable, "-m", "benchmarks.phone_memory", round_name, name, str(steps),
                               data_file],
                              check=True, capture_output=True, text=True).stdout
         results.append({"name": name, **json.loads(out.strip().splitlines()[-1])})
@@ -197,6 +197,6 @@ def _print_row(r: dict, header: bool) -> None:
           f"{r['eval_loss_before']:12.4f}{r['eval_loss_after']:8.4f}", flush=True)
 
 
-if __name__ == "__main__":  # the child: python -m simulation.bench.phone_memory ROUND PROFILE STEPS FILE
+if __name__ == "__main__":  # the child: python -m benchmarks.phone_memory ROUND PROFILE STEPS FILE
     round_arg, profile_arg, steps_arg, file_arg = sys.argv[1:5]
     print(json.dumps(client_round(round_arg, PROFILES[profile_arg](), int(steps_arg), file_arg)))

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from simulation.bench.privacy_utility import shared_file
+from benchmarks.privacy_utility import shared_file
 from slm.errors import UserError
 
 
@@ -55,11 +55,11 @@ class Point:
         for item in filter(None, (part.strip() for part in text.split(";"))):
             key, sep, value = item.partition("=")
             if not sep or key not in cls.__dataclass_fields__:
-                raise UserError(f"fedslm bench recipe --points: {item!r} is not key=value with a key of "
+                raise UserError(f"python -m benchmarks recipe --points: {item!r} is not key=value with a key of "
                                 f"{', '.join(cls.__dataclass_fields__)}")
             point = replace(point, **{key: types.get(key, str)(value.strip())})
         if point.noise not in NOISE:
-            raise UserError(f"fedslm bench recipe --points: noise={point.noise!r} is not one of {', '.join(NOISE)}")
+            raise UserError(f"python -m benchmarks recipe --points: noise={point.noise!r} is not one of {', '.join(NOISE)}")
         return point
 
 
@@ -78,7 +78,7 @@ def _optimizer(name: str, lr: float):
         return lambda params: torch.optim.Adam(params, lr=lr)
     if name == "sgd":
         return lambda params: torch.optim.SGD(params, lr=lr, momentum=0.9)
-    raise UserError(f"fedslm bench recipe: optimizer {name!r} is not adam or sgd")
+    raise UserError(f"python -m benchmarks recipe: optimizer {name!r} is not adam or sgd")
 
 
 TASK_KEYS = {
@@ -99,7 +99,7 @@ def task_records(task: str, records: int, dev_records: int) -> tuple[list[dict],
         shares = [load_local_data(spec, i, 4) for i in range(4)]
         held = [r for share in shares for r in share.test]
         return shares[0].train[: records or None], held[: dev_records or None]
-    raise UserError(f"fedslm bench recipe --task: {task!r} is not sst2 or medquad")
+    raise UserError(f"python -m benchmarks recipe --task: {task!r} is not sst2 or medquad")
 
 
 def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, epsilon: float, length: int,

@@ -5,7 +5,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from simulation.bench.llamacpp import compare_logits
+from benchmarks.llamacpp import compare_logits
 
 
 def test_identical_logits_agree_everywhere():
@@ -28,7 +28,7 @@ def test_a_flipped_top_token_is_found_at_its_position():
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp not installed (extra)")
 def test_llama_cpp_reads_the_base_gguf_as_transformers_does():
-    from simulation.bench.llamacpp import compare_file
+    from benchmarks.llamacpp import compare_file
     from slm.base import smollm2_gguf_path
 
     result = compare_file(smollm2_gguf_path(), prompts=("What is the capital of France?",), new_tokens=8)

@@ -22,7 +22,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from simulation.bench.measure import simulate, table
+from benchmarks.measure import simulate, table
 from slm.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # next to the checkout; FEDSLM_SHARED_DATA overrides

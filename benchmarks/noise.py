@@ -31,7 +31,7 @@ from functools import partial
 import torch
 
 from privacy.mechanism.randomness import DpRandom, round_key
-from simulation.bench.measure import table
+from benchmarks.measure import table
 
 # SmolLM2-135M: 30 decoder layers, hidden 576, k/v projections 576 -> 192 (3 KV heads x 64)
 LAYERS, HIDDEN, KV, RANK = 30, 576, 192, 8

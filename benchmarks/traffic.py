@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from simulation.bench.measure import simulate, table
+from benchmarks.measure import simulate, table
 from slm.lora import LoraSpec, adapter_state, attach, sent_tensors, to_arrays
 
 SETTINGS = [("fedavg", "float32"), ("fedavg", "float16"), ("ffa", "float32"), ("ffa", "float16")]

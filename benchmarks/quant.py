@@ -1,6 +1,6 @@
 """Quantization retention: what the shipped GGUF files keep of the fine-tuned model.
 
-``fedslm bench quant RUN_DIR`` (or ``python -m simulation.bench.quant RUN_DIR``) merges the
+``python -m benchmarks quant RUN_DIR`` (or ``python -m benchmarks.quant RUN_DIR``) merges the
 run's last (or ``--round``) adapter, exports F16 / Q8_0 / Q4_0 exactly as shipping does
 (server.ship.build_artifacts, into RUN_DIR/bench-quant/), loads each file the way a client
 does (transformers with ``gguf_file=``, dequantized) and evaluates it on the held-out
@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    """Measure, print the table, return the results (``fedslm bench quant`` and ``main``)."""
+    """Measure, print the table, return the results (``python -m benchmarks quant`` and ``main``)."""
     from server.ship import parse_quants
     from slm.errors import UserError
 
@@ -113,7 +113,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     from slm.errors import UserError
 
-    parser = argparse.ArgumentParser(prog="python -m simulation.bench.quant", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quant", description=__doc__.splitlines()[0])
     add_arguments(parser)
     try:
         run(parser.parse_args(argv))

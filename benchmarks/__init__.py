@@ -1,4 +1,4 @@
-"""Benchmarks (``fedslm bench NAME``): numbers users compare us by, printed as ratios.
+"""Benchmarks (``python -m benchmarks NAME``): numbers users compare us by, printed as ratios.
 
 These machines are noisy, so every benchmark measures the things it compares side by
 side in one process and prints ratios; absolute seconds are for context only. The

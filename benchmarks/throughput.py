@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from simulation.bench.dp_overhead import StepConfig, Stepper, lora_model, synthetic_batch, time_configs
-from simulation.bench.measure import table
+from benchmarks.dp_overhead import StepConfig, Stepper, lora_model, synthetic_batch, time_configs
+from benchmarks.measure import table
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
               "aten::matmul", "aten::linear"}

@@ -21,7 +21,7 @@ from pathlib import Path
 from client.data import DataSpec, load_local_data
 from client.train import train_adapter
 from privacy.mechanism.randomness import round_key
-from simulation.bench.measure import simulate, table
+from benchmarks.measure import simulate, table
 from slm.config import resolve
 from slm.evaluate import evaluate
 from slm.lora import LoraSpec, adapter_state, attach, frozen_a_factors, set_adapter_state

@@ -1,4 +1,4 @@
-"""``fedslm bench label-scoring``: one-pass label scoring against one forward of the prompt and the K-pass scorer.
+"""``python -m benchmarks label-scoring``: one-pass label scoring against one forward of the prompt and the K-pass scorer.
 
 Per record, interleaved (so a load change on a shared machine hits all three alike):
 one plain forward of the record's prompt (full-vocabulary logits, ``slm.tasks.prompt_ids``),
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from simulation.bench.measure import table
-from simulation.bench.privacy_utility import shared_file
+from benchmarks.measure import table
+from benchmarks.privacy_utility import shared_file
 from slm.config import resolve
 from slm.label_scoring import reference_scores, score_labels
 from slm.lora import LoraSpec, attach

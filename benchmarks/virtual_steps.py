@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from simulation.bench.measure import table
+from benchmarks.measure import table
 
 IGNORE = -100
 
@@ -76,7 +76,7 @@ def run(model_ref: str = "smollm2", length: int = 128, expected: list[int] | Non
     results = []
     for loss in losses or ["chunked"]:
         for size in expected or [8, 64, 256]:
-            out = subprocess.run([sys.executable, "-m", "simulation.bench.virtual_steps", model_ref, loss, str(size),
+            out = subprocess.run([sys.executable, "-m", "benchmarks.virtual_steps", model_ref, loss, str(size),
                                   str(physical), str(length), str(repeats)], capture_output=True, text=True,
                                  check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from simulation.bench.quant import held_out_records, run_clients
+from benchmarks.quant import held_out_records, run_clients
 
 TARGET_BYTES, TARGET_RETAINED = 1_000_000, 0.90
 

@@ -1,4 +1,4 @@
-"""What protecting people instead of records costs: utility, step time and memory (`fedslm bench privacy-unit`).
+"""What protecting people instead of records costs: utility, step time and memory (`python -m benchmarks privacy-unit`).
 
 Data with several records per person: MedQuAD grouped by ``focus`` (the condition a set of
 questions is about) as "patients" within each institute. Four institutes with several
@@ -29,8 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from simulation.bench.measure import simulate, table
-from simulation.bench.privacy_utility import shared_file
+from benchmarks.measure import simulate, table
+from benchmarks.privacy_utility import shared_file
 
 INSTITUTES = ("CancerGov", "NHLBI", "NIDDK", "NINDS")
 

@@ -1,4 +1,4 @@
-"""``fedslm bench secagg``: what secure aggregation costs per round against clear FFA-LoRA.
+"""``python -m benchmarks secagg``: what secure aggregation costs per round against clear FFA-LoRA.
 
 Two federations of the same sites, rounds and settings (the tiny model by default, 4
 clients): one with ``server.secure-aggregation``, one without. Per training round, from
@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from simulation.bench.measure import simulate, table
+from benchmarks.measure import simulate, table
 
 
 def run(model: str = "tiny", clients: int = 4, rounds: int = 2, out: Path | None = None) -> dict:

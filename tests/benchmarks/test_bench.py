@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from simulation.bench import dp_overhead, throughput, traffic
-from simulation.bench.measure import TreeMemory, table
-from simulation.cli import main
+from benchmarks import dp_overhead, throughput, traffic
+from benchmarks.measure import TreeMemory, table
+from benchmarks.__main__ import main
 
 
 def test_dp_overhead_reports_a_ratio_per_configuration(capsys):
@@ -61,13 +61,14 @@ def test_table_is_markdown():
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):
+    """`python -m benchmarks NAME --json FILE`; benchmarks are no longer a `fedslm` command."""
     out = tmp_path / "traffic.json"
-    assert main(["bench", "traffic", "--model", "tiny", "--json", str(out)]) == 0
+    assert main(["traffic", "--model", "tiny", "--json", str(out)]) == 0
     assert len(json.loads(out.read_text())) == 5  # 4 settings at r=8, ffa + float16 at r=4
 
 
 def test_noise_bench_times_both_generators_against_the_recorded_steps(capsys):
-    from simulation.bench import noise
+    from benchmarks import noise
 
     result = noise.run(repeats=1, records=[225], dg_samples=40, dg_sigmas=[10.0], seed=0)
     gaussian = {r["trained"]: r for r in result["gaussian"]}
@@ -89,7 +90,7 @@ def test_discrete_gaussian_of_the_noise_bench_has_its_pmf():
     from fractions import Fraction
 
     from privacy.mechanism.randomness import DpRandom, seed_key
-    from simulation.bench.noise import KeystreamInts, discrete_gaussian
+    from benchmarks.noise import KeystreamInts, discrete_gaussian
 
     ints = KeystreamInts(DpRandom(seed_key(1, "test")), chunk=64)  # small chunks: refills are exercised
     draws = [discrete_gaussian(Fraction(1), ints) for _ in range(3000)]
@@ -104,7 +105,7 @@ def test_discrete_gaussian_of_the_noise_bench_has_its_pmf():
 
 @pytest.mark.integration
 def test_overhead_compares_a_federation_with_its_pure_compute(tmp_path, model_cache):
-    from simulation.bench import overhead
+    from benchmarks import overhead
 
     result = overhead.run("tiny", clients=2, rounds=1, steps=2, batch=2, length=32, out=tmp_path)
     assert result["pure compute s"] > result["pure rounds 1.. s"] > 0 and result["x wall"] >= result["x rounds"] > 0
@@ -114,7 +115,7 @@ def test_overhead_compares_a_federation_with_its_pure_compute(tmp_path, model_ca
 @pytest.mark.integration
 def test_privacy_utility_runs_a_dp_and_a_non_private_point_on_the_whole_dev_set(tmp_path, monkeypatch, model_cache):
     """sst2-dev: the train split over 4 iid clients, every dev sentence evaluated once, a standard error per point."""
-    from simulation.bench import privacy_utility
+    from benchmarks import privacy_utility
 
     shared = tmp_path / "shared"
     (shared / "sst2").mkdir(parents=True)
@@ -135,7 +136,7 @@ def test_privacy_utility_runs_a_dp_and_a_non_private_point_on_the_whole_dev_set(
 
 
 def test_privacy_utility_names_missing_shared_data_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
-    from simulation.bench.privacy_utility import task_config
+    from benchmarks.privacy_utility import task_config
     from slm.errors import UserError
 
     monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path / "nowhere"))
@@ -146,7 +147,7 @@ def test_privacy_utility_names_missing_shared_data_and_leaves_other_tasks_alone(
 
 def test_gpu_check_runs_its_dp_steps_on_cpu_too(model_cache, capsys):
     """The GPU script's path (device placement, virtual steps, first-update check) smoke-tested on the CPU."""
-    from simulation.bench import gpu_check
+    from benchmarks import gpu_check
 
     assert gpu_check.main(["--model-dir", "tiny", "--peak-tflops", "1", "--device", "cpu", "--batches", "3",
                            "--physical", "2", "--length", "16", "--steps", "1", "--autocast", "none"]) == 0
@@ -155,7 +156,7 @@ def test_gpu_check_runs_its_dp_steps_on_cpu_too(model_cache, capsys):
 
 
 def test_label_scoring_compares_the_one_pass_scorer_with_the_k_pass_one(tmp_path, monkeypatch, model_cache):
-    from simulation.bench import label_scoring
+    from benchmarks import label_scoring
 
     (tmp_path / "sst2").mkdir()
     (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\na charming journey .\t1\nbleak and dull\t0\n")
@@ -166,7 +167,7 @@ def test_label_scoring_compares_the_one_pass_scorer_with_the_k_pass_one(tmp_path
 
 
 def test_recipe_sweep_calibrates_every_point_to_the_same_epsilon_and_budget(tmp_path, monkeypatch, model_cache):
-    from simulation.bench import recipe
+    from benchmarks import recipe
     from slm.errors import UserError
 
     (tmp_path / "sst2").mkdir()
@@ -186,7 +187,7 @@ def test_recipe_sweep_calibrates_every_point_to_the_same_epsilon_and_budget(tmp_
 
 
 def test_recipe_sweep_on_the_hospital_task_reports_eval_loss_not_accuracy(model_cache, capsys):
-    from simulation.bench import recipe
+    from benchmarks import recipe
 
     results = recipe.run(["batch=8;clip=1;lr=1e-2;ffa=1"], task="medquad", records=40, dev_records=8, budget=16,
                          length=64, model="tiny", epsilon=8.0)
@@ -198,7 +199,7 @@ def test_recipe_sweep_on_the_hospital_task_reports_eval_loss_not_accuracy(model_
 def test_recipe_clip_only_point_clips_without_noise_and_claims_no_privacy(model_cache):
     """noise=clip keeps DP-SGD's clipping at sigma 0: with a clip norm of 1e-9 the adapter cannot move, where the
     same point without clipping (noise=none) does; neither claims an epsilon."""
-    from simulation.bench import recipe
+    from benchmarks import recipe
     from slm.errors import UserError
 
     with pytest.raises(UserError, match="noise='loud' is not one of dp, clip, none"):

@@ -15,7 +15,7 @@ effect from layout errors (tensor names, the q/k permutation), which would break
 formats alike.
 
 Optional: needs ``llama_cpp`` (the ``llamacpp`` extra, built from source; see
-BENCHMARKS.md). ``fedslm bench llamacpp FILE.gguf ...``.
+BENCHMARKS.md). ``python -m benchmarks llamacpp FILE.gguf ...``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ activations 2N; the frozen base has no weight gradients; attention and LoRA igno
 so ``mfu`` = tokens/s x 4N / (peak TFLOP/s x 1e12), against the card's bf16 dense peak
 that the user passes (H100 SXM: 989).
 
-    python simulation/bench/gpu_check.py --model-dir DIR --peak-tflops 989
+    python benchmarks/gpu_check.py --model-dir DIR --peak-tflops 989
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from client.train import check_first_update, lora_snapshot, make_private, take_step  # noqa: E402
 from privacy.mechanism.randomness import DpRandom, seed_key  # noqa: E402
-from simulation.bench.virtual_steps import sft_like_batch  # noqa: E402
+from benchmarks.virtual_steps import sft_like_batch  # noqa: E402
 from slm.base import resolve_device  # noqa: E402
 from slm.lora import LoraSpec, attach  # noqa: E402
 from slm.quiet import quiet_libraries  # noqa: E402

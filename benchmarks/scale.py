@@ -11,8 +11,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from simulation.bench.measure import mib, simulate, table
-from simulation.bench.phone_data import first_users
+from benchmarks.measure import mib, simulate, table
+from benchmarks.phone_data import first_users
 from simulation.scenarios import PHONE_DATA
 
 PER_ROUND, EVALUATING = 10, 20

@@ -17,7 +17,7 @@ import torch
 
 from client.train import GRAD_SAMPLE_MODES, make_private, take_step
 from privacy.mechanism.randomness import DpRandom, seed_key
-from simulation.bench.measure import table
+from benchmarks.measure import table
 from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
 
 

@@ -1,4 +1,4 @@
-"""``fedslm bench NAME``: the benchmarks behind BENCHMARKS.md, one module each."""
+"""``python -m benchmarks NAME``: the benchmarks behind BENCHMARKS.md, one module each."""
 
 from __future__ import annotations
 
@@ -46,39 +46,39 @@ def cmd_bench(args) -> int:
 
 
 def _scale(args):
-    from simulation.bench import scale
+    from benchmarks import scale
 
     return scale.run(_ints(args.clients), rounds=args.rounds, model=args.model, out=args.out)
 
 
 def _dp_overhead(args):
-    from simulation.bench import dp_overhead
+    from benchmarks import dp_overhead
 
     return dp_overhead.run(args.model, args.batch, args.length, _strs(args.modes), _autocasts(args.autocast),
                            args.repeats, args.steps)
 
 
 def _throughput(args):
-    from simulation.bench import throughput
+    from benchmarks import throughput
 
     return throughput.run(args.model, args.batch, args.length, args.mode, args.repeats,
                           autocasts=tuple(_autocasts(args.autocast)))
 
 
 def _traffic(args):
-    from simulation.bench import traffic
+    from benchmarks import traffic
 
     return traffic.run(args.model, verify=args.verify, out=args.out)
 
 
 def _overhead(args):
-    from simulation.bench import overhead
+    from benchmarks import overhead
 
     return overhead.run(args.model, args.clients, args.rounds, args.steps, args.batch, args.length, args.out)
 
 
 def _privacy_utility(args):
-    from simulation.bench import privacy_utility
+    from benchmarks import privacy_utility
 
     from slm.config import parse_assignment
 
@@ -88,73 +88,73 @@ def _privacy_utility(args):
 
 
 def _secagg(args):
-    from simulation.bench import secagg
+    from benchmarks import secagg
 
     return secagg.run(args.model, args.clients, args.rounds, args.out)
 
 
 def _quant(args):
-    from simulation.bench import quant
+    from benchmarks import quant
 
     return quant.run(args)
 
 
 def _adapter_ship(args):
-    from simulation.bench import adapter_ship
+    from benchmarks import adapter_ship
 
     return adapter_ship.run(args)
 
 
 def _virtual_steps(args):
-    from simulation.bench import virtual_steps
+    from benchmarks import virtual_steps
 
     return virtual_steps.run(args.model, args.length, _ints(args.expected), args.physical, _strs(args.loss),
                              args.repeats)
 
 
 def _recipe(args):
-    from simulation.bench import recipe
+    from benchmarks import recipe
 
     return recipe.run(args.point, records=args.records, budget=args.budget, epsilon=args.epsilon, length=args.length,
                       model=args.model, dev_records=args.dev_records, task=args.task, device=args.device)
 
 
 def _phone_memory(args):
-    from simulation.bench import phone_memory
+    from benchmarks import phone_memory
 
     return phone_memory.run(args.round, _strs(args.profiles), args.steps)
 
 
 def _label_scoring(args):
-    from simulation.bench import label_scoring
+    from benchmarks import label_scoring
 
     return label_scoring.run(args.model, args.records, args.length, args.batch, _ints(args.classes))
 
 
 def _llamacpp(args):
-    from simulation.bench import llamacpp
+    from benchmarks import llamacpp
 
     return llamacpp.run(args.files, new_tokens=args.new_tokens)
 
 
 def _noise(args):
-    from simulation.bench import noise
+    from benchmarks import noise
 
     return noise.run(args.repeats, args.layers, _ints(args.records), args.dg_samples,
                      [float(x) for x in _strs(args.dg_sigmas)], args.seed)
 
 
 def _privacy_unit(args):
-    from simulation.bench import privacy_unit
+    from benchmarks import privacy_unit
 
     return privacy_unit.run(_strs(args.parts), records=args.records, rounds=args.rounds, steps=args.steps,
                             batch=args.batch, k=args.k, length=args.length, model=args.model,
                             eval_examples=args.eval_examples, repeats=args.repeats, out=args.out)
 
 
-def add_bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks (printed as ratios; see BENCHMARKS.md)")
-    names = bench.add_subparsers(dest="bench_name", required=True)
+def add_bench_parser(parser: argparse.ArgumentParser) -> None:
+    """One subcommand per benchmark on ``parser``."""
+    names = parser.add_subparsers(dest="bench_name", required=True, metavar="NAME")
 
     def add(name: str, func, help_: str, batch: int = 0, length: int = 0) -> argparse.ArgumentParser:
         """A benchmark's parser; ``batch``/``length`` > 0 add --model, --batch, --length with those defaults."""
@@ -199,10 +199,10 @@ def add_bench_parser(sub) -> None:
     sa.add_argument("--clients", type=int, default=4)
     sa.add_argument("--rounds", type=int, default=2)
     sa.add_argument("--out", type=Path, help="keep the runs here")
-    from simulation.bench.quant import add_arguments as quant_arguments
+    from benchmarks.quant import add_arguments as quant_arguments
 
     quant_arguments(add("quant", _quant, "size and eval-loss change of F16/Q8_0/Q4_0 GGUF exports of a run's adapter"))
-    from simulation.bench.adapter_ship import add_arguments as adapter_ship_arguments
+    from benchmarks.adapter_ship import add_arguments as adapter_ship_arguments
 
     adapter_ship_arguments(add("adapter-ship", _adapter_ship, "bytes per shipped adapter update and the gain it "
                                                               "keeps on Q8_0/Q4_0 device bases"))
@@ -229,7 +229,7 @@ def add_bench_parser(sub) -> None:
     pm = add("phone-memory", _phone_memory, "peak resident memory of one client round by stage, per memory profile")
     pm.add_argument("--round", choices=("dp", "phone"), default="dp",
                     help="dp = a hospital client's DP-SGD round; phone = the phone scenario's round")
-    pm.add_argument("--profiles", default="fp32,int8,phone", help="comma-separated, from simulation/bench/phone_memory.py")
+    pm.add_argument("--profiles", default="fp32,int8,phone", help="comma-separated, from benchmarks/phone_memory.py")
     pm.add_argument("--steps", type=int, default=3)
     ls = add("label-scoring", _label_scoring, "label evaluation per record: one-pass scorer vs one forward of the "
              "prompt vs the K-pass scorer, K=2 (SST-2) and K=24", 8, 128)
