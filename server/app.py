@@ -9,6 +9,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from privacy.report.build import write_report
 from server import checkpoint
+from server.aggregate import resolve_aggregation
 from server.rounds import Federation, closing_line, initial_state, say
 from server.rundir import RunDir
 from server.status import check_complete, quiet_partial_runs
@@ -36,7 +37,8 @@ def main(grid: Grid, context: Context) -> None:
         state = checkpoint.load(rundir.path)
         rundir.keep_metrics_through(state.round)
     else:
-        rundir.write_config(config)
+        config["server.aggregation"] = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
+        rundir.write_config(config)  # the facts the server decided (the aggregation used), not what was asked
         # The initial adapter: every party derives the same one from the shared seed (lora.seed).
         model, _ = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
         state = initial_state(adapter_state(model), config)

@@ -34,13 +34,14 @@ from dataclasses import dataclass, field, replace
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from privacy.report.run_files import aggregated_update
 from server import checkpoint
 from server.aggregate import aggregate, resolve_aggregation
 from server.checkpoint import ServerState
 from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
 from server.exchange import send_and_receive
 from server.intake import Names, check_secure_training, check_training
-from server.rundir import RunDir, aggregated_update
+from server.rundir import RunDir
 from server.secure_aggregation import check_config, max_weight, secure_mean
 from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_messages, shipping_warning
 from server.user_dp import UserDpSpec, poisson_cohort, private_round, server_random

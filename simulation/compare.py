@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from server.aggregate import resolve_aggregation
 from slm.errors import UserError
 
 
@@ -24,7 +23,7 @@ def summarize(run_dir: str) -> dict:
     eps = [p.get("epsilon") for r in _privacy_rows(path) for p in [r] if p.get("epsilon") is not None]
     return {
         "run": path.name,
-        "aggregation": resolve_aggregation(config.get("server.aggregation", "fedavg"), config.get("dp.enabled", True)),
+        "aggregation": config.get("server.aggregation", "fedavg"),  # as recorded: the one used ("auto" in old runs)
         "dp": config.get("dp.enabled"),
         "rounds": len(trained),
         "eval_loss_round0": rows[0]["eval_loss"] if rows else None,

@@ -29,6 +29,14 @@ from slm.errors import UserError
 from slm.jsonfiles import iter_json_lines, read_json
 
 
+def aggregated_update(row: dict) -> bool:
+    """Whether a round's metrics row aggregated at least one client's update (round 0, a skipped
+    or interrupted round, and a user-level DP round over an empty cohort did not: nothing was trained)."""
+    if row.get("skipped") or row.get("interrupted"):
+        return False
+    return bool(row.get("participants")) or row.get("cohort", 0) > 0
+
+
 @dataclass(frozen=True)
 class RunFiles:
     path: Path

@@ -13,9 +13,7 @@ from collections import Counter
 
 from privacy.report.neighbouring import STATEMENT
 from privacy.report.reconcile import ClientAccount, UserLevelAccount
-from privacy.report.run_files import RunFiles
-from server.aggregate import resolve_aggregation
-from server.rundir import aggregated_update
+from privacy.report.run_files import RunFiles, aggregated_update
 from slm.config import describe_fields
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (a 135-million-parameter language model)",
@@ -80,8 +78,7 @@ def describe_run(files: RunFiles) -> dict:
         "task": TASKS.get(config["data.task"], config["data.task"]),
         "data": data, "partition": partition,
         "lora": {"r": config["lora.r"], "alpha": config["lora.alpha"], "target_modules": config["lora.target-modules"]},
-        "aggregation": resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
-        if "server.aggregation" in files.recorded else None,
+        "aggregation": recorded_aggregation(files),
         "dp_enabled": config["dp.enabled"], "user_dp_enabled": config["user-dp.enabled"],
         "rounds_planned": planned, "rounds_completed": completed, "rounds_trained": trained,
         "rounds_skipped": [r["round"] for r in rows if r.get("skipped")],
@@ -333,3 +330,15 @@ def _seed_text(seeds: set | None, source: str) -> str:
     return (f"{source}, by default; from a fixed seed when dp.noise-seed >= 0. These privacy records carry no "
             "noise_seed field (written before fedslm recorded it), so which one was used cannot be confirmed from "
             "the files.")
+
+
+def recorded_aggregation(files: RunFiles) -> str | None:
+    """The aggregation as the run recorded it: the server writes the one it used (never "auto") into config.json.
+
+    A run written before that recorded "auto": it is shown as such, with the rule of that
+    time, rather than re-derived by today's code (whose rule may since have changed).
+    """
+    if "server.aggregation" not in files.recorded:
+        return None
+    name = files.config["server.aggregation"]
+    return name if name != "auto" else "auto (recorded as asked: ffa under DP, fedavg otherwise when it ran)"

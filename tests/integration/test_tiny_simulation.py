@@ -48,6 +48,7 @@ def test_config_is_recorded(tiny_run):
     out, _ = tiny_run
     config = json.loads((out / "config.json").read_text())
     assert config["model.name"] == "tiny" and config["server.rounds"] == 2 and config["run.scenario"] == "tiny"
+    assert config["server.aggregation"] == "ffa"  # what the server used ("auto" asked, DP on), never re-derived
 
 
 def test_every_round_adapter_loads_with_peft(tiny_run):

@@ -478,3 +478,17 @@ def test_a_deployments_report_describes_each_sites_own_file(run):
     assert data.startswith("each site's own file, which the coordinator never sees (alpha: 40 training records, "
                            "beta: 40 training records")
     assert "MedQuAD" not in data and "at random" not in partition and partition.startswith("none:")
+
+
+@pytest.mark.parametrize("recorded, shown", [("ffa", "ffa"), ("fedavg", "fedavg"),
+                                             ("auto", "auto (recorded as asked: ffa under DP, fedavg otherwise "
+                                                      "when it ran)"), (None, None)])
+def test_the_aggregation_is_the_one_the_run_recorded_never_re_derived(run, recorded, shown):
+    """The server writes the aggregation it used; an older run's "auto" is shown as recorded, not re-read by today's rule."""
+    config = json.loads((run / "config.json").read_text())
+    config.pop("server.aggregation", None)
+    if recorded is not None:
+        config["server.aggregation"] = recorded
+    (run / "config.json").write_text(json.dumps(config))
+    write_report(run)
+    assert json.loads((run / "report.json").read_text())["run"]["aggregation"] == shown
