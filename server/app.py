@@ -10,7 +10,8 @@ from flwr.serverapp import Grid, ServerApp
 from privacy.report.build import write_report
 from server import checkpoint
 from server.aggregate import resolve_aggregation
-from server.rounds import Federation, closing_line, initial_state, say
+from server.console import closing_line, say
+from server.rounds import Federation, initial_state
 from server.rundir import RunDir
 from server.status import check_complete, quiet_partial_runs
 from slm.base import resolve_model_dir

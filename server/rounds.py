@@ -30,75 +30,26 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from privacy.report.run_files import aggregated_update
 from server import checkpoint
-from server.aggregate import aggregate, resolve_aggregation
+from server.aggregate import aggregate
 from server.checkpoint import ServerState
+from server.console import first_problem, say, trained_line
 from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
 from server.exchange import send_and_receive
 from server.intake import Names, check_secure_training, check_training
+from server.privacy_view import PrivacyView
+from server.round_spec import RoundSpec
 from server.rundir import RunDir
-from server.secure_aggregation import check_config, max_weight, secure_mean
+from server.secure_aggregation import max_weight, secure_mean
 from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_messages, shipping_warning
 from server.user_dp import UserDpSpec, poisson_cohort, private_round, server_random
 from server.validate import Rejected, validate_update
-from slm.errors import UserError
 from slm.lora import LoraSpec, a_factor_digest, save_adapter, sent_tensors, through_wire, to_arrays
-
-
-@dataclass
-class PrivacyView:
-    """What the server learns of each client's privacy spend (as reported by the client)."""
-
-    clients: dict[str, list[dict]] = field(default_factory=dict)
-    user_level: list[dict] = field(default_factory=list)
-    exhausted: set[str] = field(default_factory=set)
-
-    def record(self, server_round: int, name: str, fields: dict) -> None:
-        self.clients.setdefault(name, []).append({"round": server_round, **fields})
-        if fields.get("status") == "refused":
-            self.exhausted.add(name)
-
-    def to_dict(self) -> dict:
-        return {"clients": self.clients, "user_level": self.user_level, "exhausted": sorted(self.exhausted)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PrivacyView":
-        return cls(clients=data.get("clients", {}), user_level=data.get("user_level", []),
-                   exhausted=set(data.get("exhausted", [])))
-
-
-@dataclass(frozen=True)
-class RoundSpec:
-    rounds: int
-    min_clients: int
-    fraction_train: float
-    timeout: float
-    aggregation: str
-    max_update_norm: float
-    secure: bool = False  # server.secure-aggregation: the sites' B summed by SecAgg+ (server.secure_aggregation)
-
-    @classmethod
-    def from_config(cls, config: dict) -> "RoundSpec":
-        """Also rejects combinations that cannot work, before any client is contacted."""
-        aggregation = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
-        if config["user-dp.enabled"] and aggregation == "svd":
-            raise UserError("user-dp.enabled needs server.aggregation fedavg or ffa: svd re-factorizes each "
-                            "client's product, which a clipped, noised mean of updates does not provide")
-        if config["server.min-clients"] < 1 or config["server.rounds"] < 1:
-            raise UserError("server.rounds and server.min-clients must be at least 1")
-        return cls(rounds=config["server.rounds"], min_clients=config["server.min-clients"],
-                   fraction_train=config["server.fraction-train"], timeout=config["server.timeout"],
-                   aggregation=aggregation, secure=_secure(config, aggregation),
-                   max_update_norm=config["server.max-update-norm"])
-
-
-def say(text: str) -> None:
-    print(f"[fedslm] {text}", flush=True)
 
 
 class Federation:
@@ -187,13 +138,7 @@ class Federation:
         intake = self.names.take_in(self._send(sampled, "train", server_round), _train_name, sampled, self.spec.timeout)
         replies = check_training(intake.usable, sent, self.spec.max_update_norm,
                                  lambda name, privacy: self.view.record(server_round, name, privacy))
-        for what, named, entries in (
-                ("failed", not private, [(self.names(node), why) for node, why in intake.failed]),
-                ("rejected", True, [(name, why) for _, name, why in intake.duplicate]),
-                ("refused", not private, replies.refused), ("rejected", not private, replies.rejected)):
-            for name, why in entries:
-                row[what].append({"client": name, "reason": why} if named else {"reason": why})
-                say(f"round {server_round}: {name if named else 'a sampled client'} {what}: {why}")
+        self._note_problems(server_round, row, intake, replies, private)
         states = [u.state for u in replies.updates]
         row["bytes_up"] = sum(to_arrays(s, wire).count_bytes() for s in states)
         row["bytes_down"] = to_arrays(sent, wire).count_bytes() * len(sampled)
@@ -205,7 +150,7 @@ class Federation:
             self.view.user_level.append(row["user_dp"])
             return new, row
         for u in replies.updates:
-            say(f"round {server_round}: {u.name} {_trained(u.metrics, u.privacy)}")
+            say(f"round {server_round}: {u.name} {trained_line(u.metrics, u.privacy)}")
             row["participants"].append({"client": u.name, "update_norm": u.norm, **u.metrics})
         if len(states) < self.spec.min_clients:
             say(f"round {server_round}: {len(states)} valid replies < min-clients {self.spec.min_clients}; "
@@ -218,6 +163,20 @@ class Federation:
             row["train_loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
         return aggregate(self.spec.aggregation, states, [u.metrics["num-examples"] for u in replies.updates]), row
 
+    def _note_problems(self, server_round: int, row: dict, intake, replies, private: bool) -> None:
+        """Failures, duplicate names, refusals and rejections of a round, into its row and onto the console.
+
+        One loop for the clear and the secure path. Under user-level DP (``private``) a site is
+        named only for a duplicate name, which depends on configuration, never on its data.
+        """
+        for what, named, entries in (
+                ("failed", not private, [(self.names(node), why) for node, why in intake.failed]),
+                ("rejected", True, [(name, why) for _, name, why in intake.duplicate]),
+                ("refused", not private, replies.refused), ("rejected", not private, replies.rejected)):
+            for name, why in entries:
+                row[what].append({"client": name, "reason": why} if named else {"reason": why})
+                say(f"round {server_round}: {name if named else 'a sampled client'} {what}: {why}")
+
     def _train_securely(self, server_round: int, sampled: list[int], sent: dict, row: dict) -> tuple[dict | None, dict]:
         """One round through Flower's SecAgg+: the server learns the sum, the participation, the clear
         metrics and privacy records, never one site's B (its checks moved to the sites)."""
@@ -229,14 +188,9 @@ class Federation:
         intake = self.names.take_in(result.replies, _train_name, sampled, self.spec.timeout)
         replies = check_secure_training(intake.usable, lambda name, privacy: self.view.record(server_round, name,
                                                                                                 privacy))
-        for what, entries in (("failed", [(self.names(node), why) for node, why in intake.failed]),
-                              ("rejected", [(name, why) for _, name, why in intake.duplicate]),
-                              ("refused", replies.refused), ("rejected", replies.rejected)):
-            for name, why in entries:
-                row[what].append({"client": name, "reason": why})
-                say(f"round {server_round}: {name} {what}: {why}")
+        self._note_problems(server_round, row, intake, replies, private=False)
         for u in replies.updates:
-            say(f"round {server_round}: {u.name} {_trained(u.metrics, u.privacy)}")
+            say(f"round {server_round}: {u.name} {trained_line(u.metrics, u.privacy)}")
             row["participants"].append({"client": u.name, **u.metrics})
         row["bytes_up"], row["bytes_down"] = result.bytes_up, result.bytes_down
         row["secure_aggregation"] = {"sampled": len(sampled), "in_sum": len(replies.updates),
@@ -295,7 +249,7 @@ class Federation:
                 break
             new, row = self.train(server_round, self.sample(available), len(available))
             if not aggregated_update(row):
-                say(f"round {server_round}: no usable update: {_first_problem(row)}")
+                say(f"round {server_round}: no usable update: {first_problem(row)}")
             if "user_dp" in row:  # counted and on disk before anything of the round leaves
                 self._checkpoint_pending()
                 record = row["user_dp"]
@@ -368,45 +322,8 @@ def initial_state(adapter: dict, config: dict) -> ServerState:
     return ServerState(round=0, adapter=adapter, sampling=random.Random(config["server.seed"]))
 
 
-def _secure(config: dict, aggregation: str) -> bool:
-    check_config(config, aggregation)
-    return bool(config["server.secure-aggregation"])
-
-
-def _first_problem(row: dict) -> str:
-    """Why a round aggregated nothing, in one line: the first failure, refusal or rejection."""
-    for what in ("failed", "refused", "rejected"):
-        for entry in row.get(what, []):
-            who = f"{entry['client']} " if "client" in entry else "a sampled client "
-            return f"{len(row.get(what, []))} of {row['sampled']} sampled {what}, first: {who}{what}: {entry['reason']}"
-    if not row.get("sampled"):
-        return "no client was sampled"
-    return "too few valid updates (see the lines above)"
-
-
-def closing_line(outcome: dict, planned: int) -> str:
-    """The run's last console line: how many rounds trained, not merely ran."""
-    trained, idle = outcome["rounds_trained"], outcome["rounds_completed"] - outcome["rounds_trained"]
-    text = f"done: {trained} of {planned} rounds trained"
-    if idle > 0:
-        text += (f" ({idle} round{'s' if idle > 1 else ''} had no usable update: every client failed or refused, "
-                 "or too few valid updates)")
-    return text + (f" (stopped early: {outcome['stopped']})" if "stopped" in outcome else "")
-
-
 def _train_name(reply) -> str | None:
     return str(reply.content["privacy"]["client"]) if "client" in reply.content.get("privacy", {}) else None
-
-
-def _trained(metrics: dict, privacy: dict) -> str:
-    """'train loss 2.1 on 225 records in 3.0s, eps ...', or 'trained on 225 records, eps ...' (DP replies
-    carry neither loss nor time: both come from the training records)."""
-    loss, seconds = metrics.get("train_loss"), metrics.get("seconds")
-    text = f"train loss {loss:.4f} on" if loss is not None else "trained on"
-    text += f" {int(metrics['num-examples'])} records" + (f" in {seconds:.1f}s" if seconds is not None else "")
-    if "epsilon" in privacy:
-        text += f", eps {privacy['epsilon']:.3f} (sigma {privacy['noise_multiplier']:.3f})"
-    return text
 
 
 def _wait_for_nodes(grid, minimum: int, timeout: float) -> list[int]:

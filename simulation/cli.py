@@ -95,8 +95,8 @@ def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
 
 def _done_line(run_dir: Path, planned: int) -> tuple[str, int]:
     """The run's `done:` line from its files (the run itself ran in another process), and the rounds trained."""
-    from server.rounds import closing_line
     from privacy.report.run_files import aggregated_update
+    from server.console import closing_line
     from slm.jsonfiles import iter_json_lines
 
     rows = list(iter_json_lines(run_dir / "metrics.jsonl"))

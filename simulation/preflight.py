@@ -35,7 +35,7 @@ def preflight(config: dict, num_clients: int) -> list[str]:
                         f"{num_clients} clients: every round would be skipped")
     clients = check_data(config, num_clients)
     from client.site import SitePolicy
-    from server.rounds import RoundSpec
+    from server.round_spec import RoundSpec
     from slm.base import resolve_model_dir
     from slm.lora import LoraSpec
 

@@ -8,7 +8,7 @@
 import pytest
 from fake_grid import FakeGrid
 
-from server.rounds import closing_line
+from server.console import closing_line
 
 
 def round_lines(capsys, prefix: str) -> list[str]:

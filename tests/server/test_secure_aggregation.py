@@ -7,13 +7,12 @@ import copy
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.secure_aggregation import OUT_OF_BOUNDS, masked_train
 from server.aggregate import aggregate
 from server.intake import check_secure_training
-from server.rounds import RoundSpec
+from server.round_spec import RoundSpec
 from server.secure_aggregation import error_bound, quantization_range, secure_mean
 from slm.config import resolve
 from slm.errors import UserError

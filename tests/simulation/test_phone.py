@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from client.data import DataSpec, load_local_data
-from server.rounds import evaluation_sample
 from benchmarks.phone_data import build_excerpt, first_users
+from client.data import DataSpec, load_local_data
+from server.evaluation import evaluation_sample
 from simulation.preflight import preflight
 from simulation.scenarios import PHONE_DATA, PHONE_USERS, get_scenario
 from slm.config import resolve
