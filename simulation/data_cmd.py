@@ -2,8 +2,8 @@
 
 A newcomer with their own file sees, per client, the records it trains on and holds out,
 its labels (label task) or its values of the partition column, and how long its examples
-are in the model's tokens (and how many ``model.max-length`` cuts); then the resolved
-verbalizers and one example exactly as the model will see it. The same checks as
+are in the model's tokens (and how many the window cuts); then the resolved verbalizers, the
+window fitted to the file (slm.window) and one example exactly as the model will see it. The same checks as
 ``fedslm simulate`` run first (simulation.preflight.check_data), so a bad value is the same
 one line. Only the tokenizer is loaded (slm.tokenizer), never the weights.
 """
@@ -14,7 +14,7 @@ import statistics
 from collections import Counter
 from dataclasses import replace
 
-from simulation.preflight import check_data
+from simulation.preflight import check_data, fit_window
 from simulation.scenarios import describe_split, get_scenario
 from slm.config import describe_fields, parse_assignment, resolve
 from slm.tasks import IGNORE, Task, encode
@@ -31,21 +31,23 @@ def show_data(path: str, assignments: list[str], clients: int | None = None, sce
     config = resolve(overrides, base=chosen.overrides)
     clients = clients if clients is not None else chosen.clients
     shares = check_data(config, clients)
-    task = Task.from_config(config)
     tokenizer = load_tokenizer(config["model.name"])
+    fitted = fit_window(config, shares, tokenizer)
+    task = Task.from_config(config)
     uncut = replace(task, max_length=10**9)  # the whole example, to count what max-length cuts
     column = config["data.label-field"] if task.kind == "label" else config["data.partition-by"]
     lines = [f"data {path}: {config['data.task']} task ({describe_fields(config)}), {describe_split(config, clients)}"
              f", {config['data.test-fraction']:g} of each held out; tokens of model {config['model.name']}"]
     if task.kind == "label":
         lines.append(f"verbalizers (value=word, as every client scores them): {config['data.verbalizers']}")
+    lines.append(f"window: {fitted.describe()}")
     for local in shares[:SHOWN_CLIENTS]:
         records = local.train + local.test
         lengths = sorted(len(encode(uncut, tokenizer, r, where=f"of client '{local.name}'").input_ids)
                          for r in records)
         over = sum(n > task.max_length for n in lengths)
         line = (f"{local.name}: {len(local.train)} train / {len(local.test)} held out; tokens min {lengths[0]} / "
-                f"median {statistics.median(lengths):g} / max {lengths[-1]}, {over} over model.max-length "
+                f"median {statistics.median(lengths):g} / max {lengths[-1]}, {over} over the window "
                 f"{task.max_length}")
         if column in records[0] and (task.kind == "label" or config["data.partition"] != "iid"):
             counts = Counter(str(r[column]).strip() for r in records).most_common()

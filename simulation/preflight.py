@@ -17,9 +17,9 @@ from client.records import read_table
 from client.units import group_by_unit, sample_rate
 from slm.errors import UserError
 from slm.tasks import Task, encode
+from slm.window import Fit, fit
 
-
-WINDOW_SAMPLE = 400  # training records encoded to count those the window cuts (about a second with SmolLM2's template)
+WINDOW_SAMPLE = 400  # training records encoded to fit the window and count what it cuts (about a second each pass)
 
 
 def preflight(config: dict, num_clients: int) -> list[str]:
@@ -46,6 +46,10 @@ def preflight(config: dict, num_clients: int) -> list[str]:
                         "unit's gradient is the mean of its records' gradients, which ghost clipping never forms; "
                         "use hooks or functorch")
     resolve_model_dir(config["model.name"])
+    if config["server.initial-adapter"]:
+        from server.initial_adapter import check_directory
+
+        check_directory(config["server.initial-adapter"])
     for local in clients:
         SitePolicy.for_simulation(config, local.name, run_dir="")
     lines = [f"{local.name}: {len(local.train)} train / {len(local.test)} test records" for local in clients]
@@ -53,23 +57,38 @@ def preflight(config: dict, num_clients: int) -> list[str]:
 
 
 def window_line(config: dict, clients: list[LocalData]) -> str:
-    """How many training records model.max-length cuts, and how (a sample of up to WINDOW_SAMPLE records).
+    """The window fitted to the data (slm.window, written into ``config``), and how many records it cuts, and how.
 
+    Measured on a sample of up to WINDOW_SAMPLE training records, round robin over the clients.
     Also the check that the template and a label task's candidate words leave room for the text
     (encode raises, naming model.max-length, on the first record).
     """
     from slm.tokenizer import load_tokenizer
 
-    task, tokenizer = Task.from_config(config), load_tokenizer(config["model.name"])
-    rounds = itertools.zip_longest(*(local.train for local in clients))  # round robin over the clients
-    sample = [r for rows in rounds for r in rows if r is not None][:WINDOW_SAMPLE]
+    tokenizer = load_tokenizer(config["model.name"])
+    fitted = fit_window(config, clients, tokenizer)
+    task = Task.from_config(config)
+    sample = training_sample(clients)
     cut = sum(encode(task, tokenizer, r, where="a training record").cut for r in sample)
     how = {"sft": "the prompt in the middle of its text, chat template and instruction kept; the response at its "
                   "end", "label": "the text at its end, instruction and labels kept",
            "next-word": "the text at its end"}[task.kind]
-    return (f"window: {cut} of {len(sample)} sampled training records exceed model.max-length {task.max_length} "
-            f"tokens and are cut: {how}" if cut else
-            f"window: all {len(sample)} sampled training records fit model.max-length {task.max_length}")
+    return (f"window: {fitted.describe()}; " + (f"{cut} of {len(sample)} sampled training records exceed it and "
+                                                f"are cut: {how}" if cut else
+                                                f"all {len(sample)} sampled training records fit"))
+
+
+def fit_window(config: dict, clients: list[LocalData], tokenizer) -> Fit:
+    """model.max-length and data.label-list fitted to the training records, written into ``config``."""
+    fitted = fit(config, tokenizer, training_sample(clients))
+    config.update(fitted.settings())
+    return fitted
+
+
+def training_sample(clients: list[LocalData]) -> list[dict]:
+    """Up to WINDOW_SAMPLE training records, round robin over the clients (each client's first ones)."""
+    rounds = itertools.zip_longest(*(local.train for local in clients))
+    return [r for rows in rounds for r in rows if r is not None][:WINDOW_SAMPLE]
 
 
 def check_data(config: dict, num_clients: int) -> list[LocalData]:

@@ -43,7 +43,7 @@ SCENARIOS = {
         about="tiny Llama, 2 iid clients of the MedQuAD excerpt, DP on, seconds per round",
         overrides={
             "model.name": "tiny",
-            "model.max-length": 64,
+            "model.max-length-cap": 64,
             "data.partition": "iid",
             "data.max-train-examples": 64,
             "data.max-eval-examples": 16,

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from slm.errors import UserError
+from slm.tasks import LABEL_LISTS
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,11 @@ SCHEMA: dict[str, Key] = {
                        "per-channel scales, dequantized on the fly; slm/int8_base.py)", ("float32", "bfloat16", "int8")),
     "model.return-freed-memory": Key(False, "give freed tensor memory back to the OS (glibc's mmap threshold fixed "
                                      "at 128 KiB; slm/allocator.py): a lower peak for a few % of the time"),
-    "model.max-length": Key(128, "tokens per example (prompt + response), longer ones are truncated"),
+    "model.max-length": Key(0, "tokens per example (prompt + response), longer ones are cut; 0 = fitted to the data: "
+                        "the smallest multiple of 16 that holds the 95th-percentile example, at most "
+                        "model.max-length-cap (a simulation fits it from the whole file before training; where no "
+                        "file is seen, as at a deployed site, 0 is the cap)"),
+    "model.max-length-cap": Key(128, "the most tokens a fitted window takes (a step's time and memory grow with it)"),
     "model.device": Key("auto", "where a client trains: auto (cuda if available, else cpu), cpu, cuda or cuda:N; "
                         "a deployed site's node config key device wins"),
     # LoRA
@@ -54,6 +59,10 @@ SCHEMA: dict[str, Key] = {
                                 "a deployed site from its own records: a federation should set them explicitly)"),
     "data.prompt-template": Key("", "label / sft: the user turn, with {text} and {labels} (label) or {prompt} (sft); "
                                     "empty = the task's default (slm/tasks.py)"),
+    "data.label-list": Key("auto", "label, default template: list the candidate words before the text (yes), or not "
+                           "(no); auto = list them when the text still fits (a simulation decides from the whole "
+                           "file's 95th-percentile record; without a file, when the list leaves half the window)",
+                           LABEL_LISTS),
     "data.partition": Key("iid", "how simulated clients split the file", ("iid", "dirichlet", "natural")),
     "data.partition-by": Key("source", "dirichlet / natural: column that defines the split"),
     "data.dirichlet-alpha": Key(0.5, "dirichlet: concentration (smaller = more skewed)"),
@@ -100,6 +109,9 @@ SCHEMA: dict[str, Key] = {
     "server.fraction-evaluate": Key(1.0, "share of clients evaluated each round (a fixed sample, so rounds compare)"),
     "server.timeout": Key(3600.0, "seconds to wait for a round's replies"),
     "server.seed": Key(0, "seed of client sampling without user-level DP (with it, cohorts come from OS entropy)"),
+    "server.initial-adapter": Key("", "the adapter round 1 starts from: a `fedslm warm-start` output (trained by the "
+                                  "coordinator on a PUBLIC file) or a run's adapters/round-<k>; empty = the shared "
+                                  "seed's (lora.seed)"),
     "server.aggregation": Key("auto", "auto = ffa with DP, else fedavg; svd = rank-r SVD of the mean product",
                               ("auto", "fedavg", "ffa", "svd")),
     "server.wire-dtype": Key("float16", "dtype of adapter tensors on the wire, both ways (float16 halves the bytes, "
@@ -175,7 +187,8 @@ RUN_ID = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._:+-]{{0,{RUN_ID_MAX - 1}}}")
 # Keys whose numbers are bounded. resolve() rejects anything else with one line naming the key;
 # client.site applies DELTA to a site's own delta too.
 RANGES: dict[str, Range] = {
-    "model.max-length": Range(16),
+    "model.max-length": Range(16, special=(0,)),  # 0 = fitted to the data (slm.window)
+    "model.max-length-cap": Range(16),
     "lora.r": AT_LEAST_ONE,
     "lora.alpha": POSITIVE,
     "lora.dropout": Range(0, 1, high_open=True),

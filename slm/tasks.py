@@ -33,7 +33,12 @@ IGNORE = -100
 # see _label_prompt) never cuts the instruction. No "Answer:" cue: the chat template's
 # assistant turn is where the answer goes.
 DEFAULT_TEMPLATES = {"sft": "{prompt}", "label": "Classify the text into one of: {labels}.\n\nText: {text}"}
+# The label default without the candidates, for when listing them leaves the text no room (data.label-list):
+# with 24 labels the list took 118 of 128 tokens and the model saw 10 tokens of each text. Trained, the
+# verbalizers are learnt from their loss; listed, an instruct model knows them from round 0.
+UNLISTED_TEMPLATE = "Classify the text.\n\nText: {text}"
 PLACEHOLDERS = {"sft": ("prompt",), "label": ("text", "labels")}
+LABEL_LISTS = ("auto", "yes", "no")  # data.label-list
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,15 @@ class Task:
     text_field: str = "text"
     label_field: str = "label"
     verbalizers: tuple[tuple[str, str], ...] = ()  # (label value, word)
-    prompt_template: str = ""  # empty = DEFAULT_TEMPLATES[kind]
+    prompt_template: str = ""  # empty = the task's default (a label task's: see label_list)
+    label_list: str = "yes"  # the default label template lists the candidates: yes, no, auto (see label_template)
 
     def __post_init__(self):
-        if not self.prompt_template and self.kind in DEFAULT_TEMPLATES:
-            object.__setattr__(self, "prompt_template", DEFAULT_TEMPLATES[self.kind])
+        if not self.prompt_template and self.kind == "sft":
+            object.__setattr__(self, "prompt_template", DEFAULT_TEMPLATES["sft"])
+        if not self.prompt_template and self.kind == "label" and self.label_list != "auto":
+            template = DEFAULT_TEMPLATES["label"] if self.label_list == "yes" else UNLISTED_TEMPLATE
+            object.__setattr__(self, "prompt_template", template)
 
     @classmethod
     def from_config(cls, config: dict) -> "Task":
@@ -68,13 +77,14 @@ class Task:
                             "before training (or give value=word pairs)")
         return cls(
             kind=kind,
-            max_length=config["model.max-length"],
+            max_length=config["model.max-length"] or config["model.max-length-cap"],
             prompt_field=config["data.prompt-field"],
             response_field=config["data.response-field"],
             text_field=config["data.text-field"],
             label_field=config["data.label-field"],
             verbalizers=parse_verbalizers(config["data.verbalizers"]) if kind == "label" else (),
             prompt_template=check_template(kind, config["data.prompt-template"]),
+            label_list=config["data.label-list"],
         )
 
     @property
@@ -195,6 +205,23 @@ def _longest_completion(task: Task, tokenizer) -> int:
     return max(len(_completion_ids(tokenizer, word)) for _, word in task.verbalizers)
 
 
+@lru_cache(maxsize=8)
+def label_template(task: Task, tokenizer) -> str:
+    """The user turn of a label task: its own template, or the default with or without the candidates.
+
+    ``label_list`` auto, unresolved by a look at the data (simulation.preflight resolves it to
+    yes or no from the whole file), is decided without records: the list is kept when the
+    instruction with it leaves at least half the window to the text, so that a long list is
+    dropped, never the text.
+    """
+    if task.prompt_template:
+        return task.prompt_template
+    listed = DEFAULT_TEMPLATES["label"].format(text="", labels=task.words)
+    room = task.max_length - _longest_completion(task, tokenizer) - len(_chat(tokenizer, [
+        *_system_turn(tokenizer), {"role": "user", "content": listed}]))
+    return DEFAULT_TEMPLATES["label"] if room >= task.max_length // 2 else UNLISTED_TEMPLATE
+
+
 def _label_prompt(task: Task, tokenizer, text: str) -> tuple[list[int], bool]:
     """The filled template, its text cut from the end so that prompt + longest verbalizer fit.
 
@@ -203,9 +230,10 @@ def _label_prompt(task: Task, tokenizer, text: str) -> tuple[list[int], bool]:
     """
     system = _system_turn(tokenizer)
     budget = task.max_length - _longest_completion(task, tokenizer)
+    template = label_template(task, tokenizer)
 
     def render(body: str) -> list[int]:
-        content = task.prompt_template.format(text=body, labels=task.words)
+        content = template.format(text=body, labels=task.words)
         return _chat(tokenizer, [*system, {"role": "user", "content": content}])
 
     ids = render(text)

@@ -25,7 +25,7 @@ def test_shows_each_clients_records_labels_token_lengths_and_an_example(tmp_path
     assert lines[1].endswith(",".join(f"{w}={w}" for w in sorted(LABELS)))
     acne = next(line for line in lines if line.startswith("Acne: "))
     assert acne.startswith("Acne: 5 train / 1 held out; tokens min ") and acne.endswith("label: Acne 6")
-    assert "0 over model.max-length 128" in acne
+    assert "0 over the window 128" in acne
     example = text.split("as the model sees it; loss on the part after '>>>'):\n")[1]
     assert example.startswith("<|im_start|>user\npatient ") and "(Acne, Asthma, Eczema, Flu, Migraine, Psoriasis)" \
         in example and example.endswith("<|im_start|>assistant\n>>>Acne<|im_end|>")

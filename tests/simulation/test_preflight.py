@@ -30,7 +30,10 @@ def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_p
 
     config = config_for(label_csv(tmp_path / "d.csv"), **{"data.dirichlet-alpha": 0.1})
     *lines, window = preflight(config, 3)
-    assert len(lines) == 3 and window.startswith("window: 32 of 32 sampled training records exceed")
+    # six labels listed take the 128-token window from the text: the list is dropped, never the text
+    assert len(lines) == 3 and window == ("window: 128 tokens (model.max-length); the labels are not listed in the "
+                                          "prompt (with them 95% take up to 147); all 32 sampled training records fit")
+    assert config["data.label-list"] == "no"
     assert config["data.verbalizers"] == ",".join(f"{w}={w}" for w in sorted(LABELS))
     for pid in range(3):
         context = SimpleNamespace(run_config=config, node_config={"partition-id": pid, "num-partitions": 3})
@@ -129,7 +132,29 @@ def test_the_preflight_says_how_many_records_the_window_cuts(tmp_path):
                       "data.task": "sft", "data.partition": "iid", "train.batch-size": 2, "server.min-clients": 1})
     window = preflight(config, 2)[-1]
     train = 40 - 2 * max(1, round(20 * 0.1))  # each client holds out its share
-    assert window.startswith("window: ") and f"of {train} sampled training records exceed model.max-length 64" in window
+    assert window.startswith("window: 64 tokens (model.max-length); ")
+    assert f"of {train} sampled training records exceed it and are cut" in window
     assert "the prompt in the middle of its text, chat template and instruction kept" in window
-    cut = int(window.split()[1])
+    cut = int(window.split("; ")[1].split()[0])
     assert 0 < cut < train  # the long questions only
+
+
+def test_a_newcomers_many_label_file_trains_on_whole_texts(tmp_path):
+    """Issue 28: 24 labels listed before each text left it ~10 tokens, and the tiny scenario's 64-token
+    window refused the file. Fitted, the list is dropped, the window holds the texts, nothing is cut."""
+    from simulation.scenarios import get_scenario
+
+    labels = [f"{kind}{suffix}" for kind in ("cardio", "neuro", "derma", "gastro", "pulmo", "nephro")
+              for suffix in ("logy", "pathy", "itis", "plasty")]
+    path = tmp_path / "triage.csv"
+    path.write_text("label,text\n" + "".join(f"{label},patient {i} reports pain and asks about {label}\n"
+                                             for i in range(4) for label in labels))
+    config = resolve({"data.path": str(path), "data.task": "label", "data.partition": "iid", "train.batch-size": 2,
+                      "model.max-length-cap": 192},  # the tiny model's tokens are bytes
+                     base=get_scenario("tiny").overrides)
+    window = preflight(config, 2)[-1]
+    quantile = int(window.split("take at most ")[1].split(")")[0])
+    assert config["data.label-list"] == "no" and config["model.max-length"] == -(-quantile // 16) * 16 < 192
+    assert window.startswith(f"window: {config['model.max-length']} tokens, fitted to the data (95% of 86 sampled "
+                             f"training records take at most {quantile}); the labels are not listed")
+    assert window.endswith("; all 86 sampled training records fit")

@@ -61,7 +61,8 @@ def test_parse_assignment():
     ("data.dirichlet-alpha", 0, "> 0"),
     ("lora.r", 0, ">= 1"),
     ("lora.dropout", 1, "in [0, 1)"),
-    ("model.max-length", 4, ">= 16"),
+    ("model.max-length", 4, ">= 16 or 0"),
+    ("model.max-length-cap", 0, ">= 16"),
     ("user-dp.clip-norm", 0, "> 0"),
     ("user-dp.noise-multiplier", -1, ">= 0"),
 ])
