@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a plain script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
 import torch  # noqa: E402
 
+from benchmarks.virtual_steps import sft_like_batch  # noqa: E402
 from client.train import check_first_update, lora_snapshot, make_private, take_step  # noqa: E402
 from privacy.mechanism.randomness import DpRandom, seed_key  # noqa: E402
-from benchmarks.virtual_steps import sft_like_batch  # noqa: E402
 from slm.base import resolve_device  # noqa: E402
 from slm.lora import LoraSpec, attach  # noqa: E402
 from slm.quiet import quiet_libraries  # noqa: E402

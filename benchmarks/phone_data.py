@@ -16,8 +16,6 @@ from pathlib import Path
 
 from slm.jsonfiles import iter_json_lines
 
-PHONE_DATA = Path(__file__).resolve().parents[2] / "client" / "examples" / "shakespeare_roles.jsonl"
-
 
 def build_excerpt(source: Path, out: Path, lines: int = 4) -> int:
     """Write ``{"user", "text"}`` rows for every role with >= ``lines`` lines; return the user count."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from benchmarks.measure import simulate, table
 from slm.errors import UserError
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"  # next to the checkout; FEDSLM_SHARED_DATA overrides
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # next to the checkout; FEDSLM_SHARED_DATA overrides
 EPSILONS = ["1", "3", "8", "inf"]
 
 
@@ -48,6 +48,35 @@ def sst2_subset(out: Path, rows: int = 2000) -> Path:
     return out
 
 
+QTYPE_SITES = ("CancerGov", "NIDDK", "NIHSeniorHealth", "NHLBI")  # 6 to 10 question types each, 14 in all
+QTYPE_PER_SITE_AND_TYPE = 40  # sites of 285 to 380 records: the small sites of issue 28
+
+
+def medquad_qtype(out: Path) -> Path:
+    """A many-class label file: MedQuAD's question type from the question's text, one site per institute.
+
+    The first QTYPE_PER_SITE_AND_TYPE questions of each (institute, type) of the four institutes in
+    QTYPE_SITES; a type with fewer than 5 questions at an institute is left out there (so a site's
+    labels are its own, as in a federation split by institute). Read from shared/data, never copied.
+    """
+    import json
+    from collections import Counter
+
+    rows = [json.loads(line) for line in shared_file("medquad/medquad_answered.jsonl").open()]
+    rows = [r for r in rows if r["source"] in QTYPE_SITES]
+    common = Counter((r["source"], r["qtype"]) for r in rows)
+    taken: Counter = Counter()
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["question", "qtype", "source"])
+        for r in rows:
+            key = (r["source"], r["qtype"])
+            if common[key] >= 5 and taken[key] < QTYPE_PER_SITE_AND_TYPE:
+                taken[key] += 1
+                writer.writerow([" ".join(r["question"].split()), r["qtype"].replace(" ", "-"), r["source"]])
+    return out
+
+
 def task_config(name: str, root: Path) -> dict:
     """The data settings of one task; only the tasks asked for touch their files."""
     label = {"data.task": "label", "data.partition": "iid"}
@@ -63,7 +92,12 @@ def task_config(name: str, root: Path) -> dict:
                 "data.label-field": "label", "data.verbalizers": "yes=yes,no=no,maybe=maybe"}
     if name == "medquad":  # the packaged excerpt
         return {"data.task": "sft", "data.path": "", "data.partition": "natural", "data.partition-by": "source"}
-    raise UserError(f"privacy-utility: unknown task '{name}' (choose from sst2, sst2-dev, pubmedqa, medquad)")
+    if name == "medquad-qtype":  # 15 classes, 4 institutes
+        return {"data.task": "label", "data.path": medquad_qtype(root / "medquad-qtype.csv"),
+                "data.text-field": "question", "data.label-field": "qtype", "data.partition": "natural",
+                "data.partition-by": "source"}
+    raise UserError(f"privacy-utility: unknown task '{name}' (choose from sst2, sst2-dev, pubmedqa, medquad, "
+                    "medquad-qtype)")
 
 
 def compute(rounds: int, steps: int, batch: int, length: int, eval_examples: int) -> dict:

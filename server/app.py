@@ -8,9 +8,11 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from privacy.report.build import write_report
+from privacy.report.text import starting_adapter
 from server import checkpoint
 from server.aggregate import resolve_aggregation
 from server.console import closing_line, say
+from server.initial_adapter import load_initial
 from server.rounds import Federation, initial_state
 from server.rundir import RunDir
 from server.status import check_complete, quiet_partial_runs
@@ -40,9 +42,16 @@ def main(grid: Grid, context: Context) -> None:
     else:
         config["server.aggregation"] = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
         rundir.write_config(config)  # the facts the server decided (the aggregation used), not what was asked
-        # The initial adapter: every party derives the same one from the shared seed (lora.seed).
+        # The initial adapter: every party derives the same one from the shared seed (lora.seed), and the run
+        # starts from it, or from server.initial-adapter (checked against it: same tensors, under FFA the same A).
         model, _ = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])
-        state = initial_state(adapter_state(model), config)
+        adapter, start = adapter_state(model), None
+        if config["server.initial-adapter"]:
+            adapter, start = load_initial(config["server.initial-adapter"], adapter, config["server.aggregation"],
+                                          config)
+            rundir.write_initial_adapter(start)
+            say(f"starting adapter: {starting_adapter(start)}")
+        state = initial_state(adapter, config)
     federation = Federation(grid, config, rundir, state, str(resolve_model_dir(config["model.name"])))
     outcome = federation.run(resumed=config["run.resume"])
     say(f"run directory: {rundir.path}")

@@ -8,6 +8,8 @@
     <run>/checkpoint.safetensors  the server state after the last completed round (under user-level
                                DP also after a round's noise draw, before its release)
     <run>/events.jsonl         run-level events: finished, stopped early, resumed
+    <run>/initial_adapter.json where the starting adapter came from, when not the shared seed
+                               (server.initial-adapter; a `fedslm warm-start` records its public file)
 
 A run directory is written by one run: a new run whose directory already holds one (a
 re-used ``run.id``) writes ``<run.id>-2`` (``-3``, ...) instead, and the old one is left as
@@ -67,6 +69,9 @@ class RunDir:
 
     def write_config(self, config: dict) -> None:
         write_json_atomic(self.path / "config.json", config, strict=True)
+
+    def write_initial_adapter(self, record: dict) -> None:
+        write_json_atomic(self.path / "initial_adapter.json", record, strict=True)
 
     def append_metrics(self, row: dict) -> None:
         with (self.path / "metrics.jsonl").open("a") as handle:

@@ -207,6 +207,19 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_warm_start(args) -> int:
+    from privacy.report.text import starting_adapter
+    from simulation.warm_start import warm_start
+
+    record = warm_start(args.file, args.out, args.set, scenario=args.scenario, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr)
+    out = Path(args.out).expanduser().resolve()
+    start = {"directory": str(out), "adapter_sha256": record["adapter_sha256"], "warm_start": record}
+    print(f"[fedslm] warm start: {starting_adapter(start)}")
+    print(f"[fedslm] start a run from it: --set server.initial-adapter={out}")
+    return 0
+
+
 def cmd_keys(args) -> int:
     from slm.config import RANGES, SCHEMA
 
@@ -278,6 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     flwr_run.add_argument("--run-config", default="", help='Flower run config, e.g. "model.name=\'tiny\' server.rounds=1"')
     flwr_run.add_argument("--keep-home", action="store_true", help="keep the private FLWR_HOME (SuperLink logs)")
     flwr_run.set_defaults(func=cmd_flwr_run)
+    warm = sub.add_parser("warm-start", help="the coordinator trains the starting adapter on a PUBLIC file, no site's "
+                                             "data (a run starts from it with server.initial-adapter)")
+    warm.add_argument("file", help="a public JSONL / CSV / TSV / Parquet file with the run's task and fields")
+    warm.add_argument("--out", required=True, help="a new directory for the adapter and warm_start.json")
+    warm.add_argument("--scenario", default="hospital", help="the run's scenario (model, LoRA, task; default hospital)")
+    warm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="the run's config keys")
+    warm.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    warm.add_argument("--batch-size", type=int, default=8, help="expected batch (default 8)")
+    warm.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    warm.set_defaults(func=cmd_warm_start)
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser

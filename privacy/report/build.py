@@ -30,16 +30,22 @@ import os
 import time
 from pathlib import Path
 
-from privacy.report import plots
 from privacy.audit.doc import read_audit, summary_sentence
-from slm.jsonfiles import finite, write_json_atomic
-from privacy.report.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
+from privacy.report import plots
 from privacy.report.html import render_report
 from privacy.report.neighbouring import GROUP_METHOD, RELATION, REPLACE_ONE_METHOD, STATEMENT
-from privacy.report.text import PER_CLIENT_SECRET, describe_run, protection_notes, summary_sentences
+from privacy.report.reconcile import ClientAccount, UserLevelAccount, account_client, account_user_level
 from privacy.report.run_files import RunFiles
 from privacy.report.secure_aggregation import secure_aggregation_doc, secure_note
 from privacy.report.shipped import compare_shipped
+from privacy.report.text import (
+    PER_CLIENT_SECRET,
+    describe_run,
+    protection_notes,
+    starting_adapter_note,
+    summary_sentences,
+)
+from slm.jsonfiles import finite, write_json_atomic
 
 SCHEMA = "fedslm-report/1"
 ACCURACY_KEYS = ("accuracy", "top1_accuracy", "top3_accuracy")
@@ -105,6 +111,8 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
         "secure_aggregation": secure_aggregation_doc(files.config, files.rows),  # null when updates were in clear
     }
     doc["protection"].append(secure_note(doc["secure_aggregation"]))
+    if files.start is not None:
+        doc["protection"].append(starting_adapter_note(files.start))
     doc["summary"]["audit"] = summary_sentence(doc["audit"]) if doc["audit"] else None
     figures = _figures(utility, accounts, user, max(run["rounds_planned"], run["rounds_completed"]))
     doc["plots"] = {name: f"plots/{name}.png" for name in figures}

@@ -9,6 +9,8 @@ must know which file to look at: every missing or unreadable file is one
   round after round 0 is in metrics.jsonl, since the server writes it every round;
 - ``events.jsonl``: optional (runs written before it existed, or a crashed run); read
   when present;
+- ``initial_adapter.json``: present when the run did not start from the shared seed's adapter
+  (server.initial-adapter: where it came from, and a warm start's public file);
 - the clients' own ledgers: optional (a deployment's server never sees them); read when
   a simulation left them on this machine, under ``<run>/ledgers/<client>/`` or
   ``dp.ledger-dir/<client>/``.
@@ -46,6 +48,7 @@ class RunFiles:
     view: dict  # privacy/ledger.json: {"clients": {name: [record...]}, "user_level": [...], "exhausted": [...]}
     events: list[dict]  # events.jsonl
     ledgers: dict[str, Ledger] = field(default_factory=dict)  # client name -> its own ledger, when found
+    start: dict | None = None  # initial_adapter.json: the run started from this adapter, not the seed's
 
     @property
     def run_id(self) -> str:
@@ -71,7 +74,9 @@ class RunFiles:
         else:
             view = {"clients": {}}
         files = cls(path=path, config={**defaults(), **stored}, recorded=frozenset(stored), rows=rows, view=view,
-                    events=_jsonl(path / "events.jsonl", required=False))
+                    events=_jsonl(path / "events.jsonl", required=False),
+                    start=_json(path / "initial_adapter.json", dict) if (path / "initial_adapter.json").exists()
+                    else None)
         names = set(view["clients"]) | {n for r in rows for n in r.get("eval_clients", {})}
         files.ledgers.update(_client_ledgers(files, sorted(names)))
         return files

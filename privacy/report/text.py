@@ -79,6 +79,8 @@ def describe_run(files: RunFiles) -> dict:
         "data": data, "partition": partition,
         "lora": {"r": config["lora.r"], "alpha": config["lora.alpha"], "target_modules": config["lora.target-modules"]},
         "aggregation": recorded_aggregation(files),
+        "starting_adapter": starting_adapter(files.start), "started_from_public_data": bool(
+            files.start and files.start.get("warm_start")),
         "dp_enabled": config["dp.enabled"], "user_dp_enabled": config["user-dp.enabled"],
         "rounds_planned": planned, "rounds_completed": completed, "rounds_trained": trained,
         "rounds_skipped": [r["round"] for r in rows if r.get("skipped")],
@@ -268,6 +270,12 @@ def protection_notes(*, seeds: set | None, aggregation: str | None, user: UserLe
                  "which of its records are held out; anything about them that these metrics reveal is not covered. "
                  "A deployed site answers no evaluation by default; with evaluate = dp its metrics carry Gaussian "
                  "noise charged to its ledger (its privacy records with mechanism dp-evaluation)."},
+        {"topic": "Not protected: settings chosen from the data",
+         "text": "A simulation fits the window (model.max-length 0: the 95th-percentile example's length), whether a "
+                 "label prompt lists the labels, and a label task's candidate words to the whole data file before "
+                 "the first round (config.json records the values). These choices read the records without noise "
+                 "and are not covered by any guarantee here. A deployed site makes none of them from its records: "
+                 "its candidate words are approved in its node config, and a window of 0 is its cap."},
         {"topic": "Not protected: the model architecture",
          "text": "The base model, the LoRA configuration and the shapes of every update are known to the server and "
                  "to every client."},
@@ -342,3 +350,33 @@ def recorded_aggregation(files: RunFiles) -> str | None:
         return None
     name = files.config["server.aggregation"]
     return name if name != "auto" else "auto (recorded as asked: ffa under DP, fedavg otherwise when it ran)"
+
+
+def starting_adapter(record: dict | None) -> str:
+    """In words: where the run's starting adapter came from (server.initial_adapter records it; console and report)."""
+    if not record:
+        return "the shared seed's (lora.seed): B = 0, so round 0 is the base model"
+    warm = record.get("warm_start")
+    source = f"read from {record['directory']} (sha256 {record['adapter_sha256'][:16]})"
+    if not warm:
+        return source
+    after, before = warm.get("held_out_after", {}), warm.get("held_out_before", {})
+    gain = (f"; on its held-out records loss {before['eval_loss']:.4f} -> {after['eval_loss']:.4f}"
+            if "eval_loss" in after and "eval_loss" in before and all(map(math.isfinite, (
+                before["eval_loss"], after["eval_loss"]))) else "")
+    return (f"{source}, trained by the coordinator on public file {warm['file']} (sha256 {warm['file_sha256'][:16]}, "
+            f"{warm['train_records']} records) for {warm['steps']} steps without DP ({warm['trained']}){gain}")
+
+
+def starting_adapter_note(record: dict) -> dict:
+    """The protection note of a run that started from an adapter other than the shared seed's."""
+    text = f"The first round started from an adapter {starting_adapter(record)}."
+    if record.get("warm_start"):
+        text += (" That training read no site's records and spent no site's budget; the sites' guarantees hold "
+                 "for any starting adapter chosen without their data. fedslm cannot check that the file is "
+                 "public: had it held a site's records, those records would have been trained on without any "
+                 "protection.")
+    else:
+        text += (" If that adapter was trained on the sites' records (another run's), those records' spend is in "
+                 "that run's ledgers, which each site's own ledger composes across runs.")
+    return {"topic": "Starting adapter", "text": text}

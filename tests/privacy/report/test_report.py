@@ -291,6 +291,7 @@ def test_what_is_not_protected_is_listed(run):
                          ("Not protected: participation", "selected"),
                          ("Not protected: held-out evaluation records", "any adapter the coordinator sends"),
                          ("Not protected: the model architecture", "LoRA configuration"),
+                         ("Not protected: settings chosen from the data", "95th-percentile"),
                          ("Not protected: timing", "how long"),
                          ("Not protected: a compromised site", "nothing about its records is protected")]:
         assert words in notes[topic], topic
