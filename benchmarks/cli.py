@@ -87,6 +87,12 @@ def _privacy_utility(args):
                                args.length, args.eval_examples, args.model, args.out, overrides)
 
 
+def _warm_start(args):
+    from benchmarks import warm_start
+
+    return warm_start.run(args.records, args.steps, args.lr, args.rounds, args.reference, args.out)
+
+
 def _secagg(args):
     from benchmarks import secagg
 
@@ -240,7 +246,8 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     lc.add_argument("--new-tokens", type=int, default=24, help="greedy tokens generated per prompt")
     pu = add("privacy-utility", _privacy_utility, "utility at eps 1, 3, 8, inf with the same compute per point",
              8, 64)
-    pu.add_argument("--tasks", default="sst2,pubmedqa,medquad", help="from sst2, sst2-dev, pubmedqa, medquad")
+    pu.add_argument("--tasks", default="sst2,pubmedqa,medquad",
+                    help="from sst2, sst2-dev, pubmedqa, medquad, medquad-qtype (14 classes, 4 institutes)")
     pu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config key for every point (a recipe: lora.layers, train.autocast, dp.clip-norm, ...)")
     pu.add_argument("--epsilons", default="1,3,8,inf")
@@ -248,6 +255,14 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     pu.add_argument("--steps", type=int, default=8)
     pu.add_argument("--eval-examples", type=int, default=64)
     pu.add_argument("--out", type=Path, help="keep the runs here")
+    ws = add("warm-start", _warm_start, "the hospital demo at eps 8 from the seed's adapter and from one trained on "
+             "public MedQuAD institutes no site holds")
+    ws.add_argument("--records", type=int, default=1000, help="public question/answer pairs")
+    ws.add_argument("--steps", type=int, default=100, help="warm-start steps")
+    ws.add_argument("--lr", type=float, default=1e-3)
+    ws.add_argument("--rounds", type=int, default=3)
+    ws.add_argument("--reference", action="store_true", help="also rerun the demo without DP")
+    ws.add_argument("--out", type=Path, help="keep the runs here")
     pun = add("privacy-unit", _privacy_unit, "patient-level vs record-level DP on MedQuAD grouped by focus: "
               "utility at eps 8, step time, memory as units grow", 8, 128)
     pun.add_argument("--parts", default="step,memory,utility", help="from step, memory, utility")
