@@ -129,6 +129,10 @@ def _common(request: Request, policy: SitePolicy) -> list[str]:
         check_template(kind, config["data.prompt-template"])
     except UserError as err:
         found.append(str(err))
+    window = config["model.max-length"] or config["model.max-length-cap"]
+    if window > policy.max_window:
+        found.append(f"a window of {window} tokens: the site allows at most {policy.max_window} (node config "
+                     "max-window)")
     if not config["lora.dropout"] <= policy.max_lora_dropout:
         found.append(f"LoRA dropout {config['lora.dropout']:g}: the site allows at most {policy.max_lora_dropout:g}")
     if config["server.wire-dtype"] not in policy.wire_dtypes:

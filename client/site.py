@@ -55,6 +55,8 @@ NODE_KEYS: dict[str, tuple[type, object, str]] = {
     "min-clip-norm": (float, 0.01, "the smallest clip norm a request may ask for"),
     "max-lr": (float, 0.1, "the largest learning rate a request may ask for"),
     "max-lora-dropout": (float, 0.5, "the largest LoRA dropout a request may ask for"),
+    "max-window": (int, 512, "the most tokens per example a request may ask for (model.max-length, or its cap when "
+                   "it is 0): a step's memory and time grow with it"),
     "wire-dtypes": (str, "float16", "comma-separated dtypes the site sends its update in (float16, float32)"),
     "shipped-dir": (str, "", "where verified shipped models are stored"),
     "device": (str, "", "where this site trains: auto, cpu, cuda or cuda:N (else the run config's model.device)"),
@@ -133,6 +135,7 @@ class SitePolicy:
     min_clip_norm: float = 0.0
     max_lr: float = math.inf
     max_lora_dropout: float = 1.0
+    max_window: int = 10**9  # tokens per example (a simulation: the researcher's own setting)
     wire_dtypes: tuple[str, ...] = WIRE_DTYPES
     max_evaluations: int = 0  # per run (0 = no cap: a simulation)
     evaluation_noise: float = 0.0  # evaluate = dp: sigma of the noised sums
@@ -167,7 +170,8 @@ class SitePolicy:
             max_train=values["max-train-examples"], max_eval=values["max-eval-examples"],
             fields=_names(values["fields"]), verbalizers=values["verbalizers"],
             min_clip_norm=values["min-clip-norm"], max_lr=values["max-lr"],
-            max_lora_dropout=values["max-lora-dropout"], wire_dtypes=_names(values["wire-dtypes"]),
+            max_lora_dropout=values["max-lora-dropout"], max_window=values["max-window"],
+            wire_dtypes=_names(values["wire-dtypes"]),
             max_evaluations=values["max-evaluations-per-run"],
             evaluation_noise=values["evaluation-noise-multiplier"],
             evaluation_loss_bound=values["evaluation-loss-bound"],
@@ -238,6 +242,8 @@ class SitePolicy:
                     bad(key, f"must be a positive number, got {value!r}")
             if not 0 <= self.max_lora_dropout < 1:
                 bad("max-lora-dropout", f"must be in [0, 1), got {self.max_lora_dropout!r}")
+            if self.max_window < 16:
+                bad("max-window", f"must be at least 16 tokens, got {self.max_window}")
             if self.max_evaluations < 0:
                 bad("max-evaluations-per-run", f"must be 0 or more, got {self.max_evaluations}")
             if self.verbalizers:

@@ -129,6 +129,8 @@ def test_delta_is_the_sites_never_the_coordinators(site, coordinator, capsys):
     ({}, {"dp.clip-norm": float("inf")}, "clip norm inf"),
     ({}, {"dp.clip-norm": 1e-11}, "clip norm 1e-11: the site allows 0.01 or more"),
     ({}, {"lora.dropout": 0.99994}, "LoRA dropout 0.99994: the site allows at most 0.5"),
+    ({}, {"model.max-length": 10**6}, "a window of 1000000 tokens: the site allows at most 512"),
+    ({}, {"model.max-length": 0, "model.max-length-cap": 4096}, "a window of 4096 tokens: the site allows at most 512"),
     ({}, {"server.wire-dtype": "float32"}, "wire dtype float32: the site sends float16"),
     ({}, {"train.lr": 5.0}, "learning rate 5.0: the site allows (0, 0.1]"),
     ({}, {"data.prompt-template": "{prompt:>100000000}"}, "data.prompt-template"),

@@ -101,6 +101,7 @@ def test_a_coordinator_cannot_point_a_site_at_another_file(tmp_path):
     ({"wire-dtypes": "float64"}, "'wire-dtypes' must name some of float16, float32"),
     ({"min-clip-norm": 0.0}, "'min-clip-norm' must be a positive number"),
     ({"max-lora-dropout": 1.0}, "'max-lora-dropout' must be in"),
+    ({"max-window": 8}, "'max-window' must be at least 16 tokens"),
     ({"verbalizers": "0=negative"}, "'verbalizers'"),
     ({"ledger-dir": "relative"}, "'ledger-dir' must be an absolute path"),
 ])
