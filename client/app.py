@@ -24,6 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import secure_aggregation
+from client.adam_bc import optimizer_for
 from client.data import DataSpec, LocalData, load_local_data
 from client.evaluation import SiteEvaluation, digest_of
 from client.outbound import Refused, guarded, site_log
@@ -161,7 +162,10 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
                                # a memory setting, never the update's: a negative request runs in one piece
                                physical_batch_size=max(0, config["train.physical-batch-size"]),
                                on_step=_progress(policy, config).step, units=units,
-                               max_records_per_unit=policy.unit.max_records)
+                               max_records_per_unit=policy.unit.max_records,
+                               make_optimizer=optimizer_for(config["train.optimizer"], request.lr,
+                                                            grant.noise_multiplier if grant else None,
+                                                            request.clip_norm, request.batch_size))
     if config["model.return-freed-memory"]:
         trim_freed_memory()  # what training left in the heap, before this process evaluates
     metrics = {"num-examples": records, "steps": result.steps}

@@ -83,6 +83,9 @@ SCHEMA: dict[str, Key] = {
                                      "in pieces, one noise draw per step (same update, less memory); 0 = one piece"),
     "train.recompute": Key(False, "recompute each decoder layer's activations in the backward pass instead of keeping "
                            "them (less memory, one more forward; same per-example gradients; slm/recompute.py)"),
+    "train.optimizer": Key("adam", "adam-bc = DP-Adam with the DP noise's variance (sigma C / B)^2 taken out of "
+                           "its second moment (Tang et al. 2024; client/adam_bc.py); without DP the same as adam",
+                           ("adam", "adam-bc")),
     "train.lr": Key(1e-2, "Adam learning rate of the adapter (1e-2 measured best of 2e-3..1e-2 under DP)"),
     # sample-level DP (client side)
     "dp.enabled": Key(True, "train with DP-SGD; false = plain SGD with no privacy claim"),
