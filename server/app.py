@@ -7,6 +7,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from privacy.mechanism.ledger_file import LedgerError
 from privacy.report.build import write_report
 from privacy.report.text import starting_adapter
 from server import checkpoint
@@ -57,7 +58,7 @@ def main(grid: Grid, context: Context) -> None:
     say(f"run directory: {rundir.path}")
     try:
         say(f"privacy report: {write_report(rundir.path)}")
-    except UserError as err:  # e.g. a run that stopped before round 0 wrote no metrics.jsonl
+    except (UserError, LedgerError) as err:  # e.g. a run that stopped before round 0 wrote no metrics.jsonl
         say(f"privacy report not written: {err}")
     say(closing_line(outcome, config["server.rounds"]))  # last: what actually happened
     check_complete(outcome["rounds_trained"], config["server.rounds"])  # else Flower records finished:failed

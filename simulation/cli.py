@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from privacy.mechanism.ledger_file import LedgerError
 from simulation import audit_cmd
 from slm.errors import UserError
 from slm.quiet import quiet_libraries
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.func is not cmd_simulate:  # simulate checks its run directory first, before anything heavy
             quiet_libraries()
         return args.func(args)
-    except UserError as err:
+    except (UserError, LedgerError) as err:
         print(f"fedslm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

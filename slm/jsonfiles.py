@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from privacy.mechanism.ledger_file import replace_atomically
 from slm.errors import UserError
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -82,26 +81,10 @@ def strict_line(record) -> str:
 
 
 def write_json_atomic(path: Path, data, strict: bool = False) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory.
+    """Written whole or not at all (privacy.mechanism.ledger_file.replace_atomically: temp file, fsync, rename).
 
     ``strict``: non-finite floats are written as null (see ``finite``), never as bare NaN/Infinity.
     """
     if strict:
         data = finite(data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, allow_nan=not strict)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_atomically(Path(path), json.dumps(data, indent=1, allow_nan=not strict))

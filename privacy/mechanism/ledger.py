@@ -42,9 +42,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from privacy.mechanism import ledger_file
 from privacy.mechanism.accountant import SgmEvent, epsilon
-from slm.errors import UserError
-from slm.jsonfiles import read_json, write_json_atomic
+from privacy.mechanism.ledger_file import LedgerError
 
 FORMAT = "fedslm-ledger/2"
 LEGACY_FORMAT = "fedslm-ledger/1"  # one file per dataset fingerprint: ledger-<fp16>.json
@@ -139,7 +139,7 @@ class Ledger:
     def load(cls, path: Path) -> "Ledger":
         """A ledger file as it is on disk (for reports and statements)."""
         path = Path(path)
-        raw = read_json(path, "ledger")
+        raw = ledger_file.read(path)
         if isinstance(raw, dict) and raw.get("format") == LEGACY_FORMAT:
             entries, data, delta = _parse_legacy(path, raw)
             return cls(directory=path.parent, fingerprint=data.fingerprint, records=data.records, delta=delta,
@@ -153,25 +153,25 @@ class Ledger:
 
     def _reload(self) -> None:
         if self.path.exists():
-            self._read(self.path, read_json(self.path, "ledger"))
+            self._read(self.path, ledger_file.read(self.path))
             return
         legacy = sorted(self.directory.glob("ledger-*.json"))
         self.entries, self.data = [], []
         for old in legacy:
-            entries, data, delta = _parse_legacy(old, read_json(old, "ledger"))
+            entries, data, delta = _parse_legacy(old, ledger_file.read(old))
             self.entries += entries
             self.data.append(replace(data, how=f"imported from {old.name}"))
             self.delta = min(self.delta, delta)
 
     def _read(self, path: Path, raw) -> None:
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise UserError(f"ledger {path}: not a {FORMAT} file")
+            raise LedgerError(f"ledger {path}: not a {FORMAT} file")
         try:
             self.delta = raw["delta"]
             self.entries = [Entry(**e) for e in raw["entries"]]
             self.data = [DataVersion(**d) for d in raw["data"]]
         except (KeyError, TypeError) as err:
-            raise UserError(f"ledger {path}: missing or unknown field {err}") from None
+            raise LedgerError(f"ledger {path}: missing or unknown field {err}") from None
 
     @property
     def data_changed(self) -> bool:
@@ -260,7 +260,7 @@ class Ledger:
         with self._locked():
             other = self.spent_under_other_units()
             if other:
-                raise UserError(f"ledger {self.path}: has spent under privacy unit {other[0]!r}; a ledger never "
+                raise LedgerError(f"ledger {self.path}: has spent under privacy unit {other[0]!r}; a ledger never "
                                 f"composes releases of two units, so protecting {self.unit!r} is a new guarantee: "
                                 "give the site a new ledger-dir for it (the old ledger keeps stating its spend)")
             version = DataVersion(self.fingerprint, self.records, _now(), "confirmed by the operator", self.unit)
@@ -289,7 +289,7 @@ class Ledger:
         }
 
     def save(self) -> None:
-        write_json_atomic(self.path, self.to_dict())
+        ledger_file.write(self.path, self.to_dict())
 
 
 def _parse_legacy(path: Path, raw) -> tuple[list[Entry], DataVersion, float]:
@@ -298,7 +298,7 @@ def _parse_legacy(path: Path, raw) -> tuple[list[Entry], DataVersion, float]:
         data = DataVersion(raw["dataset"]["fingerprint"], raw["dataset"]["records"], "", "ledger format 1")
         return entries, data, raw["delta"]
     except (KeyError, TypeError) as err:
-        raise UserError(f"ledger {path}: missing or unknown field {err}") from None
+        raise LedgerError(f"ledger {path}: missing or unknown field {err}") from None
 
 
 def _now() -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from privacy.mechanism.ledger import LEDGER_FILE, Ledger
+from privacy.mechanism.ledger_file import LedgerError
 from slm.config import defaults
 from slm.errors import UserError
 from slm.jsonfiles import iter_json_lines, read_json
@@ -107,7 +108,10 @@ def _client_ledgers(files: RunFiles, names: list[str]) -> dict[str, Ledger]:
         for root in roots:
             candidate = root / name / LEDGER_FILE
             if candidate.is_file():
-                ledger = Ledger.load(candidate)
+                try:
+                    ledger = Ledger.load(candidate)
+                except LedgerError as err:  # the report's one error type, naming the file
+                    raise UserError(str(err)) from None
                 if any(e.run_id == files.run_id for e in ledger.entries):
                     found[name] = ledger
     return found

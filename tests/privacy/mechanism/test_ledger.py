@@ -8,7 +8,7 @@ from privacy.mechanism.accountant import SgmEvent, epsilon
 from privacy.mechanism.calibrate import noise_for_budget, planned_epsilon
 from privacy.mechanism.ledger import Entry, Ledger, fingerprint
 from privacy.mechanism.policy import decide, default_delta
-from slm.errors import UserError
+from privacy.mechanism.ledger_file import LedgerError
 
 BUDGET = 1e9  # the policy's budget checks are tested separately
 
@@ -111,7 +111,7 @@ def test_corrupt_ledger_is_a_clear_error(tmp_path):
     ledger = open_ledger(tmp_path)
     ledger.commit(ledger.reserve(entry(), budget=BUDGET))
     ledger.path.write_text(ledger.path.read_text()[:40])
-    with pytest.raises(UserError, match=r"ledger .*corrupt JSON"):
+    with pytest.raises(LedgerError, match=r"ledger .*corrupt JSON"):
         open_ledger(tmp_path)
 
 
