@@ -42,12 +42,13 @@ from server.console import first_problem, say, trained_line
 from server.evaluation import describe, evaluation_name, evaluation_sample, summarize
 from server.exchange import send_and_receive
 from server.intake import Names, check_secure_training, check_training
+from server.outcome import RoundOutcome
 from server.privacy_view import PrivacyView
 from server.round_spec import RoundSpec
 from server.rundir import RunDir
 from server.secure_aggregation import max_weight, secure_mean
-from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_messages, shipping_warning
-from server.user_dp import UserDpSpec, poisson_cohort, private_round, server_random
+from server.shipping import ShippingStep
+from server.user_dp import UserDpSpec, UserLevelStep
 from server.validate import Rejected, validate_update
 from slm.lora import LoraSpec, a_factor_digest, save_adapter, sent_tensors, through_wire, to_arrays
 
@@ -63,12 +64,11 @@ class Federation:
         self.view = PrivacyView.from_dict(state.privacy_view)
         self.committed_view = copy.deepcopy(state.privacy_view)  # the view as of the last completed round
         self.names = Names()
-        self.user_dp: UserDpSpec | None = None
-        self.dp_random = None  # user-level cohorts and noise: keyed once per process (user_dp_random), never saved
-        self.last_trained, self.last_eval = 0, {}
+        self.user_level: UserLevelStep | None = None  # user-level DP, once the clients are counted (run)
         self.base_cfg = {"num-rounds": self.spec.rounds, "run-id": rundir.path.name, "run-dir": str(rundir.path),
                          "aggregation": self.spec.aggregation,
                          "lora-a-sha256": a_factor_digest(state.adapter)}
+        self.shipping = ShippingStep(grid, config, rundir, self.base_cfg, self.spec.timeout, self.evaluate)
 
     # ---- messaging -----------------------------------------------------------------
     def _send(self, node_ids, message_type: str, server_round: int) -> list[Message]:
@@ -89,82 +89,54 @@ class Federation:
             say(f"round {server_round}: {line}")
         return summary
 
-    # ---- shipping ------------------------------------------------------------------
-    def ship(self, server_round: int, nodes, fp32: dict) -> None:
-        """Export this round's files (server.ship: ship.kind), ship each to every client, record their evaluations."""
-        shipments = plan_shipments(self.rundir.path, self.config, server_round,
-                                   eval_metrics={"eval_loss": fp32.get("eval_loss")})
-        results = {"fp32": {k: fp32[k] for k in ("eval_loss", "eval_clients", "accuracy") if k in fp32}}
-        untrained = round0_eval_loss(self.rundir.path)
-        for shipment in shipments:
-            messages = ship_messages(shipment, nodes, {**self.base_cfg, "server-round": server_round})
-            replies = send_and_receive(self.grid, messages, timeout=self.spec.timeout,
-                                       what=f"round {server_round} shipping {shipment.label}", say=say)
-            summary = self.evaluate(server_round, nodes, replies=replies, label=f"shipped {shipment.label} eval")
-            results[shipment.label] = {**summary, **shipment.record()}
-            warning = shipping_warning(shipment, summary.get("eval_loss"), untrained)
-            if warning:
-                say(f"round {server_round}: WARNING shipped {warning}")
-        self.rundir.append_metrics({"round": server_round, "shipped": results})
-
     # ---- training ------------------------------------------------------------------
-    def user_dp_random(self):
-        """This process's user-level cohorts and noise: keyed once, from the rounds counted when it starts."""
-        if self.dp_random is None:
-            self.dp_random = server_random(self.config["server.noise-seed"], len(self.state.user_dp_events))
-        return self.dp_random
-
     def sample(self, available: list[int]) -> list[int]:
         ordered = sorted(available, key=lambda n: (self.names(n), n))
-        if self.user_dp is not None:  # Poisson over clients from OS entropy: what the user-level accountant assumes
-            return poisson_cohort(ordered, self.user_dp.sample_rate, self.user_dp_random())
+        if self.user_level is not None:  # Poisson over clients from OS entropy: what the user-level accountant assumes
+            return self.user_level.sample(ordered)
         # Seeded and replayed on resume: no amplification is claimed from this selection.
         k = max(self.spec.min_clients, math.ceil(self.spec.fraction_train * len(ordered)))
         return sorted(self.state.sampling.sample(ordered, min(k, len(ordered))))
 
-    def train(self, server_round: int, sampled: list[int], eligible: int) -> tuple[dict | None, dict]:
-        """Send the adapter to the sampled clients; return (new sent tensors or None, metrics row).
+    def train(self, server_round: int, sampled: list[int], eligible: int) -> RoundOutcome:
+        """Send the adapter to the sampled clients, take in their replies, aggregate: the round's outcome.
 
-        Under user-level DP the row and the console name nobody of the sample (who was in
+        Under user-level DP the outcome and the console name nobody of the sample (who was in
         it is what the amplification hides): the cohort's size, and refusals, failures and
         rejections by reason only. Duplicate site names are the exception: that rejection
         depends on configuration only, never on a site's data, and the operator must see it.
         """
-        wire, private = self.config["server.wire-dtype"], self.user_dp is not None
+        wire, private = self.config["server.wire-dtype"], self.user_level is not None
         sent = through_wire(sent_tensors(self.state.adapter, self.spec.aggregation), wire)  # what clients get
-        row = {"sampled": len(sampled), "participants": [], "refused": [], "failed": [], "rejected": []}
+        outcome = RoundOutcome(sampled=len(sampled))
         if self.spec.secure:
-            return self._train_securely(server_round, sampled, sent, row)
+            return self._train_securely(server_round, sampled, sent, outcome)
         intake = self.names.take_in(self._send(sampled, "train", server_round), _train_name, sampled, self.spec.timeout)
         replies = check_training(intake.usable, sent, self.spec.max_update_norm,
                                  lambda name, privacy: self.view.record(server_round, name, privacy))
-        self._note_problems(server_round, row, intake, replies, private)
+        self._note_problems(server_round, outcome, intake, replies, private)
         states = [u.state for u in replies.updates]
-        row["bytes_up"] = sum(to_arrays(s, wire).count_bytes() for s in states)
-        row["bytes_down"] = to_arrays(sent, wire).count_bytes() * len(sampled)
+        outcome.bytes_up = sum(to_arrays(s, wire).count_bytes() for s in states)
+        outcome.bytes_down = to_arrays(sent, wire).count_bytes() * len(sampled)
         if private:  # the cohort's size only; even its mean train loss would be an un-noised statistic of it
-            del row["participants"]
-            row["cohort"] = len(states)
-            new, row["user_dp"] = private_round(server_round, states, sent, self.user_dp, eligible,
-                                                self.user_dp_random(), self.state.user_dp_events)
-            self.view.user_level.append(row["user_dp"])
-            return new, row
+            self.user_level.release(server_round, outcome, states, sent, eligible)
+            return outcome
         for u in replies.updates:
             say(f"round {server_round}: {u.name} {trained_line(u.metrics, u.privacy)}")
-            row["participants"].append({"client": u.name, "update_norm": u.norm, **u.metrics})
+            outcome.participants.append({"client": u.name, "update_norm": u.norm, **u.metrics})
         if len(states) < self.spec.min_clients:
             say(f"round {server_round}: {len(states)} valid replies < min-clients {self.spec.min_clients}; "
                 "round skipped")
-            row["skipped"] = True
-            return None, row
+            return outcome.skip()
         losses = [(u.metrics["train_loss"], u.metrics["num-examples"]) for u in replies.updates
                   if u.metrics.get("train_loss") is not None]  # DP replies carry none
         if losses:
-            row["train_loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
-        return aggregate(self.spec.aggregation, states, [u.metrics["num-examples"] for u in replies.updates]), row
+            outcome.train_loss = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        outcome.update = aggregate(self.spec.aggregation, states, [u.metrics["num-examples"] for u in replies.updates])
+        return outcome
 
-    def _note_problems(self, server_round: int, row: dict, intake, replies, private: bool) -> None:
-        """Failures, duplicate names, refusals and rejections of a round, into its row and onto the console.
+    def _note_problems(self, server_round: int, outcome: RoundOutcome, intake, replies, private: bool) -> None:
+        """Failures, duplicate names, refusals and rejections of a round, into its outcome and onto the console.
 
         One loop for the clear and the secure path. Under user-level DP (``private``) a site is
         named only for a duplicate name, which depends on configuration, never on its data.
@@ -174,10 +146,11 @@ class Federation:
                 ("rejected", True, [(name, why) for _, name, why in intake.duplicate]),
                 ("refused", not private, replies.refused), ("rejected", not private, replies.rejected)):
             for name, why in entries:
-                row[what].append({"client": name, "reason": why} if named else {"reason": why})
+                getattr(outcome, what).append({"client": name, "reason": why} if named else {"reason": why})
                 say(f"round {server_round}: {name if named else 'a sampled client'} {what}: {why}")
 
-    def _train_securely(self, server_round: int, sampled: list[int], sent: dict, row: dict) -> tuple[dict | None, dict]:
+    def _train_securely(self, server_round: int, sampled: list[int], sent: dict,
+                        outcome: RoundOutcome) -> RoundOutcome:
         """One round through Flower's SecAgg+: the server learns the sum, the participation, the clear
         metrics and privacy records, never one site's B (its checks moved to the sites)."""
         request = RecordDict({"arrays": to_arrays(sent, self.config["server.wire-dtype"]),
@@ -188,13 +161,13 @@ class Federation:
         intake = self.names.take_in(result.replies, _train_name, sampled, self.spec.timeout)
         replies = check_secure_training(intake.usable, lambda name, privacy: self.view.record(server_round, name,
                                                                                                 privacy))
-        self._note_problems(server_round, row, intake, replies, private=False)
+        self._note_problems(server_round, outcome, intake, replies, private=False)
         for u in replies.updates:
             say(f"round {server_round}: {u.name} {trained_line(u.metrics, u.privacy)}")
-            row["participants"].append({"client": u.name, **u.metrics})
-        row["bytes_up"], row["bytes_down"] = result.bytes_up, result.bytes_down
-        row["secure_aggregation"] = {"sampled": len(sampled), "in_sum": len(replies.updates),
-                                     "threshold": result.threshold, "max_weight": cap, "messages": result.messages}
+            outcome.participants.append({"client": u.name, **u.metrics})
+        outcome.bytes_up, outcome.bytes_down = result.bytes_up, result.bytes_down
+        outcome.secure_aggregation = {"sampled": len(sampled), "in_sum": len(replies.updates),
+                                      "threshold": result.threshold, "max_weight": cap, "messages": result.messages}
         why = None
         if result.mean is None:
             why = f"secure aggregation halted (fewer than {result.threshold} of {len(sampled)} sites stayed)"
@@ -209,11 +182,11 @@ class Federation:
                 why = f"the secure sum is invalid ({err})"
         if why is not None:
             say(f"round {server_round}: {why}; round skipped")
-            row["skipped"] = True
-            return None, row
+            return outcome.skip()
         say(f"round {server_round}: securely aggregated {len(replies.updates)} updates (SecAgg+, threshold "
             f"{result.threshold} of {len(sampled)}): the server saw only their sum")
-        return result.mean, row
+        outcome.update = result.mean
+        return outcome
 
     # ---- the run -------------------------------------------------------------------
     def run(self, resumed: bool) -> dict:
@@ -222,9 +195,12 @@ class Federation:
             say(f"only {len(nodes)} clients connected, fewer than min-clients {self.spec.min_clients}; stopping")
             return {"stopped": "too few clients", "rounds_completed": self.state.round,
                     "rounds_trained": self._rounds_trained()}
-        self.user_dp = UserDpSpec.from_config(self.config, len(nodes))
+        user_dp = UserDpSpec.from_config(self.config, len(nodes))
+        if user_dp is not None:
+            self.user_level = UserLevelStep(user_dp, self.config["server.noise-seed"], self.state.user_dp_events,
+                                            self.view.user_level)
         say(f"run directory {self.rundir.path}  ({len(nodes)} clients, {self.spec.rounds} rounds, "
-            f"aggregation {self.spec.aggregation}{', user-level DP' if self.user_dp else ''})")
+            f"aggregation {self.spec.aggregation}{', user-level DP' if user_dp else ''})")
         nodes = evaluation_sample(nodes, self.config["server.fraction-evaluate"], self.config["server.seed"])
         started = time.time()
         if resumed:
@@ -237,53 +213,43 @@ class Federation:
             first = self.evaluate(0, nodes)
             self.rundir.append_metrics({"round": 0, **first, "seconds": time.time() - started})
             self._checkpoint()
-        outcome = {}
+        stopped = {}
         for server_round in range(self.state.round + 1, self.spec.rounds + 1):
             t0 = time.time()
             available = [n for n in sorted(self.grid.get_node_ids())
                          if self.names(n) not in self.view.exhausted and not self.names.is_ambiguous(n)]
             if len(available) < self.spec.min_clients:
-                outcome = {"stopped": f"only {len(available)} clients still have budget "
+                stopped = {"stopped": f"only {len(available)} clients still have budget "
                                       f"(min-clients {self.spec.min_clients})"}
-                say(f"round {server_round}: {outcome['stopped']}; stopping cleanly")
+                say(f"round {server_round}: {stopped['stopped']}; stopping cleanly")
                 break
-            new, row = self.train(server_round, self.sample(available), len(available))
+            outcome = self.train(server_round, self.sample(available), len(available))
+            row = outcome.row()
             if not aggregated_update(row):
                 say(f"round {server_round}: no usable update: {first_problem(row)}")
-            if "user_dp" in row:  # counted and on disk before anything of the round leaves
+            if outcome.user_dp:  # counted and on disk before anything of the round leaves
                 self._checkpoint_pending()
-                record = row["user_dp"]
-                say(f"round {server_round}: user-level DP over {row['cohort']} clients (expected "
-                    f"{record['sample_rate'] * record['eligible']:.1f}), user-level eps {record['epsilon']:.3f} "
-                    f"at delta {record['delta']:.2g}")
-            if new is not None:
-                self.state.adapter = {**self.state.adapter, **new}
+                say(f"round {server_round}: {self.user_level.line(outcome)}")
+            if outcome.update is not None:
+                self.state.adapter = {**self.state.adapter, **outcome.update}
                 save_adapter(self.state.adapter, self.lora, self.base_model_path,
                              self.rundir.adapter_dir(server_round))
                 row.update(self.evaluate(server_round, nodes))
-                self.last_trained, self.last_eval = server_round, row
             self.state.round = server_round
             self.rundir.write_privacy_view(self.view.to_dict())
             self.rundir.append_metrics({"round": server_round, **row, "seconds": time.time() - t0})
-            every = self.config["ship.every"]
-            if new is not None and every and server_round % every == 0 and server_round < self.spec.rounds:
-                self._ship(server_round, nodes, row)
+            self.shipping.after_round(server_round, nodes, row, outcome.update is not None, self.spec.rounds)
             self._checkpoint()
-        if self.last_trained:
-            self._ship(self.last_trained, nodes, self.last_eval)
+        self.shipping.at_end(nodes)
         completed = self.state.round
-        self.rundir.log_event({"event": "stopped" if outcome else "finished", "rounds": completed, **outcome})
-        return {**outcome, "rounds_completed": completed, "rounds_trained": self._rounds_trained()}
+        self.rundir.log_event({"event": "stopped" if stopped else "finished", "rounds": completed, **stopped})
+        return {**stopped, "rounds_completed": completed, "rounds_trained": self._rounds_trained()}
 
     def _rounds_trained(self) -> int:
         """Rounds (earlier processes' included, on resume) in which at least one client's update was aggregated."""
         path = self.rundir.path / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
         return len({row["round"] for row in rows if aggregated_update(row)})
-
-    def _ship(self, server_round: int, nodes, fp32: dict) -> None:
-        if parse_quants(self.config["ship.quantizations"]):
-            self.ship(server_round, nodes, fp32)
 
     def _checkpoint(self) -> None:
         """After a completed round: everything, the round's release included."""

@@ -118,3 +118,39 @@ def private_round(server_round: int, states: list[dict[str, torch.Tensor]], sent
               "sample_rate": spec.sample_rate, "eligible": eligible, "cohort": len(states),
               "delta": spec.delta, "epsilon": eps, "accountant": "prv", "sampling": "poisson"}
     return {k: (sent[k].double() + delta[k]).to(sent[k].dtype) for k in sent}, record
+
+
+class UserLevelStep:
+    """User-level DP as a step of the round: whom it samples (Poisson, from ChaCha20) and what it releases.
+
+    ``events``: the server state's counted user-level rounds (appended to at each draw);
+    ``records``: the privacy view's user-level records. The generator is keyed on first use
+    (``server_random``: from the rounds counted when this process starts), never saved.
+    """
+
+    def __init__(self, spec: UserDpSpec, noise_seed: int, events: list[dict], records: list[dict]):
+        self.spec, self.noise_seed, self.events, self.records = spec, noise_seed, events, records
+        self._random: DpRandom | None = None
+
+    @property
+    def random(self) -> DpRandom:
+        if self._random is None:
+            self._random = server_random(self.noise_seed, len(self.events))
+        return self._random
+
+    def sample(self, ordered: list) -> list:
+        return poisson_cohort(ordered, self.spec.sample_rate, self.random)
+
+    def release(self, server_round: int, outcome, states: list[dict[str, torch.Tensor]],
+                sent: dict[str, torch.Tensor], eligible: int) -> None:
+        """The noised mean into ``outcome`` (a RoundOutcome), with the cohort's size only; counted here."""
+        outcome.cohort = len(states)
+        outcome.update, outcome.user_dp = private_round(server_round, states, sent, self.spec, eligible,
+                                                        self.random, self.events)
+        self.records.append(outcome.user_dp)
+
+    def line(self, outcome) -> str:
+        record = outcome.user_dp
+        expected = record["sample_rate"] * record["eligible"]
+        return (f"user-level DP over {outcome.cohort} clients (expected {expected:.1f}), user-level eps "
+                f"{record['epsilon']:.3f} at delta {record['delta']:.2g}")

@@ -51,7 +51,7 @@ def test_a_federation_rejects_duplicate_names_in_training_and_evaluation(make_fe
     """Unnamed deployed sites are all client-0: one refusal must not stop them all, nor one eval entry stand for all."""
     grid = FakeGrid({1: ("client-0", "ok"), 2: ("client-0", "refuse"), 3: ("GARD", "ok")})
     fed = make_federation(grid)
-    new, row = fed.train(1, [1, 2, 3], eligible=3)
+    row = fed.train(1, [1, 2, 3], eligible=3).row()
     assert row["rejected"] == [{"client": "client-0", "reason": DUPLICATE}] * 2
     assert [p["client"] for p in row["participants"]] == ["GARD"] and not row["refused"]
     assert "client-0" not in fed.view.clients and not fed.view.exhausted  # neither merged nor exhausted
@@ -88,6 +88,6 @@ def test_a_site_that_declines_the_request_is_listed_with_its_reason_but_not_exha
         return replies
 
     grid.send_and_receive = declining
-    _, row = fed.train(1, [1, 2], eligible=2)
+    row = fed.train(1, [1, 2], eligible=2).row()
     assert row["refused"] == [{"client": "GHR", "reason": "lr 5 above the site's 0.1"}] and not row["rejected"]
     assert not fed.view.exhausted and [p["client"] for p in row["participants"]] == ["GARD"]

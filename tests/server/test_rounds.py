@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from privacy.report.reconcile import account_user_level
 from server import checkpoint
-from server.user_dp import UserDpSpec
+from server.user_dp import UserDpSpec, UserLevelStep
 
 USER_DP = {"user-dp.enabled": True, "user-dp.clip-norm": 1.0, "user-dp.noise-multiplier": 1.0}
 
@@ -36,7 +36,7 @@ def test_user_level_cohorts_come_from_os_entropy_not_from_server_seed(make_feder
     before = [fed.state.sampling.getstate() for fed in feds]
     cohorts = []
     for fed in feds:
-        fed.user_dp = UserDpSpec.from_config(fed.config, 256)
+        fed.user_level = UserLevelStep(UserDpSpec.from_config(fed.config, 256), -1, [], [])
         cohorts.append(fed.sample(list(range(256))))
     # same server.seed, same state: a seeded draw would give the same cohort (chance of a tie: 2^-256)
     assert cohorts[0] != cohorts[1] and 64 < len(cohorts[0]) < 192
@@ -146,7 +146,8 @@ def test_user_level_rows_and_console_name_nobody_of_the_cohort(make_federation, 
 
 def test_dp_replies_without_train_loss_or_seconds(make_federation, capsys):
     fed = make_federation(FakeGrid({1: ("GARD", "ok")}, dp=True))
-    new, row = fed.train(1, [1], eligible=1)
+    outcome = fed.train(1, [1], eligible=1)
+    new, row = outcome.update, outcome.row()
     assert "round 1: GARD trained on 225 records, eps 6.309 (sigma 0.500)" in capsys.readouterr().out
     assert new is not None and "train_loss" not in row
     assert row["participants"] == [{"client": "GARD", "update_norm": pytest.approx(row["participants"][0]
@@ -156,6 +157,6 @@ def test_dp_replies_without_train_loss_or_seconds(make_federation, capsys):
 
 def test_replies_with_train_loss_and_seconds_still_reported(make_federation, capsys):
     fed = make_federation(FakeGrid({1: ("GARD", "ok")}, dp=False), **{"dp.enabled": False})
-    _, row = fed.train(1, [1], eligible=1)
+    row = fed.train(1, [1], eligible=1).row()
     assert "round 1: GARD train loss 2.0000 on 225 records in 3.0s" in capsys.readouterr().out
     assert row["train_loss"] == pytest.approx(2.0)
