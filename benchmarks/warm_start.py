@@ -52,12 +52,13 @@ def run(records: int = 1000, steps: int = 100, lr: float = 1e-3, rounds: int = 3
         raise RuntimeError(f"fedslm warm-start failed:\n{warm.stdout[-2000:]}{warm.stderr[-2000:]}")
     record = json.loads((start / "warm_start.json").read_text())
     fixed = {"ship.quantizations": "", "dp.noise-seed": 0}
-    runs = [("seed's adapter", fixed), ("warm start", {**fixed, "server.initial-adapter": str(start)})]
+    runs = [("seed's adapter", "run-seed", fixed),
+            ("warm start", "run-warm", {**fixed, "server.initial-adapter": str(start)})]
     if reference:
-        runs.append(("no DP, seed's adapter", {**fixed, "dp.enabled": False}))
+        runs.append(("no DP, seed's adapter", "run-no-dp", {**fixed, "dp.enabled": False}))
     results = []
-    for name, settings in runs:
-        result = simulate("hospital", root / name.replace(" ", "-").replace("'", ""), 4, settings, rounds)
+    for name, directory, settings in runs:
+        result = simulate("hospital", root / directory, 4, settings, rounds)
         results.append({"start": name, "round 0": result.rows[0]["eval_loss"],
                         "final": [r for r in result.rows if r["round"] > 0][-1]["eval_loss"], "wall s": result.wall})
     base = results[0]["round 0"]
