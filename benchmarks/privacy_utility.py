@@ -139,7 +139,9 @@ def run(task_names: list[str], epsilons: list[str] | None = None, rounds: int = 
         clean = by_task[r["task"]].get("inf")
         r["vs non-private"] = "" if clean is None else \
             (f"{(r['final'] - clean) * 100:+.1f} pts" if r["metric"] == "accuracy" else f"{r['final'] - clean:+.4f}")
-    print(f"Privacy-utility: {model}, 4 clients, {rounds} rounds x {steps} steps, B={batch}, T<={length}, "
+    window = fixed["model.max-length"]
+    print(f"Privacy-utility: {model}, 4 clients, {rounds} rounds x {steps} steps, B={batch}, "
+          f"{f'T<={window}' if window else 'T fitted to the data'}, "
           f"FFA-LoRA, eval <= {eval_examples} records per client (sst2-dev: all 872)"
           + "".join(f", {k}={v}" for k, v in (overrides or {}).items()))
     print(table(list(results[0]), [list(r.values()) for r in results]))

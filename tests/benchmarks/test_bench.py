@@ -210,3 +210,36 @@ def test_recipe_clip_only_point_clips_without_noise_and_claims_no_privacy(model_
     assert clipped["sigma"] == 0.0 and plain["sigma"] is None
     assert math.isinf(clipped["epsilon"]) and math.isinf(plain["epsilon"])
     assert abs(clipped["eval_loss"] - untrained["eval_loss"]) < 1e-6 < abs(plain["eval_loss"] - untrained["eval_loss"])
+
+
+def test_the_many_class_task_and_the_public_file_come_from_the_shared_data_only(tmp_path, monkeypatch):
+    """MedQuAD's question type by institute (14 classes over 4 sites); the warm start's public file holds no
+    institute of the demo's sites."""
+    import csv
+    import json
+
+    from benchmarks.privacy_utility import QTYPE_SITES, medquad_qtype
+    from benchmarks.warm_start import PUBLIC_SOURCES, public_excerpt
+
+    rows = [{"source": source, "qtype": qtype, "question": f"Q {i} {qtype} of {source}?", "answer": f"A {i}."}
+            for source in (*QTYPE_SITES, "GARD", "GHR") for qtype in ("symptoms", "treatment", "rare")
+            for i in range(50 if qtype != "rare" else 3)]
+    shared = tmp_path / "shared" / "medquad"
+    shared.mkdir(parents=True)
+    (shared / "medquad_answered.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path / "shared"))
+    table = list(csv.DictReader(medquad_qtype(tmp_path / "q.csv").open()))
+    assert {r["source"] for r in table} == set(QTYPE_SITES) and {r["qtype"] for r in table} == {"symptoms", "treatment"}
+    assert len(table) == len(QTYPE_SITES) * 2 * 40  # at most 40 per (site, type); a type under 5 left out
+    public = [json.loads(line) for line in public_excerpt(tmp_path / "p.jsonl", 60).open()]
+    assert len(public) == 60 and not {r["source"] for r in public} & {"GARD", "GHR", "MPlusHealthTopics", "NINDS"}
+    assert set(public[0]) == {"question", "answer", "source"}
+
+
+def test_the_shared_data_is_looked_for_next_to_the_checkout():
+    """The benchmarks' move out of simulation/ left this one level too high: every shared-data task failed."""
+    from pathlib import Path
+
+    from benchmarks.privacy_utility import SHARED
+
+    assert SHARED == Path(__file__).resolve().parents[2].parent / "shared" / "data"
