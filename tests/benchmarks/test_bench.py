@@ -232,7 +232,8 @@ def test_the_many_class_task_and_the_public_file_come_from_the_shared_data_only(
     assert {r["source"] for r in table} == set(QTYPE_SITES) and {r["qtype"] for r in table} == {"symptoms", "treatment"}
     assert len(table) == len(QTYPE_SITES) * 2 * 40  # at most 40 per (site, type); a type under 5 left out
     public = [json.loads(line) for line in public_excerpt(tmp_path / "p.jsonl", 60).open()]
-    assert len(public) == 60 and not {r["source"] for r in public} & {"GARD", "GHR", "MPlusHealthTopics", "NINDS"}
+    assert len(public) == 60 and {r["source"] for r in public} <= set(PUBLIC_SOURCES)
+    assert not set(PUBLIC_SOURCES) & {"GARD", "GHR", "MPlusHealthTopics", "NINDS"}  # the demo's four sites
     assert set(public[0]) == {"question", "answer", "source"}
 
 
