@@ -21,8 +21,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from client.site import SITE_OWNED, SitePolicy
-from slm.config import RANGES, request_config
+from client.site import SitePolicy
+from slm.config import RANGES, SITE_OWNED, request_config
 from slm.errors import UserError
 from slm.tasks import check_template, parse_verbalizers
 

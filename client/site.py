@@ -21,7 +21,7 @@ from pathlib import Path
 
 from client.data import DataSpec
 from client.units import PrivacyUnit
-from slm.config import DELTA, DEVICE
+from slm.config import DELTA, DEVICE, SITE_OWNED
 from slm.errors import UserError
 from slm.tasks import parse_verbalizers
 
@@ -79,12 +79,6 @@ GUARD_ENV = "FEDSLM_APPROVED_APPS"  # set for every ClientApp a site's app guard
 EVALUATION_MODES = ("off", "dp", "non-sensitive")
 WIRE_DTYPES = ("float16", "float32")
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # also a directory name under a ledger dir
-
-# Run-config keys that a deployment takes from the site, never from the coordinator.
-SITE_OWNED = ("data.path", "data.eval-path", "data.partition", "data.partition-by", "data.dirichlet-alpha",
-              "data.test-fraction", "data.max-train-examples", "data.max-eval-examples", "data.seed", "dp.enabled",
-              "dp.privacy-unit-field", "dp.max-records-per-unit", "dp.privacy-unit-name", "dp.group-field",
-              "dp.max-epsilon", "dp.delta", "dp.max-noise-multiplier", "dp.noise-seed", "dp.ledger-dir", "ship.dir")
 
 def site_name(value) -> str:
     """A node config's ``name``, checked: it becomes a directory name and the site's identity."""

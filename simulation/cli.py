@@ -227,7 +227,7 @@ def cmd_keys(args) -> int:
     for name, key in SCHEMA.items():
         choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
         bounds = f" ({RANGES[name]})" if name in RANGES else ""
-        print(f"{name} = {key.default!r}{choices}{bounds}\n    {key.help}")
+        print(f"{name} = {key.default!r}{choices}{bounds}  decided by the {key.owner}\n    {key.help}")
     return 0
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from slm.errors import UserError
 from slm.tasks import LABEL_LISTS
@@ -23,6 +23,15 @@ class Key:
     default: object
     help: str
     choices: tuple = ()
+    owner: str = "coordinator"  # who decides it: see OWNERS
+
+
+# Who decides a key (docs/THREAT-MODEL.md). coordinator: a request each site parses and bounds by its own
+# policy (client/request.py; model.name and model.device too, which a deployed site's model-dir and device
+# replace); site: a deployed site's node config decides and the coordinator's value is ignored, logged (a
+# simulation's sites take the researcher's); server: the coordinator's server alone, never read by a site
+# (tests/slm/test_config.py reads the ClientApp's code to keep it so).
+OWNERS = ("coordinator", "site", "server")
 
 
 SCHEMA: dict[str, Key] = {
@@ -142,6 +151,17 @@ SCHEMA: dict[str, Key] = {
     "run.scenario": Key("custom", "scenario name recorded in the run directory"),
     "run.resume": Key(False, "continue the run directory's last checkpoint (fedslm simulate --resume)"),
 }
+
+SITE_OWNED = ("data.path", "data.eval-path", "data.partition", "data.partition-by", "data.dirichlet-alpha",
+              "data.test-fraction", "data.max-train-examples", "data.max-eval-examples", "data.seed", "dp.enabled",
+              "dp.privacy-unit-field", "dp.max-records-per-unit", "dp.privacy-unit-name", "dp.group-field",
+              "dp.max-epsilon", "dp.delta", "dp.max-noise-multiplier", "dp.noise-seed", "dp.ledger-dir", "ship.dir")
+SITES_READ = ("server.wire-dtype", "server.max-update-norm", "user-dp.enabled")  # requests, though server.*/user-dp.*
+for _name, _key in SCHEMA.items():
+    if _name in SITE_OWNED:
+        SCHEMA[_name] = replace(_key, owner="site")
+    elif _name.startswith(("server.", "user-dp.", "ship.", "run.")) and _name not in SITES_READ:
+        SCHEMA[_name] = replace(_key, owner="server")
 
 
 @dataclass(frozen=True)

@@ -83,3 +83,19 @@ def test_a_sites_request_is_typed_but_its_ranges_are_the_sites_to_judge():
     assert request_config({"dp.delta": 0.2, "dp.clip-norm": 0.0})["dp.delta"] == 0.2
     with pytest.raises(UserError, match="unknown config key"):
         request_config({"dp.epsilon": 1})
+
+
+def test_every_key_has_an_owner_and_no_site_reads_a_server_key():
+    """Issue 26 item 1: who decides a key lives in the schema; a key marked server is read by no site's code."""
+    import re
+    from pathlib import Path
+
+    from slm.config import OWNERS, SCHEMA, SITE_OWNED
+
+    assert all(key.owner in OWNERS for key in SCHEMA.values())
+    assert {n for n, k in SCHEMA.items() if k.owner == "site"} == set(SITE_OWNED)
+    root = Path(__file__).resolve().parents[2]
+    read = {m for path in [*(root / "client").glob("*.py"), *(root / "deploy").glob("*.py")]
+            for m in re.findall(r'config\["([a-z-]+\.[a-z-]+)"\]', path.read_text())}
+    assert read and not {name for name in read if SCHEMA[name].owner == "server"}
+    assert SCHEMA["server.rounds"].owner == "server" and SCHEMA["server.wire-dtype"].owner == "coordinator"
