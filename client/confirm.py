@@ -17,6 +17,7 @@ from client.data import load_local_data
 from client.site import SitePolicy
 from client.units import training_units
 from privacy.mechanism.ledger import Ledger, fingerprint
+from privacy.mechanism.ledger_file import LedgerError
 from privacy.mechanism.policy import default_delta
 from slm.config import resolve
 from slm.errors import UserError
@@ -35,11 +36,14 @@ def confirm_data(node_config_path: Path, request_overrides: dict | None = None) 
     units = training_units(policy.unit, local.train)
     records = len(local.train) if units is None else len(units)
     what = "training records" if units is None else f"{policy.unit.word}s ({len(local.train)} training records)"
-    ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(local.train), records=records,
-                         delta=policy.delta or default_delta(records), unit=policy.unit.ledger_label)
-    before = ledger.data[-1].records if ledger.data else None
-    if not ledger.data_changed:
-        return f"site {policy.name}: the ledger already holds these {records} {what}; nothing to confirm"
-    ledger.confirm_data()
+    try:
+        ledger = Ledger.open(policy.ledger_dir, fingerprint=fingerprint(local.train), records=records,
+                             delta=policy.delta or default_delta(records), unit=policy.unit.ledger_label)
+        before = ledger.data[-1].records if ledger.data else None
+        if not ledger.data_changed:
+            return f"site {policy.name}: the ledger already holds these {records} {what}; nothing to confirm"
+        ledger.confirm_data()
+    except LedgerError as err:  # the operator's command speaks one error type, naming the ledger
+        raise UserError(str(err)) from None
     return (f"site {policy.name}: confirmed {records} {what} (was {before}); spent so far "
             f"{ledger.spent():.3f} of {policy.max_epsilon:g} at delta {ledger.delta:g}, unchanged")
