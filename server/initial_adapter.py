@@ -11,23 +11,15 @@ where the report reads it: a run that started from an adapter trained elsewhere 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from slm.digest import sha256_of
 from slm.errors import UserError
 from slm.jsonfiles import read_json
 
 WARM_START_FILE = "warm_start.json"  # written by `fedslm warm-start` next to the adapter
 RECORD_FILE = "initial_adapter.json"  # in the run directory
 KEY = "config key 'server.initial-adapter'"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_directory(directory: str) -> Path:
@@ -74,7 +66,7 @@ def load_initial(directory: str, seeded: dict, aggregation: str, config: dict) -
                         "(`fedslm warm-start` with the run's settings does that)")
     warm = read_json(weights.parent / WARM_START_FILE, "warm start") if (weights.parent / WARM_START_FILE).exists() \
         else None
-    digest = file_sha256(weights)
+    digest = sha256_of(weights)
     if warm is not None:
         if warm.get("adapter_sha256") != digest:
             raise UserError(f"{KEY}: {weights.parent / WARM_START_FILE} describes another adapter (sha256 "

@@ -21,7 +21,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from server.initial_adapter import WARM_START_FILE, file_sha256
+from server.initial_adapter import WARM_START_FILE
+from slm.digest import sha256_of
 from slm.errors import UserError
 
 
@@ -78,8 +79,8 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
         set_adapter_state(model, seeded)
     save_adapter(state, lora, str(resolve_model_dir(config["model.name"])), target)
     record = {
-        "adapter_sha256": file_sha256(target / "adapter_model.safetensors"), "file": Path(path).name,
-        "file_sha256": file_sha256(Path(path)), "train_records": len(local.train), "held_out_records": len(local.test),
+        "adapter_sha256": sha256_of(target / "adapter_model.safetensors"), "file": Path(path).name,
+        "file_sha256": sha256_of(Path(path)), "train_records": len(local.train), "held_out_records": len(local.test),
         "steps": steps, "batch_size": batch_size, "lr": lr, "model": config["model.name"], "task": task.kind,
         "verbalizers": config["data.verbalizers"], "max_length": task.max_length, "lora_r": lora.r,
         "lora_seed": config["lora.seed"], "aggregation": aggregation,
