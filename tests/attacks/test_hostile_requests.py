@@ -367,7 +367,8 @@ def test_no_budget_is_spent_on_a_round_that_trains_nothing(tmp_path, coordinator
                                                                                                "committed")]
 
 
-def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adam", "adam-bc"])  # adam-bc: post-processing, it draws nothing
+def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, monkeypatch, optimizer):
     """Attack 19: with torch's Mersenne Twister the noise of a release made of pure noise (clip -> 0, dropout
     -> 1, float32 wire) gave away the generator's state and with it every other noise value. A site that
     allows such a release still draws every DP random value from ChaCha20: torch's and NumPy's default random
@@ -379,7 +380,8 @@ def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, 
 
     site = Site(tmp_path / "permissive", extra={"min-clip-norm": 1e-12, "max-lora-dropout": 0.9,
                                                  "wire-dtypes": "float16,float32"})
-    worst = {"dp.clip-norm": 1e-11, "server.wire-dtype": "float32", "train.local-steps": 3}
+    worst = {"dp.clip-norm": 1e-11, "server.wire-dtype": "float32", "train.local-steps": 3,
+             "train.optimizer": optimizer}
     real = client.app.train_adapter
 
     def no_default_generators(*args, **kwargs):
