@@ -27,11 +27,11 @@ from __future__ import annotations
 import csv
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from benchmarks.pairs import parse_pairs
 from benchmarks.privacy_utility import shared_file
 from slm.errors import UserError
-
 
 NOISE = ("dp", "clip", "none")
 
@@ -51,13 +51,7 @@ class Point:
 
     @classmethod
     def parse(cls, text: str) -> "Point":
-        point, types = cls(), {"batch": int, "rank": int, "layers": int, "clip": float, "lr": float, "ffa": int}
-        for item in filter(None, (part.strip() for part in text.split(";"))):
-            key, sep, value = item.partition("=")
-            if not sep or key not in cls.__dataclass_fields__:
-                raise UserError(f"python -m benchmarks recipe --points: {item!r} is not key=value with a key of "
-                                f"{', '.join(cls.__dataclass_fields__)}")
-            point = replace(point, **{key: types.get(key, str)(value.strip())})
+        point = parse_pairs(cls, text, "python -m benchmarks recipe --points")
         if point.noise not in NOISE:
             raise UserError(f"python -m benchmarks recipe --points: noise={point.noise!r} is not one of {', '.join(NOISE)}")
         return point

@@ -244,3 +244,34 @@ def test_the_shared_data_is_looked_for_next_to_the_checkout():
     from benchmarks.privacy_utility import SHARED
 
     assert SHARED == Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def test_the_federation_sweep_calibrates_each_site_and_aggregates_as_the_server_does(tmp_path, model_cache):
+    """benchmarks/federation.py (the GPU sweeps of BENCHMARKS.md 17): each site's sigma spends its epsilon over all
+    the recipe's steps by its own accountant; FFA keeps the shared A factors, fedavg averages them too; a recipe
+    at lr 0 without DP leaves the model where it was; a recipe not begun by the deadline is skipped, and said so."""
+    from benchmarks import federation
+    from privacy.mechanism.accountant import SgmEvent, epsilon
+    from privacy.mechanism.policy import default_delta
+    from slm.errors import UserError
+
+    prepared = federation.prepare("medquad", tmp_path / "medquad.json", max_train=16, model="tiny")
+    assert [len(s["train"]) for s in prepared["sites"]] == [16] * 4 and prepared["config"]["model.max-length"] > 0
+    with pytest.raises(UserError, match="'step=2' is not key=value with a key of rounds"):
+        federation.Recipe.parse("step=2")
+    with pytest.raises(UserError, match="aggregation must be ffa or fedavg"):
+        federation.Recipe.parse("aggregation=svd")
+    untrained, ffa, fedavg, still = federation.sweep(
+        tmp_path / "medquad.json", ["rounds=2;steps=2;batch=4;clip=1", "rounds=1;steps=2;batch=4;aggregation=fedavg",
+                                    "rounds=1;steps=1;batch=4;lr=0;epsilon=inf"], device="cpu", out=tmp_path / "rows.jsonl")
+    for sigma in ffa["sigmas"]:
+        spent = epsilon([SgmEvent(sample_rate=4 / 16, noise_multiplier=sigma, steps=4)], delta=default_delta(16))
+        assert 7.9 < spent <= 8.0
+    assert [r["round"] for r in ffa["rounds"]] == [1, 2] and ffa["examples"] == 2 * 2 * 4 * 4
+    assert ffa["a_digest"] == ffa["start_a_digest"] != fedavg["a_digest"]
+    assert still["rounds"][-1]["eval_loss"] == pytest.approx(untrained["eval_loss"], abs=1e-6)
+    assert still["sigmas"] == [None] * 4
+    late = federation.sweep(tmp_path / "medquad.json", ["rounds=1;steps=1;batch=4"], device="cpu",
+                            out=tmp_path / "rows.jsonl", deadline_s=1e-9, untrained=False)
+    assert late == [{"task": "medquad", "text": "rounds=1;steps=1;batch=4", "skipped": "deadline"}]
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 5
