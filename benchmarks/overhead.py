@@ -21,6 +21,7 @@ from pathlib import Path
 from client.data import DataSpec, load_local_data
 from client.train import train_adapter
 from privacy.mechanism.randomness import round_key
+from simulation.scenarios import DEMO_DATA
 from benchmarks.measure import simulate, table
 from slm.config import resolve
 from slm.evaluate import evaluate
@@ -29,7 +30,8 @@ from slm.tasks import Task
 
 
 def settings(model: str, steps: int, batch: int, length: int) -> dict:
-    return {"model.name": model, "model.max-length": length, "train.local-steps": steps, "train.batch-size": batch,
+    return {"model.name": model, "data.path": str(DEMO_DATA), "model.max-length": length,
+            "train.local-steps": steps, "train.batch-size": batch,
             "data.max-train-examples": 64, "data.max-eval-examples": 16, "dp.enabled": True,
             "dp.noise-multiplier": 1.0, "dp.target-epsilon": 0.0, "dp.max-epsilon": 1000.0,
             "dp.noise-seed": 0,  # the same Poisson batches on both sides (a benchmark: nothing private here)

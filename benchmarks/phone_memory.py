@@ -87,12 +87,12 @@ class StagePeaks:
 
 def _round_config(name: str, profile: Profile) -> tuple[dict, dict]:
     """(resolved config, training options) of the round ``name``, reading the shared file."""
-    from simulation.scenarios import get_scenario
+    from simulation.scenarios import DEMO_DATA, get_scenario
     from slm.config import resolve
 
     if name == "dp":
-        config = resolve({"model.name": "smollm2", "model.dtype": profile.dtype, "data.partition": "natural",
-                          "data.max-eval-examples": 0, "lora.dropout": 0.0})
+        config = resolve({"model.name": "smollm2", "data.path": str(DEMO_DATA), "model.dtype": profile.dtype,
+                          "data.partition": "natural", "data.max-eval-examples": 0, "lora.dropout": 0.0})
         return config, {"clients": 4, "noise": 1.0}
     scenario = get_scenario("phone")
     keys = {k: v for k, v in scenario.overrides.items() if k in _schema()}

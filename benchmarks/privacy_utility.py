@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.measure import simulate, table
+from simulation.scenarios import DEMO_DATA
 from slm.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # next to the checkout; FEDSLM_SHARED_DATA overrides
@@ -91,7 +92,8 @@ def task_config(name: str, root: Path) -> dict:
         return {**label, "data.path": shared_file("pubmedqa/pqal_trainval.jsonl"), "data.text-field": "question",
                 "data.label-field": "label", "data.verbalizers": "yes=yes,no=no,maybe=maybe"}
     if name == "medquad":  # the packaged excerpt
-        return {"data.task": "sft", "data.path": "", "data.partition": "natural", "data.partition-by": "source"}
+        return {"data.task": "sft", "data.path": str(DEMO_DATA), "data.partition": "natural",
+                "data.partition-by": "source"}
     if name == "medquad-qtype":  # 15 classes, 4 institutes
         return {"data.task": "label", "data.path": medquad_qtype(root / "medquad-qtype.csv"),
                 "data.text-field": "question", "data.label-field": "qtype", "data.partition": "natural",

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from benchmarks.pairs import parse_pairs
 from benchmarks.privacy_utility import shared_file
+from simulation.scenarios import DEMO_DATA
 from slm.errors import UserError
 
 NOISE = ("dp", "clip", "none")
@@ -77,7 +78,8 @@ def _optimizer(name: str, lr: float):
 
 TASK_KEYS = {
     "sst2": {"data.task": "label", "data.text-field": "sentence", "data.verbalizers": "0=negative,1=positive"},
-    "medquad": {"data.task": "sft", "data.partition": "natural", "data.partition-by": "source"},
+    "medquad": {"data.task": "sft", "data.path": str(DEMO_DATA), "data.partition": "natural",
+                "data.partition-by": "source"},
 }
 
 

@@ -20,8 +20,6 @@ from client.units import group_by_unit
 from slm.errors import UserError
 from slm.tasks import derive_verbalizers, parse_verbalizers, uncovered
 
-EXAMPLE_DATA = Path(__file__).parent / "examples" / "medquad_4_institutes.jsonl"
-
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -46,9 +44,10 @@ class DataSpec:
 
     @classmethod
     def from_config(cls, config: dict) -> "DataSpec":
-        """An empty ``data.path`` means the packaged MedQuAD excerpt (4 institutes)."""
+        """The file is named, never implied: a site's is its node config's data-path, a simulation's is its
+        scenario's (simulation/examples holds the demo's); an empty ``data.path`` is an error when read."""
         return cls(
-            path=config["data.path"] or str(EXAMPLE_DATA),
+            path=config["data.path"],
             task=config["data.task"],
             prompt_field=config["data.prompt-field"],
             response_field=config["data.response-field"],

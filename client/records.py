@@ -56,7 +56,8 @@ def read_table(path: str):
     """Read a whole file (``Records`` or a ``datasets.Dataset``), once per process and file version."""
     file = Path(path)
     if not path:
-        raise UserError("config key 'data.path': no data file given")
+        raise UserError("config key 'data.path': no data file given (a deployed site names its file in its node "
+                        "config's data-path; `fedslm simulate` takes the scenario's, or --set data.path=FILE)")
     if not file.is_file():
         raise UserError(f"data file {path}: not found")
     stat = file.stat()

@@ -128,7 +128,9 @@ def _config(args) -> tuple[dict, Path, Path | None]:
         stored = read_json(path, "run config")
         config = resolve({**{k: v for k, v in stored.items() if k != "run.resume"}, **overrides})
     else:
-        config = resolve(overrides)
+        from simulation.scenarios import DEMO_DATA
+
+        config = resolve(overrides, base={"data.path": str(DEMO_DATA)})
     if args.out:
         out = Path(args.out).expanduser().resolve()
     elif run_dir is not None:

@@ -124,6 +124,10 @@ def _resume(args) -> int:
     if args.set or args.rounds or args.clients or args.model or args.out:
         raise UserError("--resume takes no other run options: a resumed run keeps its configuration")
     config.update({"run.root": str(run_dir.parent), "run.id": run_dir.name, "run.resume": True})
+    if not config["data.path"]:  # a run started before the scenarios named their packaged file stored ""
+        from simulation.scenarios import DEMO_DATA
+
+        config["data.path"] = str(DEMO_DATA)
     args.client_app = setup.get("client_app") or args.client_app
     print(f"[fedslm] resuming {run_dir}", flush=True)
     return _simulate(config, setup["clients"], args, run_dir)

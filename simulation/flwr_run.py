@@ -128,6 +128,10 @@ def run(supernodes: int, run_config: str, app_dir: Path = APP_DIR, keep_home: bo
         raise UserError("flwr-run: the `flwr` command is not installed next to this Python (./install.sh)")
     if supernodes < 1:
         raise UserError("flwr-run: --supernodes must be at least 1")
+    if not re.search(r"(^|\s)data\.path\s*=", run_config):  # the app's records are named, never implied
+        from simulation.scenarios import DEMO_DATA
+
+        run_config = f"{run_config} data.path='{DEMO_DATA}'".strip()
     home = Path(tempfile.mkdtemp(prefix="fedslm-flwr-home-"))
     command = [flwr, "run", str(app_dir), "--stream", "--federation-config", f"num-supernodes={supernodes}"]
     command += ["--run-config", run_config] if run_config else []

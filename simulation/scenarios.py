@@ -24,7 +24,9 @@ from pathlib import Path
 
 from slm.errors import UserError
 
-PHONE_DATA = Path(__file__).resolve().parent.parent / "client" / "examples" / "shakespeare_roles.jsonl"
+EXAMPLES = Path(__file__).resolve().parent / "examples"  # package data: the scenarios' records, never a site's
+DEMO_DATA = EXAMPLES / "medquad_4_institutes.jsonl"  # the hospital demo's (and the tiny scenario's) 4 institutes
+PHONE_DATA = EXAMPLES / "shakespeare_roles.jsonl"
 PHONE_USERS = 1090  # roles in the packaged excerpt (natural partition: one client per role)
 
 
@@ -44,6 +46,7 @@ SCENARIOS = {
         overrides={
             "model.name": "tiny",
             "model.max-length-cap": 64,
+            "data.path": str(DEMO_DATA),
             "data.partition": "iid",
             "data.max-train-examples": 64,
             "data.max-eval-examples": 16,
@@ -59,6 +62,7 @@ SCENARIOS = {
         about="SmolLM2-135M, 4 MedQuAD institutes (natural split), instruction SFT, DP eps 8 per client",
         overrides={
             "model.name": "smollm2",
+            "data.path": str(DEMO_DATA),
             "data.task": "sft",
             "data.partition": "natural",
             "data.partition-by": "source",
@@ -118,7 +122,7 @@ def describe(scenario: Scenario, config: dict, clients: int, overrides: dict) ->
         return scenario.about
     from slm.config import describe_fields
 
-    file = Path(config["data.path"]).name if config["data.path"] else "the packaged MedQuAD excerpt"
+    file = "the packaged MedQuAD excerpt" if config["data.path"] == str(DEMO_DATA) else Path(config["data.path"]).name
     return (f"{config['model.name']}, {file}, {config['data.task']} task ({describe_fields(config)}), "
             f"{describe_split(config, clients)}")
 

@@ -62,7 +62,8 @@ SCHEMA: dict[str, Key] = {
     "lora.layers": Key(0, "adapters in the top N decoder layers only (0 = every layer); the frozen layers below "
                        "run once per record, not at every step (slm/frozen_prefix.py)"),
     # the local data and the task on it
-    "data.path": Key("", "JSONL / CSV / TSV / Parquet file; empty = the scenario's packaged excerpt"),
+    "data.path": Key("", "JSONL / CSV / TSV / Parquet file (the hospital and tiny scenarios name their packaged "
+                     "MedQuAD excerpt, simulation/examples; a deployed site its node config's data-path)"),
     "data.task": Key("sft", "what is learned and measured", ("sft", "label", "next-word")),
     "data.prompt-field": Key("question", "sft: field holding the prompt"),
     "data.response-field": Key("answer", "sft: field holding the response (the only tokens with loss)"),

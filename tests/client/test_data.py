@@ -173,3 +173,16 @@ def test_a_file_without_the_partition_column_suggests_the_fix(tmp_path):
     message = str(err.value)
     assert "field 'source' (data.partition-by, one client per value) is missing; columns are question, answer" in message
     assert "--set data.partition=iid" in message and "\n" not in message
+
+
+def test_no_data_path_is_an_error_naming_the_key_never_the_demo():
+    """A client reads the file it is given: an empty data.path no longer falls back to the hospital demo's records
+    inside the site's reader (issue 26); the demo's file is the scenarios' package data, named by them."""
+    from simulation.scenarios import DEMO_DATA, PHONE_DATA, get_scenario
+
+    with pytest.raises(UserError, match=r"config key 'data.path': no data file given \(a deployed site names"):
+        load_local_data(DataSpec.from_config(resolve()), 0, 1)
+    assert DEMO_DATA.parent.name == "examples" and DEMO_DATA.parent.parent.name == "simulation"
+    assert DEMO_DATA.is_file() and PHONE_DATA.parent == DEMO_DATA.parent
+    assert get_scenario("hospital").overrides["data.path"] == get_scenario("tiny").overrides["data.path"] == str(DEMO_DATA)
+    assert not (DEMO_DATA.parents[2] / "client" / "examples").exists()

@@ -42,7 +42,9 @@ def test_a_site_keeps_dp_on_with_os_entropy_its_budget_delta_ledger_and_split(tm
 
 
 def test_a_simulated_client_follows_the_run_config(tmp_path):
-    config = {**COORDINATOR, "dp.delta": 1e-6}
+    from simulation.scenarios import DEMO_DATA
+
+    config = {**COORDINATOR, "dp.delta": 1e-6, "data.path": str(DEMO_DATA)}  # a simulation names its file
     context = SimpleNamespace(run_config=config, node_config={"partition-id": 1, "num-partitions": 2})
     _, policy, local = site_and_data(context, run_dir=str(tmp_path))
     assert policy.dp_enabled is False and policy.noise_seed == 7 and local.name == "client-1"
