@@ -11,11 +11,13 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, model_cache):
     from server.ship import build_artifacts
+    from simulation.scenarios import DEMO_DATA
     from slm.base import resolve_model_dir
     from slm.config import resolve
     from slm.lora import LoraSpec, adapter_state, attach, save_adapter
 
-    config = resolve({"data.partition": "natural", "data.max-eval-examples": 4, "lora.dropout": 0.0})
+    config = resolve({"data.path": str(DEMO_DATA), "data.partition": "natural", "data.max-eval-examples": 4,
+                      "lora.dropout": 0.0})
     run = tmp_path_factory.mktemp("ship") / "run"
     model, _ = attach("smollm2", LoraSpec.from_config(config))
     state = {k: (v if ".lora_A." in k else torch.randn_like(v) * 0.02) for k, v in adapter_state(model).items()}
