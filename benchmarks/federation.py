@@ -47,6 +47,7 @@ class Recipe:
     steps: int = 5  # DP-SGD steps per site per round
     batch: int = 8  # expected (Poisson) batch
     lr: float = 1e-2
+    schedule: str = "constant"  # the lr over rounds: constant | cosine | linear (round r of R gets lr x f(r))
     clip: float = 0.1
     rank: int = 8
     targets: str = "q_proj,v_proj"
@@ -60,7 +61,20 @@ class Recipe:
         recipe = parse_pairs(cls, text, "benchmarks/federation.py sweep")
         if recipe.aggregation not in ("ffa", "fedavg"):
             raise UserError(f"benchmarks/federation.py sweep: {text!r}: aggregation must be ffa or fedavg")
+        if recipe.schedule not in SCHEDULES:
+            raise UserError(f"benchmarks/federation.py sweep: {text!r}: schedule must be one of {', '.join(SCHEDULES)}")
         return recipe
+
+    def lr_at(self, round_number: int) -> float:
+        """Round ``round_number``'s (1-based) learning rate: a fresh Adam per site per round, as in the
+        product, so a schedule can only act across rounds. Cosine and linear decay from ``lr`` in round 1
+        towards 0 after the last (cosine: 1, 0.75, 0.25 of lr over 3 rounds; linear: 1, 2/3, 1/3)."""
+        done = (round_number - 1) / self.rounds
+        return self.lr * SCHEDULES[self.schedule](done)
+
+
+SCHEDULES = {"constant": lambda done: 1.0, "cosine": lambda done: 0.5 * (1 + math.cos(math.pi * done)),
+             "linear": lambda done: 1.0 - done}
 
 
 def prepare(task: str, out: Path, *, clients: int = 4, max_train: int = 0, model: str = "smollm2") -> dict:
@@ -142,20 +156,20 @@ class Federation:
         state = dict(model._fedslm_start)
         rounds, started = [], time.perf_counter()
         for number in range(1, recipe.rounds + 1):
-            sent, losses = [], []
+            sent, losses, lr = [], [], recipe.lr_at(number)
             for k, train in enumerate(sites):
                 set_adapter_state(model, state)
                 with frozen_a_factors(model, recipe.aggregation == "ffa"):
                     result = train_adapter(
-                        model, tokenizer, task, train, steps=recipe.steps, batch_size=recipe.batch, lr=recipe.lr,
+                        model, tokenizer, task, train, steps=recipe.steps, batch_size=recipe.batch, lr=lr,
                         noise_multiplier=sigmas[k], clip_norm=recipe.clip, seed=_seed(recipe, number, k),
-                        make_optimizer=optimizer_for(recipe.optimizer, recipe.lr, sigmas[k], recipe.clip,
+                        make_optimizer=optimizer_for(recipe.optimizer, lr, sigmas[k], recipe.clip,
                                                      recipe.batch),
                         autocast=self.autocast, physical_batch_size=self.physical)
                 sent.append(sent_tensors(adapter_state(model), recipe.aggregation))
                 losses.append(result.loss)
             state = {**state, **aggregate(recipe.aggregation, sent, [len(t) for t in sites])}
-            row = {"round": number, "train_loss": sum(losses) / len(losses), "train_s": time.perf_counter() - started}
+            row = {"round": number, "lr": lr, "train_loss": sum(losses) / len(losses), "train_s": time.perf_counter() - started}
             if every_round or number == recipe.rounds:
                 set_adapter_state(model, state)
                 row.update(self.score(model, tokenizer, task))

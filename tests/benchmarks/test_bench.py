@@ -261,6 +261,10 @@ def test_the_federation_sweep_calibrates_each_site_and_aggregates_as_the_server_
         federation.Recipe.parse("step=2")
     with pytest.raises(UserError, match="aggregation must be ffa or fedavg"):
         federation.Recipe.parse("aggregation=svd")
+    with pytest.raises(UserError, match="schedule must be one of constant, cosine, linear"):
+        federation.Recipe.parse("schedule=step")
+    cosine = federation.Recipe.parse("rounds=3;lr=0.04;schedule=cosine")
+    assert [cosine.lr_at(r) for r in (1, 2, 3)] == pytest.approx([0.04, 0.03, 0.01])
     untrained, ffa, fedavg, still = federation.sweep(
         tmp_path / "medquad.json", ["rounds=2;steps=2;batch=4;clip=1", "rounds=1;steps=2;batch=4;aggregation=fedavg",
                                     "rounds=1;steps=1;batch=4;lr=0;epsilon=inf"], device="cpu", out=tmp_path / "rows.jsonl")
@@ -268,6 +272,7 @@ def test_the_federation_sweep_calibrates_each_site_and_aggregates_as_the_server_
         spent = epsilon([SgmEvent(sample_rate=4 / 16, noise_multiplier=sigma, steps=4)], delta=default_delta(16))
         assert 7.9 < spent <= 8.0
     assert [r["round"] for r in ffa["rounds"]] == [1, 2] and ffa["examples"] == 2 * 2 * 4 * 4
+    assert [r["lr"] for r in ffa["rounds"]] == [1e-2, 1e-2]  # constant
     assert ffa["a_digest"] == ffa["start_a_digest"] != fedavg["a_digest"]
     assert still["rounds"][-1]["eval_loss"] == pytest.approx(untrained["eval_loss"], abs=1e-6)
     assert still["sigmas"] == [None] * 4
