@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from benchmarks.cli import add_bench_parser
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.quiet import quiet_libraries
 
 

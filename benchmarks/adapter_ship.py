@@ -27,12 +27,12 @@ def measure(run_dir: Path, server_round: int | None, quants: list[str], clients:
     from transformers import AutoTokenizer
 
     from client.shipment import load_shipped
+    from fedslm.common.config import resolve
+    from fedslm.common.jsonfiles import read_json
     from server.ship import build_adapter, build_artifacts
     from slm.base import resolve_model_dir
     from slm.evaluate import evaluate
     from slm.export_lora import applied, read_lora_gguf
-    from slm.config import resolve
-    from slm.jsonfiles import read_json
     from slm.tasks import Task
 
     config = resolve(read_json(run_dir / "config.json", "run config"))  # keys added since the run: defaults
@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
+    from fedslm.common.errors import UserError
     from server.ship import parse_quants
-    from slm.errors import UserError
 
     if not (args.run_dir / "metrics.jsonl").is_file():
         raise UserError(f"run directory {args.run_dir}: no metrics.jsonl")

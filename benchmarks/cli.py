@@ -79,8 +79,7 @@ def _overhead(args):
 
 def _privacy_utility(args):
     from benchmarks import privacy_utility
-
-    from slm.config import parse_assignment
+    from fedslm.common.config import parse_assignment
 
     overrides = dict(parse_assignment(item) for item in args.set)
     return privacy_utility.run(_strs(args.tasks), _strs(args.epsilons), args.rounds, args.steps, args.batch,

@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script from anywhere
 
 from benchmarks.pairs import parse_pairs  # noqa: E402
-from slm.errors import UserError  # noqa: E402
+from fedslm.common.errors import UserError  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,9 @@ SCHEDULES = {"constant": lambda done: 1.0, "cosine": lambda done: 0.5 * (1 + mat
 def prepare(task: str, out: Path, *, clients: int = 4, max_train: int = 0, model: str = "smollm2") -> dict:
     """Resolve ``task`` (benchmarks.privacy_utility.task_config) and write config + sites to ``out``."""
     from benchmarks.privacy_utility import task_config
+    from fedslm.common.config import resolve
     from simulation.preflight import check_data, fit_window
     from simulation.scenarios import get_scenario
-    from slm.config import resolve
     from slm.tokenizer import load_tokenizer
 
     settings = {**task_config(task, out.parent), "model.name": model, "data.max-train-examples": max_train,

@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.measure import table
 from benchmarks.privacy_utility import shared_file
-from slm.config import resolve
+from fedslm.common.config import resolve
 from slm.label_scoring import reference_scores, score_labels
 from slm.lora import LoraSpec, attach
 from slm.tasks import Task, parse_verbalizers, prompt_ids

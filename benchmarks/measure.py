@@ -67,7 +67,7 @@ class RunResult:
 
 def simulate(scenario: str, out: Path, clients: int, settings: dict, rounds: int, model: str = "") -> RunResult:
     """``fedslm simulate`` as a child process, timed, with its process tree's memory sampled."""
-    command = [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", scenario, "--clients", str(clients),
+    command = [sys.executable, "-m", "fedslm", "simulate", "--scenario", scenario, "--clients", str(clients),
                "--rounds", str(rounds), "--out", str(out)]
     command += ["--model", model] if model else []
     for key, value in settings.items():

@@ -18,12 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.measure import simulate, table
 from client.data import DataSpec, load_local_data
 from client.train import train_adapter
+from fedslm.common.config import resolve
 from privacy.mechanism.randomness import round_key
 from simulation.scenarios import DEMO_DATA
-from benchmarks.measure import simulate, table
-from slm.config import resolve
 from slm.evaluate import evaluate
 from slm.lora import LoraSpec, adapter_state, attach, frozen_a_factors, set_adapter_state
 from slm.tasks import Task

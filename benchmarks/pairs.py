@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 _TYPES = {"int": int, "float": float, "str": str}
 

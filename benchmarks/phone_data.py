@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from slm.jsonfiles import iter_json_lines
+from fedslm.common.jsonfiles import iter_json_lines
 
 
 def build_excerpt(source: Path, out: Path, lines: int = 4) -> int:

@@ -87,8 +87,8 @@ class StagePeaks:
 
 def _round_config(name: str, profile: Profile) -> tuple[dict, dict]:
     """(resolved config, training options) of the round ``name``, reading the shared file."""
+    from fedslm.common.config import resolve
     from simulation.scenarios import DEMO_DATA, get_scenario
-    from slm.config import resolve
 
     if name == "dp":
         config = resolve({"model.name": "smollm2", "data.path": str(DEMO_DATA), "model.dtype": profile.dtype,
@@ -101,7 +101,7 @@ def _round_config(name: str, profile: Profile) -> tuple[dict, dict]:
 
 
 def _schema() -> dict:
-    from slm.config import SCHEMA
+    from fedslm.common.config import SCHEMA
 
     return SCHEMA
 
@@ -123,12 +123,11 @@ def client_round(round_name: str, profile: Profile, steps: int, data_file: str) 
     stages = StagePeaks()
     from client.data import DataSpec, load_local_data
     from client.train import train_adapter
+    from slm.allocator import return_freed_memory, trim_freed_memory
     from slm.evaluate import evaluate
     from slm.lora import LoraSpec, attach
     from slm.recompute import recomputed_layers
     from slm.tasks import Task
-
-    from slm.allocator import return_freed_memory, trim_freed_memory
 
     stages.mark("imports")
     config, options = _round_config(round_name, profile)
@@ -172,7 +171,7 @@ def run(round_name: str = "dp", profiles=("fp32", "int8", "phone"), steps: int =
     data_file = write_client_file(round_name, f"{directory.name}/client.jsonl")
     for name in profiles:
         if name not in PROFILES:
-            from slm.errors import UserError
+            from fedslm.common.errors import UserError
 
             raise UserError(f"python -m benchmarks phone-memory --profiles: unknown profile {name!r} "
                             f"(choose from {', '.join(PROFILES)})")

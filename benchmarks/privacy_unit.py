@@ -112,9 +112,9 @@ def step_time(model: str, rows: int, units: int, length: int, repeats: int) -> d
     import torch
 
     from client.train import make_private, take_step
+    from fedslm.common.config import resolve
     from privacy.mechanism.randomness import DpRandom, seed_key
     from slm.batch import collate
-    from slm.config import resolve
     from slm.lora import LoraSpec, attach
     from slm.tasks import Task, encode
 
@@ -152,7 +152,7 @@ import json, sys, threading, time
 import psutil
 from client.train import train_adapter
 from client.units import group_by_unit
-from slm.config import resolve
+from fedslm.common.config import resolve
 from slm.lora import LoraSpec, attach
 from slm.tasks import Task
 units, per_unit = int(sys.argv[1]), int(sys.argv[2])

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.measure import simulate, table
+from fedslm.common.errors import UserError
 from simulation.scenarios import DEMO_DATA
-from slm.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # next to the checkout; FEDSLM_SHARED_DATA overrides
 EPSILONS = ["1", "3", "8", "inf"]

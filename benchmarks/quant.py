@@ -28,7 +28,7 @@ def held_out_records(config: dict, clients: int, max_eval: int) -> list[dict]:
 
 
 def run_clients(run_dir: Path) -> int:
-    from slm.jsonfiles import read_json
+    from fedslm.common.jsonfiles import read_json
 
     setup = run_dir / "simulation.json"
     if setup.is_file():
@@ -40,9 +40,9 @@ def measure(run_dir: Path, server_round: int | None, quants: list[str], clients:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fedslm.common.jsonfiles import read_json
     from server.ship import build_artifacts
     from slm.evaluate import evaluate
-    from slm.jsonfiles import read_json
     from slm.tasks import Task
 
     config = read_json(run_dir / "config.json", "run config")
@@ -99,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> dict:
     """Measure, print the table, return the results (``python -m benchmarks quant`` and ``main``)."""
+    from fedslm.common.errors import UserError
     from server.ship import parse_quants
-    from slm.errors import UserError
 
     if not (args.run_dir / "config.json").is_file():
         raise UserError(f"run directory {args.run_dir}: no config.json")
@@ -111,7 +111,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from slm.errors import UserError
+    from fedslm.common.errors import UserError
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quant", description=__doc__.splitlines()[0])
     add_arguments(parser)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 from benchmarks.pairs import parse_pairs
 from benchmarks.privacy_utility import shared_file
+from fedslm.common.errors import UserError
 from simulation.scenarios import DEMO_DATA
-from slm.errors import UserError
 
 NOISE = ("dp", "clip", "none")
 
@@ -89,7 +89,7 @@ def task_records(task: str, records: int, dev_records: int) -> tuple[list[dict],
         return sst2("sst2/train.tsv", records), sst2("sst2/dev.tsv", dev_records)
     if task == "medquad":
         from client.data import DataSpec, load_local_data
-        from slm.config import resolve
+        from fedslm.common.config import resolve
 
         spec = DataSpec.from_config(resolve({**TASK_KEYS[task], "data.max-eval-examples": 0}))
         shares = [load_local_data(spec, i, 4) for i in range(4)]
@@ -103,10 +103,10 @@ def run_point(point: Point, train: list[dict], dev: list[dict], *, budget: int, 
     """Train one client's adapter from the initial one at ``point`` and score it on ``dev``
     (``budget`` 0: no training, the untrained model's score)."""
     from client.train import train_adapter
+    from fedslm.common.config import resolve
     from privacy.mechanism.calibrate import noise_for_budget
     from privacy.mechanism.policy import default_delta
     from slm.base import resolve_device
-    from slm.config import resolve
     from slm.evaluate import evaluate
     from slm.lora import LoraSpec, adapter_state, attach, frozen_a_factors, set_adapter_state
     from slm.tasks import Task

@@ -45,7 +45,7 @@ def run(records: int = 1000, steps: int = 100, lr: float = 1e-3, rounds: int = 3
     root.mkdir(parents=True, exist_ok=True)
     public = public_excerpt(root / "public-medquad.jsonl", records)
     start = root / "warm-start"
-    command = [sys.executable, "-m", "simulation.cli", "warm-start", str(public), "--out", str(start),
+    command = [sys.executable, "-m", "fedslm", "warm-start", str(public), "--out", str(start),
                "--steps", str(steps), "--lr", str(lr)]
     warm = subprocess.run(command, capture_output=True, text=True)
     if warm.returncode != 0:

@@ -34,6 +34,7 @@ from client.shipment import receive_and_evaluate
 from client.site import SitePolicy, is_deployment
 from client.train import train_adapter
 from client.units import largest_unit, training_units
+from fedslm.common.config import request_config
 from privacy.mechanism.ledger import Entry, fingerprint
 from privacy.mechanism.policy import MAX_PARTICIPATIONS
 from privacy.mechanism.randomness import round_key
@@ -41,7 +42,6 @@ from privacy.mechanism.record import NO_DP, REJECTED, PrivacyRecord, Reason
 from privacy.mechanism.transaction import Grant, Release, SiteBudget, open_release
 from slm.allocator import return_freed_memory, trim_freed_memory
 from slm.base import resolve_device
-from slm.config import request_config
 from slm.evaluate import evaluate
 from slm.lora import (
     LoraSpec,

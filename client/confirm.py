@@ -16,11 +16,11 @@ from pathlib import Path
 from client.data import load_local_data
 from client.site import SitePolicy
 from client.units import training_units
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from privacy.mechanism.ledger import Ledger, fingerprint
 from privacy.mechanism.ledger_file import LedgerError
 from privacy.mechanism.policy import default_delta
-from slm.config import resolve
-from slm.errors import UserError
 
 
 def confirm_data(node_config_path: Path, request_overrides: dict | None = None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from client.records import as_dataset, read_table
 from client.units import group_by_unit
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.tasks import derive_verbalizers, parse_verbalizers, uncovered
 
 

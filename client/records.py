@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from slm.errors import UserError
-from slm.jsonfiles import iter_json_lines, utf8_lines
+from fedslm.common.errors import UserError
+from fedslm.common.jsonfiles import iter_json_lines, utf8_lines
 
 SUFFIX_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 
 from client.site import SitePolicy
-from slm.config import RANGES, SITE_OWNED, request_config
-from slm.errors import UserError
+from fedslm.common.config import RANGES, SITE_OWNED, request_config
+from fedslm.common.errors import UserError
 from slm.tasks import check_template, parse_verbalizers
 
 AGGREGATIONS = ("fedavg", "ffa", "svd")
@@ -36,7 +36,7 @@ TASK_FIELDS = {"sft": ("data.prompt-field", "data.response-field"), "label": ("d
 class Request:
     """The parts of a train or evaluation request the site uses, as sent and then checked."""
 
-    config: dict  # the coordinator's run config, typed and range-checked (slm.config)
+    config: dict  # the coordinator's run config, typed and range-checked (fedslm.common.config)
     run_id: str
     server_round: int
     aggregation: str

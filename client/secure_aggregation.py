@@ -62,8 +62,8 @@ from flwr.compat.common import recorddict_compat as compat
 
 from client.outbound import site_log
 from client.site import SitePolicy, is_deployment
+from fedslm.common.config import from_run_config
 from privacy.mechanism.record import REJECTED, PrivacyRecord, Reason
-from slm.config import from_run_config
 from slm.lora import from_arrays
 
 SECURE_RECORD = "secure"  # in clear: whether the site's update is in the sum, and why not

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.digest import sha256_of
 
 

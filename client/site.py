@@ -21,8 +21,8 @@ from pathlib import Path
 
 from client.data import DataSpec
 from client.units import PrivacyUnit
-from slm.config import DELTA, DEVICE, SITE_OWNED
-from slm.errors import UserError
+from fedslm.common.config import DELTA, DEVICE, SITE_OWNED
+from fedslm.common.errors import UserError
 from slm.tasks import parse_verbalizers
 
 # node config key -> (type, default, meaning). Keys not listed here are refused (deploy/node_config.py at
@@ -201,7 +201,7 @@ class SitePolicy:
             bad("device", f"{self.device!r} is not auto, cpu, cuda or cuda:N")
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
             bad("max-epsilon", f"must be a positive number, got {self.max_epsilon!r}")
-        if not DELTA.admits(self.delta):  # the same rule as the run config's dp.delta (slm.config)
+        if not DELTA.admits(self.delta):  # the same rule as the run config's dp.delta (fedslm.common.config)
             bad("delta", f"must be {DELTA} (0 = the default), got {self.delta!r}")
         if not (math.isfinite(self.max_noise_multiplier) and self.max_noise_multiplier > 0):
             bad("max-noise-multiplier", f"must be a positive number, got {self.max_noise_multiplier!r}")
@@ -279,7 +279,7 @@ class SitePolicy:
         """Site-owned settings the coordinator's run config tried to set (logged, never applied)."""
         if not self.deployment:
             return []
-        from slm.config import SCHEMA
+        from fedslm.common.config import SCHEMA
 
         mine = {"data.path": self.data_path, "dp.max-epsilon": self.max_epsilon, "dp.delta": self.delta,
                 "dp.enabled": True, "dp.noise-seed": -1, "dp.ledger-dir": str(self.ledger_dir),

@@ -43,9 +43,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 
 from client.unit_sgd import mean_per_unit, sample_units, unit_bounds
 from client.units import sample_rate
+from fedslm.common.errors import UserError
 from privacy.mechanism.randomness import DpRandom, seed_key
 from slm.batch import collate
-from slm.errors import UserError
 from slm.frozen_prefix import with_prefix
 from slm.loss import per_example_loss
 from slm.tasks import Example, Task, encode

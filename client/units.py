@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 RECORD = "record"
 

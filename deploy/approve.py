@@ -24,7 +24,7 @@ from pathlib import Path
 
 from deploy.allow_list import AllowListError, entry, read
 from deploy.certs import write  # atomic: temporary file, then rename
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 def bundle(app: Path) -> bytes:

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 DEFAULT_SANS = ("127.0.0.1", "localhost")
 CA_DAYS = 5 * 365

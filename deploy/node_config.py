@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 
 from client.site import NODE_KEYS, REQUIRED, SitePolicy  # the ClientApp's own policy (standard library only)
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 def check(path: Path) -> dict:

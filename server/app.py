@@ -7,6 +7,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedslm.common.config import from_run_config
+from fedslm.common.errors import UserError
 from privacy.mechanism.ledger_file import LedgerError
 from privacy.report.build import write_report
 from privacy.report.text import starting_adapter
@@ -18,8 +20,6 @@ from server.rounds import Federation, initial_state
 from server.rundir import RunDir
 from server.status import check_complete, quiet_partial_runs
 from slm.base import resolve_model_dir
-from slm.config import from_run_config
-from slm.errors import UserError
 from slm.lora import LoraSpec, adapter_state, attach
 from slm.quiet import quiet_libraries
 

@@ -34,7 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 NAME = "checkpoint.safetensors"
 _LEGACY_NOISE_STATE = "__noise_generator_state__"  # older checkpoints saved the noise generator; never restored

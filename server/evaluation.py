@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import random
 
+from fedslm.common.errors import UserError
 from server.intake import Intake, Names
-from slm.errors import UserError
 
 ACCURACIES = ("accuracy", "top1_accuracy", "top3_accuracy")
 SHOWN = (("accuracy", "accuracy"), ("top1_accuracy", "top-1"))  # the accuracy on the console: label, next-word

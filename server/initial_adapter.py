@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedslm.common.errors import UserError
+from fedslm.common.jsonfiles import read_json
 from slm.digest import sha256_of
-from slm.errors import UserError
-from slm.jsonfiles import read_json
 
 WARM_START_FILE = "warm_start.json"  # written by `fedslm warm-start` next to the adapter
 RECORD_FILE = "initial_adapter.json"  # in the run directory

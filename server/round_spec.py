@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedslm.common.errors import UserError
 from server.aggregate import resolve_aggregation
 from server.secure_aggregation import check_config
-from slm.errors import UserError
 
 
 @dataclass(frozen=True)

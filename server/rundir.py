@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from slm.jsonfiles import strict_line, write_json_atomic
+from fedslm.common.jsonfiles import strict_line, write_json_atomic
 
 # What a run leaves in its directory; any one of them means the directory holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "events.jsonl", "privacy", "adapters", "ledgers")

@@ -62,7 +62,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 CLIPPING_RANGE = 8.0  # Flower's default; sites withhold any |B| above it (client.secure_aggregation)
 MODULUS = 2**32  # Flower's default and its documented maximum

@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from slm.jsonfiles import write_json_atomic
-from slm.base import resolve_model_dir, smollm2_gguf_path
-from slm.errors import UserError
+from fedslm.common.errors import UserError
+from fedslm.common.jsonfiles import write_json_atomic
 from privacy.report.shipped import worse_than_base
+from slm.base import resolve_model_dir, smollm2_gguf_path
+from slm.digest import sha256_of
 from slm.export import QUANTS, merge_adapter, write_gguf
 from slm.export_lora import ADAPTER_DTYPE, write_lora_gguf
 from slm.imatrix import CALIBRATION, calibration_texts, importance_matrix
-from slm.digest import sha256_of
 
 SHIP = "evaluate.ship"
 SHIP_KINDS = ("merged", "adapter", "both")

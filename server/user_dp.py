@@ -58,7 +58,7 @@ class UserDpSpec:
         spec = cls(clip_norm=config["user-dp.clip-norm"], noise_multiplier=config["user-dp.noise-multiplier"],
                    sample_rate=config["server.fraction-train"], delta=delta)
         if spec.clip_norm <= 0 or spec.noise_multiplier < 0 or not 0 < spec.sample_rate <= 1:
-            from slm.errors import UserError
+            from fedslm.common.errors import UserError
 
             raise UserError("user-dp: clip-norm must be > 0, noise-multiplier >= 0, server.fraction-train in (0, 1]")
         return spec

@@ -17,8 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from slm.config import SCHEMA
-from slm.errors import UserError
+from fedslm.common.config import SCHEMA
+from fedslm.common.errors import UserError
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"

@@ -3,7 +3,7 @@
 A bad file, field or batch size found inside a Ray worker surfaces as a remote traceback
 after the engine has spun up (and the run may still end "done"); checked here it is one
 clear line and exit 2. Key ranges were checked when the config was resolved
-(slm.config.RANGES); here come the checks that need the file, the number of clients and
+(fedslm.common.config.RANGES); here come the checks that need the file, the number of clients and
 the tokenizer. Also converts the default model once, in this process, before workers race
 to do it.
 """
@@ -15,7 +15,7 @@ import itertools
 from client.data import DataSpec, LocalData, check_fields, held_out_table, load_local_data, resolve_verbalizers
 from client.records import read_table
 from client.units import group_by_unit, sample_rate
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.tasks import Task, encode
 from slm.window import Fit, fit
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"  # package data: the scenarios' records, never a site's
 DEMO_DATA = EXAMPLES / "medquad_4_institutes.jsonl"  # the hospital demo's (and the tiny scenario's) 4 institutes
@@ -120,7 +120,7 @@ def describe(scenario: Scenario, config: dict, clients: int, overrides: dict) ->
     changed = clients != scenario.clients or any(key.startswith(("data.", "model.name")) for key in overrides)
     if not changed:
         return scenario.about
-    from slm.config import describe_fields
+    from fedslm.common.config import describe_fields
 
     file = "the packaged MedQuAD excerpt" if config["data.path"] == str(DEMO_DATA) else Path(config["data.path"]).name
     return (f"{config['model.name']}, {file}, {config['data.task']} task ({describe_fields(config)}), "

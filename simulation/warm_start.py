@@ -21,9 +21,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fedslm.common.errors import UserError
 from server.initial_adapter import WARM_START_FILE
 from slm.digest import sha256_of
-from slm.errors import UserError
 
 
 def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hospital", steps: int = 100,
@@ -31,9 +31,9 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
     """Train the starting adapter on ``path``; write it to ``out``; return what warm_start.json records."""
     from client.data import DataSpec, check_fields, load_local_data, resolve_verbalizers
     from client.records import read_table
+    from fedslm.common.config import parse_assignment, resolve
     from server.aggregate import resolve_aggregation
     from simulation.scenarios import get_scenario
-    from slm.config import parse_assignment, resolve
     from slm.window import fit
 
     target = Path(out).expanduser().resolve()
@@ -87,7 +87,7 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
         "trained": "B factors only (FFA-LoRA)" if aggregation == "ffa" else "A and B",
         "held_out_before": _metric(before), "held_out_after": _metric(after),
         "seconds": round(time.perf_counter() - started, 1)}
-    from slm.jsonfiles import write_json_atomic
+    from fedslm.common.jsonfiles import write_json_atomic
 
     write_json_atomic(target / WARM_START_FILE, record, strict=True)
     return record

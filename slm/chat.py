@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 def load_for_chat(model: str):

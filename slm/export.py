@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 QUANTS = ("q8_0", "q4_0", "f16")
 _LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.export import gguf_name, hf_name, permute_for_llama_cpp, unpermute_from_llama_cpp
 
 ADAPTER_DTYPE = "f16"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 BASE_QUANTS = ("none", "int8")
 _SLICE_ELEMENTS = 1 << 22  # rows dequantized at once: <= 16 MB of fp32 temporaries

@@ -24,9 +24,9 @@ from peft import (
     set_peft_model_state_dict,
 )
 
+from fedslm.common.errors import UserError
+from fedslm.common.jsonfiles import write_json_atomic
 from slm.base import hub_id, load_base
-from slm.errors import UserError
-from slm.jsonfiles import write_json_atomic
 
 
 @dataclass(frozen=True)

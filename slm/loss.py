@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.frozen_prefix import run_body
 from slm.tasks import IGNORE
 from slm.unwrap import causal_lm

@@ -22,7 +22,7 @@ import string
 from dataclasses import dataclass
 from functools import lru_cache
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 IGNORE = -100
 
@@ -38,7 +38,6 @@ DEFAULT_TEMPLATES = {"sft": "{prompt}", "label": "Classify the text into one of:
 # verbalizers are learnt from their loss; listed, an instruct model knows them from round 0.
 UNLISTED_TEMPLATE = "Classify the text.\n\nText: {text}"
 PLACEHOLDERS = {"sft": ("prompt",), "label": ("text", "labels")}
-LABEL_LISTS = ("auto", "yes", "no")  # data.label-list
 
 
 @dataclass(frozen=True)

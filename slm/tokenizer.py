@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 @lru_cache(maxsize=2)

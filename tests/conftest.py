@@ -28,7 +28,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture
 def config():
-    from slm.config import resolve
+    from fedslm.common.config import resolve
 
     return resolve({"model.name": "tiny", "model.max-length": 48, "lora.dropout": 0.0})
 

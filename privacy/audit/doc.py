@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slm.errors import UserError
-from slm.jsonfiles import read_json
+from fedslm.common.errors import UserError
+from fedslm.common.jsonfiles import read_json
 
 SCHEMA = "fedslm-audit/1"
 VERDICTS = {

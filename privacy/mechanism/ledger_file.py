@@ -19,7 +19,7 @@ class LedgerError(Exception):
     """A ledger that cannot be read or used, in one line naming its file.
 
     Where users get one-line errors (the fedslm CLI, the ServerApp's report) it is caught
-    next to slm.errors.UserError; at a deployed site it is an internal error, whose detail
+    next to fedslm.common.errors.UserError; at a deployed site it is an internal error, whose detail
     stays in the site's log (client.outbound).
     """
 
@@ -40,7 +40,7 @@ def write(path: Path, data) -> None:
 
 
 def replace_atomically(path: Path, text: str) -> None:
-    """Temp file in the same directory, fsync, rename, fsync the directory (slm.jsonfiles writes through it too)."""
+    """Temp file in the same directory, fsync, rename, fsync the directory (fedslm.common.jsonfiles writes through it too)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:

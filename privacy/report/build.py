@@ -30,6 +30,7 @@ import os
 import time
 from pathlib import Path
 
+from fedslm.common.jsonfiles import finite, write_json_atomic
 from privacy.audit.doc import read_audit, summary_sentence
 from privacy.report import plots
 from privacy.report.html import render_report
@@ -45,7 +46,6 @@ from privacy.report.text import (
     starting_adapter_note,
     summary_sentences,
 )
-from slm.jsonfiles import finite, write_json_atomic
 
 SCHEMA = "fedslm-report/1"
 ACCURACY_KEYS = ("accuracy", "top1_accuracy", "top3_accuracy")

@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedslm.common.config import defaults
+from fedslm.common.errors import UserError
+from fedslm.common.jsonfiles import iter_json_lines, read_json
 from privacy.mechanism.ledger import LEDGER_FILE, Ledger
 from privacy.mechanism.ledger_file import LedgerError
-from slm.config import defaults
-from slm.errors import UserError
-from slm.jsonfiles import iter_json_lines, read_json
 
 
 def aggregated_update(row: dict) -> bool:

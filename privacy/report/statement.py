@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedslm.common.errors import UserError
 from privacy.mechanism.accountant import epsilon
 from privacy.mechanism.ledger import LEDGER_FILE, SPENDING, Ledger
 from privacy.report.neighbouring import (
@@ -22,7 +23,6 @@ from privacy.report.neighbouring import (
     epsilon_group,
     epsilon_replace_one,
 )
-from slm.errors import UserError
 
 
 def find_ledgers(path: str) -> list[Path]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from fedslm.common.config import describe_fields
 from privacy.report.neighbouring import STATEMENT
 from privacy.report.reconcile import ClientAccount, UserLevelAccount
 from privacy.report.run_files import RunFiles, aggregated_update
-from slm.config import describe_fields
 
 MODELS = {"smollm2": "SmolLM2-135M-Instruct (a 135-million-parameter language model)",
           "tiny": "a tiny 1.2M-parameter test Llama (a smoke test, not a useful language model)"}

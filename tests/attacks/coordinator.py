@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from slm.config import resolve
+from fedslm.common.config import resolve
 from slm.lora import LoraSpec, a_factor_digest, adapter_state, attach, sent_tensors, to_arrays
 
 HONEST = {"model.name": "tiny", "model.max-length": 32, "train.local-steps": 2, "train.batch-size": 4,

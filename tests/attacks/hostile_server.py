@@ -18,7 +18,7 @@ import time
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from slm.config import request_config
+from fedslm.common.config import request_config
 from slm.lora import LoraSpec, a_factor_digest, adapter_state, attach, sent_tensors, to_arrays
 
 app = ServerApp()

@@ -13,8 +13,8 @@ import pytest
 from coordinator import Coordinator, Site, independent_epsilon, wire_text
 
 from client.confirm import confirm_data
+from fedslm.common.errors import UserError
 from privacy.mechanism.policy import default_delta
-from slm.errors import UserError
 
 PATIENTS = {f"mrn-{p:04d}": n for p, n in enumerate([1, 2, 3, 4, 5, 6, 7, 8, 2, 2])}  # 40 records, 10 patients
 
@@ -124,7 +124,7 @@ def test_a_patients_records_are_all_trained_on_or_all_held_out(site):
 
     from client.data import load_local_data
     from client.site import SitePolicy
-    from slm.config import resolve
+    from fedslm.common.config import resolve
 
     policy = SitePolicy.from_node_config(site.node_config)
     local = load_local_data(policy.data_spec(resolve({})), 0, 1)

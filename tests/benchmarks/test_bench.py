@@ -6,8 +6,8 @@ import math
 import pytest
 
 from benchmarks import dp_overhead, throughput, traffic
-from benchmarks.measure import TreeMemory, table
 from benchmarks.__main__ import main
+from benchmarks.measure import TreeMemory, table
 
 
 def test_dp_overhead_reports_a_ratio_per_configuration(capsys):
@@ -89,8 +89,8 @@ def test_discrete_gaussian_of_the_noise_bench_has_its_pmf():
     """sigma^2 = 1: P(y) = exp(-y^2/2) / sum_z exp(-z^2/2); 3,000 draws from a seeded keystream, loose bounds."""
     from fractions import Fraction
 
-    from privacy.mechanism.randomness import DpRandom, seed_key
     from benchmarks.noise import KeystreamInts, discrete_gaussian
+    from privacy.mechanism.randomness import DpRandom, seed_key
 
     ints = KeystreamInts(DpRandom(seed_key(1, "test")), chunk=64)  # small chunks: refills are exercised
     draws = [discrete_gaussian(Fraction(1), ints) for _ in range(3000)]
@@ -137,7 +137,7 @@ def test_privacy_utility_runs_a_dp_and_a_non_private_point_on_the_whole_dev_set(
 
 def test_privacy_utility_names_missing_shared_data_and_leaves_other_tasks_alone(tmp_path, monkeypatch):
     from benchmarks.privacy_utility import task_config
-    from slm.errors import UserError
+    from fedslm.common.errors import UserError
 
     monkeypatch.setenv("FEDSLM_SHARED_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match=r"nowhere/sst2/train.tsv not found"):
@@ -168,7 +168,7 @@ def test_label_scoring_compares_the_one_pass_scorer_with_the_k_pass_one(tmp_path
 
 def test_recipe_sweep_calibrates_every_point_to_the_same_epsilon_and_budget(tmp_path, monkeypatch, model_cache):
     from benchmarks import recipe
-    from slm.errors import UserError
+    from fedslm.common.errors import UserError
 
     (tmp_path / "sst2").mkdir()
     rows = "".join(f"{'a charming journey' if i % 2 else 'bleak and dull'} {i} .\t{i % 2}\n" for i in range(40))
@@ -200,7 +200,7 @@ def test_recipe_clip_only_point_clips_without_noise_and_claims_no_privacy(model_
     """noise=clip keeps DP-SGD's clipping at sigma 0: with a clip norm of 1e-9 the adapter cannot move, where the
     same point without clipping (noise=none) does; neither claims an epsilon."""
     from benchmarks import recipe
-    from slm.errors import UserError
+    from fedslm.common.errors import UserError
 
     with pytest.raises(UserError, match="noise='loud' is not one of dp, clip, none"):
         recipe.run(["noise=loud"], task="medquad", model="tiny")
@@ -251,9 +251,9 @@ def test_the_federation_sweep_calibrates_each_site_and_aggregates_as_the_server_
     the recipe's steps by its own accountant; FFA keeps the shared A factors, fedavg averages them too; a recipe
     at lr 0 without DP leaves the model where it was; a recipe not begun by the deadline is skipped, and said so."""
     from benchmarks import federation
+    from fedslm.common.errors import UserError
     from privacy.mechanism.accountant import SgmEvent, epsilon
     from privacy.mechanism.policy import default_delta
-    from slm.errors import UserError
 
     prepared = federation.prepare("medquad", tmp_path / "medquad.json", max_train=16, model="tiny")
     assert [len(s["train"]) for s in prepared["sites"]] == [16] * 4 and prepared["config"]["model.max-length"] > 0

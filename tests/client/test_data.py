@@ -10,8 +10,8 @@ from client.data import (
     split,
 )
 from client.records import read_table
-from slm.config import resolve
-from slm.errors import UserError
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 
 
 def spec_for(path, **overrides):

@@ -5,8 +5,8 @@ import torch
 
 from client.site import SitePolicy
 from client.train import train_adapter
+from fedslm.common.errors import UserError
 from slm.base import resolve_device
-from slm.errors import UserError
 from slm.lora import adapter_state, frozen_a_factors
 from slm.tasks import Task
 

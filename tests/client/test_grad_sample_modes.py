@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from start_point import nonzero_lora_b
+from test_train import RecordingSGD, assert_noise_only_step  # tests/client is on sys.path (pytest rootdir import)
 
 from client.train import train_adapter
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.lora import set_adapter_state
 from slm.tasks import Task
-from test_train import RecordingSGD, assert_noise_only_step  # tests/client is on sys.path (pytest rootdir import)
-from start_point import nonzero_lora_b
 
 
 def _update(model, tok, records, **options):

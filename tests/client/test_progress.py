@@ -4,7 +4,7 @@ from dataclasses import replace
 
 from client.progress import Progress, site_progress
 from client.site import SitePolicy
-from slm.config import resolve
+from fedslm.common.config import resolve
 
 
 def test_lines_when_done_and_every_interval():

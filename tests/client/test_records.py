@@ -5,8 +5,8 @@ import pytest
 
 from client.data import DataSpec, check_fields
 from client.records import read_table
-from slm.config import resolve
-from slm.errors import UserError
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 
 BOM = b"\xef\xbb\xbf"
 LATIN1 = "café".encode("latin-1")  # b"caf\xe9": not UTF-8

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from client.shipment import _on_device_base, verify_and_store
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 DATA = np.frombuffer(b"GGUF" + bytes(range(256)) * 4, dtype=np.uint8)
 SHA = hashlib.sha256(DATA.tobytes()).hexdigest()

@@ -5,10 +5,10 @@ from types import SimpleNamespace
 import pytest
 
 from client.app import admitted
-from client.request import parse_evaluation
 from client.data import DataSpec, held_out_by_hash, split
+from client.request import parse_evaluation
 from client.site import SitePolicy, site_name
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 COORDINATOR = {"dp.enabled": False, "dp.noise-seed": 7, "dp.max-epsilon": 100.0, "dp.delta": 0.2,
                "dp.ledger-dir": "/tmp/elsewhere", "data.seed": 3, "data.test-fraction": 0.5,

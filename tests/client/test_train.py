@@ -5,8 +5,8 @@ import torch
 from start_point import nonzero_lora_b
 
 from client.train import train_adapter
+from fedslm.common.errors import UserError
 from slm.batch import collate, per_example_loss
-from slm.errors import UserError
 from slm.lora import adapter_state
 from slm.tasks import Task, encode
 

@@ -9,9 +9,9 @@ from start_point import nonzero_lora_b
 from client.train import train_adapter
 from client.unit_sgd import sample_units, unit_bounds
 from client.units import group_by_unit, largest_unit
+from fedslm.common.errors import UserError
 from privacy.mechanism.randomness import DpRandom, seed_key
 from slm.batch import collate, per_example_loss
-from slm.errors import UserError
 from slm.lora import adapter_state, set_adapter_state
 from slm.tasks import Task, encode
 

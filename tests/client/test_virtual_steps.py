@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from start_point import nonzero_lora_b
+from test_train import RecordingSGD  # tests/client is on sys.path (pytest rootdir import)
 
 from client.train import train_adapter
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.lora import set_adapter_state
 from slm.tasks import Task
-from test_train import RecordingSGD  # tests/client is on sys.path (pytest rootdir import)
-from start_point import nonzero_lora_b
 
 
 def _step(model, tok, records, *, sigma, physical, mode="hooks", seed=0, clip=0.05):

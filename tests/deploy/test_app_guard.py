@@ -227,9 +227,9 @@ def test_site_bin_shadows_every_task_command_flower_can_start(tmp_path):
 
 
 def test_the_guard_imports_no_package_of_the_app(tmp_path):
-    """Imported before the bundle, the site's own slm/client/... would shadow the bundle's modules."""
+    """Imported before the bundle, the site's own fedslm/slm/client/... would shadow the bundle's modules."""
     code = ("import sys, deploy.app_guard as g; g.guard_flower(None); print(sorted("
-            "{m.split('.')[0] for m in sys.modules} & {'slm', 'client', 'privacy', 'server', 'simulation'}))")
+            "{m.split('.')[0] for m in sys.modules} & {'fedslm', 'slm', 'client', 'privacy', 'server', 'simulation'}))")
     proc = subprocess.run([sys.executable, "-P", "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -6,7 +6,7 @@ import pytest
 from harness import DEPLOY, script_env, write_node_config
 
 from deploy.node_config import check
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 def simulate(out, ledgers):
     return subprocess.run(
-        [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--rounds", "2", "--out", str(out),
+        [sys.executable, "-m", "fedslm", "simulate", "--scenario", "tiny", "--rounds", "2", "--out", str(out),
          "--set", f"dp.ledger-dir={ledgers}", "--set", "dp.max-epsilon=1", "--set", "dp.target-epsilon=1"],
         capture_output=True, text=True, timeout=600)
 
@@ -42,7 +42,7 @@ def test_second_run_on_the_same_data_continues_the_spend_and_refuses(tmp_path, m
     view = json.loads((tmp_path / "second" / "privacy" / "ledger.json").read_text())
     assert view["exhausted"] == ["client-0", "client-1"]
 
-    budget = subprocess.run([sys.executable, "-m", "simulation.cli", "budget", str(files[0]), "--json"],
+    budget = subprocess.run([sys.executable, "-m", "fedslm", "budget", str(files[0]), "--json"],
                             capture_output=True, text=True, timeout=120)
     doc = json.loads(budget.stdout)
     assert doc["spent_epsilon"] <= 1.0 and doc["remaining_epsilon"] == pytest.approx(1.0 - doc["spent_epsilon"])

@@ -8,7 +8,7 @@ import pytest
 
 
 def fedslm(*args):
-    return subprocess.run([sys.executable, "-m", "simulation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedslm", *args], capture_output=True, text=True,
                           timeout=300)
 
 
@@ -82,7 +82,7 @@ def test_numeric_labels_need_verbalizers(tmp_path):
 # command runs in a fresh interpreter that lists the heavy modules loaded when the error came.
 BEFORE_HEAVY = """
 import sys
-from simulation.cli import main
+from fedslm.cli.main import main
 code = main(sys.argv[1:])
 print(sorted(m for m in ("torch", "peft", "opacus") if m in sys.modules), file=sys.stderr)
 sys.exit(code)

@@ -25,7 +25,7 @@ SETTINGS = ["--set", "data.partition=iid", "--set", "server.min-clients=1", "--s
 
 
 def command(out):
-    return [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--clients", "4", "--rounds",
+    return [sys.executable, "-m", "fedslm", "simulate", "--scenario", "tiny", "--clients", "4", "--rounds",
             "4", "--out", str(out), "--client-app", "faulty_client:app", *SETTINGS]
 
 
@@ -68,7 +68,7 @@ def test_bad_clients_are_rejected_and_a_killed_server_resumes_exactly(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and its simulation workers, by PID
         proc.wait()
-    resumed = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--resume", str(killed)],
+    resumed = subprocess.run([sys.executable, "-m", "fedslm", "simulate", "--resume", str(killed)],
                              env=env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming after round 2" in resumed.stdout

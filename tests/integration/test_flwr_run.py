@@ -23,7 +23,7 @@ SMALL = ("model.name='tiny' model.max-length=48 server.rounds=1 train.local-step
 
 def flwr_run(supernodes: int, run_config: str):
     """`fedslm flwr-run` as a user types it."""
-    return subprocess.run([sys.executable, "-m", "simulation.cli", "flwr-run", "--supernodes", str(supernodes),
+    return subprocess.run([sys.executable, "-m", "fedslm", "flwr-run", "--supernodes", str(supernodes),
                            "--run-config", f"{SMALL} {run_config}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=480, check=False)
 

@@ -67,7 +67,7 @@ def test_every_socket_of_a_simulation_listens_on_loopback_only(tmp_path, model_c
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "simulate.log").open("w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--rounds", "1", "--clients", "1",
+        [sys.executable, "-m", "fedslm", "simulate", "--scenario", "tiny", "--rounds", "1", "--clients", "1",
          "--out", str(tmp_path / "run")],
         stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
     )

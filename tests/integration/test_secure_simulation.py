@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 
 
 def fedslm(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", "simulation.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedslm", *args], capture_output=True, text=True,
                           timeout=600, **kwargs)
 
 

@@ -10,10 +10,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, model_cache):
+    from fedslm.common.config import resolve
     from server.ship import build_artifacts
     from simulation.scenarios import DEMO_DATA
     from slm.base import resolve_model_dir
-    from slm.config import resolve
     from slm.lora import LoraSpec, adapter_state, attach, save_adapter
 
     config = resolve({"data.path": str(DEMO_DATA), "data.partition": "natural", "data.max-eval-examples": 4,
@@ -64,7 +64,7 @@ def test_client_verifies_stores_and_evaluates_a_shipment(exported, tmp_path):
 
     from client.data import DataSpec, load_local_data
     from client.shipment import receive_and_evaluate
-    from slm.errors import UserError
+    from fedslm.common.errors import UserError
 
     run, config, artifacts = exported
     artifact = artifacts["q8_0"]

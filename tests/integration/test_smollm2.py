@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from fedslm.common.config import resolve
 from slm import base
-from slm.config import resolve
 
 pytestmark = pytest.mark.integration
 

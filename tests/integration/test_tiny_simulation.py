@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def simulate(out):
-    return [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--rounds", "2", "--clients", "2",
+    return [sys.executable, "-m", "fedslm", "simulate", "--scenario", "tiny", "--rounds", "2", "--clients", "2",
             "--out", str(out)]
 
 

@@ -18,7 +18,7 @@ SAMPLE_RATE = 0.75
 
 
 def command(out, rounds=3):
-    return [sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--clients", "6", "--rounds",
+    return [sys.executable, "-m", "fedslm", "simulate", "--scenario", "tiny", "--clients", "6", "--rounds",
             str(rounds), "--out", str(out), "--set", "user-dp.enabled=true",
             "--set", f"server.fraction-train={SAMPLE_RATE}", "--set", "user-dp.clip-norm=0.5", "--set", "data.max-train-examples=32", "--set", "train.local-steps=2"]
 
@@ -80,7 +80,7 @@ def test_a_run_killed_between_noise_and_release_counts_both_draws(tmp_path, mode
     assert caught is not None, "never saw the checkpoint between a noise draw and its release"
     interrupted = caught.round + 1
 
-    resumed = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--resume", str(out)],
+    resumed = subprocess.run([sys.executable, "-m", "fedslm", "simulate", "--resume", str(out)],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"round {interrupted} was interrupted after its user-level noise was drawn" in resumed.stdout
@@ -98,7 +98,7 @@ def test_a_run_killed_between_noise_and_release_counts_both_draws(tmp_path, mode
 
 
 def test_user_dp_with_svd_is_refused_before_training(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "simulation.cli", "simulate", "--scenario", "tiny", "--set",
+    proc = subprocess.run([sys.executable, "-m", "fedslm", "simulate", "--scenario", "tiny", "--set",
                            "user-dp.enabled=true", "--set", "server.aggregation=svd"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "user-dp.enabled needs server.aggregation fedavg or ffa" in proc.stderr

@@ -10,7 +10,7 @@ import torch
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-m", "simulation.cli"]
+CLI = [sys.executable, "-m", "fedslm"]
 
 
 def test_a_run_starts_from_the_warm_adapter_and_its_report_says_so(tmp_path, model_cache):

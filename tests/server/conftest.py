@@ -6,9 +6,9 @@ Saving an adapter is replaced by a recorder, so a test sees every adapter the se
 import pytest
 from fake_grid import FakeMessage, initial_adapter
 
+from fedslm.common.config import resolve
 from server import rounds
 from server.rundir import RunDir
-from slm.config import resolve
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedslm.common.errors import UserError
 from server import checkpoint
 from server.checkpoint import ServerState
-from slm.errors import UserError
 
 
 def state() -> ServerState:

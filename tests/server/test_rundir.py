@@ -12,9 +12,9 @@ import pytest
 from fake_grid import FakeGrid, initial_adapter
 from flwr.app import Context, RecordDict
 
+from fedslm.common.config import resolve
 from server import app
 from server.rundir import RunDir
-from slm.config import resolve
 
 
 def used(path):
@@ -77,9 +77,9 @@ def test_a_deployment_reusing_a_run_id_writes_a_fresh_directory(tmp_path, releas
 def test_the_longest_run_id_still_fits_the_sites_after_its_re_use_suffix(tmp_path):
     """Issue 27: a 127-128 character run id became 129+ with '-2', which every site refused."""
     from client.request import RUN_ID as SITE_RUN_ID
+    from fedslm.common.config import RUN_ID_MAX
+    from fedslm.common.errors import UserError
     from server.rundir import RunDir
-    from slm.config import RUN_ID_MAX
-    from slm.errors import UserError
 
     longest = "r" * RUN_ID_MAX
     resolve({"run.id": longest})

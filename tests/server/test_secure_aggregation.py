@@ -10,12 +10,12 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.secure_aggregation import OUT_OF_BOUNDS, masked_train
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from server.aggregate import aggregate
 from server.intake import check_secure_training
 from server.round_spec import RoundSpec
 from server.secure_aggregation import error_bound, quantization_range, secure_mean
-from slm.config import resolve
-from slm.errors import UserError
 from slm.lora import from_arrays, to_arrays
 
 B1, B2 = "m.q_proj.lora_B.weight", "m.v_proj.lora_B.weight"

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from fedslm.common.errors import UserError
 from simulation.engine import run_in_simulation
-from slm.errors import UserError
 
 
 @pytest.mark.parametrize("kwargs, words", [

@@ -7,11 +7,11 @@ import pytest
 
 from benchmarks.phone_data import build_excerpt, first_users
 from client.data import DataSpec, load_local_data
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from server.evaluation import evaluation_sample
 from simulation.preflight import preflight
 from simulation.scenarios import PHONE_DATA, PHONE_USERS, get_scenario
-from slm.config import resolve
-from slm.errors import UserError
 
 
 def _users(path):

@@ -2,9 +2,9 @@
 
 import pytest
 
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from simulation.preflight import preflight
-from slm.config import resolve
-from slm.errors import UserError
 
 LABELS = ["Psoriasis", "Acne", "Asthma", "Flu", "Migraine", "Eczema"]
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from server.initial_adapter import load_initial
 from simulation.warm_start import warm_start
-from slm.config import resolve
-from slm.errors import UserError
 from slm.lora import LoraSpec, a_factor_digest, adapter_state, attach
 
 SETTINGS = ["model.name=tiny", "data.task=sft", "data.partition=iid", "lora.dropout=0.0"]

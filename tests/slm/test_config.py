@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from slm.config import RANGES, SCHEMA, defaults, parse_assignment, request_config, resolve
-from slm.errors import UserError
+from fedslm.common.config import RANGES, SCHEMA, defaults, parse_assignment, request_config, resolve
+from fedslm.common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,7 +90,7 @@ def test_every_key_has_an_owner_and_no_site_reads_a_server_key():
     import re
     from pathlib import Path
 
-    from slm.config import OWNERS, SCHEMA, SITE_OWNED
+    from fedslm.common.config import OWNERS, SCHEMA, SITE_OWNED
 
     assert all(key.owner in OWNERS for key in SCHEMA.values())
     assert {n for n, k in SCHEMA.items() if k.owner == "site"} == set(SITE_OWNED)
@@ -104,7 +104,7 @@ def test_every_key_has_an_owner_and_no_site_reads_a_server_key():
 def test_the_learning_rate_left_at_0_is_the_measured_best_for_dp_or_not_and_is_stored_resolved():
     """BENCHMARKS.md 17: 3e-2 under DP-SGD (1e-2 kept 25-30% of the demo's gain), 1e-2 without (3e-2 diverged).
     Resolved where the config is read, so config.json, a site's request and the report hold the number."""
-    from slm.config import DP_LR, PLAIN_LR, request_config
+    from fedslm.common.config import DP_LR, PLAIN_LR, request_config
 
     assert resolve()["train.lr"] == DP_LR == 3e-2
     assert resolve({"dp.enabled": False})["train.lr"] == PLAIN_LR == 1e-2

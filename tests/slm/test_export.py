@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 from slm.export import gguf_name, merge_adapter, permute_for_llama_cpp
 from slm.lora import LoraSpec, adapter_state, save_adapter, set_adapter_state
 

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def q4_export(tmp_path_factory, model_cache):
+    from fedslm.common.config import resolve
     from server.ship import build_artifacts
     from slm.base import resolve_model_dir
-    from slm.config import resolve
     from slm.lora import LoraSpec, adapter_state, attach, save_adapter
 
     config = resolve({"lora.dropout": 0.0})

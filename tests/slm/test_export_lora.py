@@ -88,8 +88,8 @@ def test_base_plus_the_shipped_adapter_computes_what_peft_computes(tiny, config,
 def test_smollm2_adapter_is_under_a_megabyte_and_fits_the_real_base_gguf(model_cache, tmp_path):
     from gguf import GGUFReader
 
+    from fedslm.common.config import resolve
     from slm.base import smollm2_gguf_path
-    from slm.config import resolve
     from slm.lora import LoraSpec, attach
 
     config = resolve({"lora.dropout": 0.0})
@@ -110,8 +110,8 @@ def test_llama_cpp_applies_the_adapter_as_transformers_does(model_cache, tmp_pat
     from transformers import AutoModelForCausalLM
 
     from benchmarks.llamacpp import compare_logits
+    from fedslm.common.config import resolve
     from slm.base import smollm2_gguf_path
-    from slm.config import resolve
     from slm.lora import LoraSpec, attach
 
     config = resolve({"lora.dropout": 0.0})

@@ -7,8 +7,8 @@ from opacus import GradSampleModule
 
 import client.train
 from client.train import train_adapter
+from fedslm.common.errors import UserError
 from slm.batch import collate
-from slm.errors import UserError
 from slm.frozen_prefix import PrefixCache, cut, with_prefix
 from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
 from slm.loss import per_example_loss

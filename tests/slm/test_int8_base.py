@@ -72,7 +72,7 @@ def test_a_weight_is_quantized_from_the_file_slice_by_slice(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def int8_tiny():
-    from slm.config import resolve
+    from fedslm.common.config import resolve
 
     config = resolve({"model.name": "tiny", "model.max-length": 48, "lora.dropout": 0.0, "model.dtype": "int8"})
     model, tokenizer = attach("tiny", LoraSpec.from_config(config), "int8")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from slm.config import resolve
-from slm.errors import UserError
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from slm.lora import (
     LoraSpec,
     adapter_state,

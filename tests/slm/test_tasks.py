@@ -1,7 +1,7 @@
 import pytest
 
+from fedslm.common.errors import UserError
 from slm.batch import collate, per_example_loss
-from slm.errors import UserError
 from slm.tasks import (
     IGNORE,
     Task,

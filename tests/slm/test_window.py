@@ -1,7 +1,7 @@
 """The window fitted to the data (slm/window.py): the 95th-percentile example held, a label list that does not
 fit dropped, never the text; and without data, a list that would take more than half the window dropped."""
 
-from slm.config import resolve
+from fedslm.common.config import resolve
 from slm.tasks import DEFAULT_TEMPLATES, UNLISTED_TEMPLATE, Task, encode, label_template, parse_verbalizers
 from slm.tiny import build_tiny_tokenizer
 from slm.window import fit

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from fedslm.common.errors import UserError
 from privacy.audit.doc import audit_sentences, can_refute, read_audit, summary_sentence, verdict
-from slm.errors import UserError
 
 
 def trial(epsilon, lower, max_provable=3.0):

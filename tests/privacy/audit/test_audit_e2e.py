@@ -12,10 +12,10 @@ import json
 import pytest
 
 from client.train import train_adapter
-from privacy.audit.run import AuditSpec, run_audit
+from fedslm.cli.main import main
 from privacy.audit.doc import SCHEMA, audit_sentences
+from privacy.audit.run import AuditSpec, run_audit
 from privacy.report.build import write_report
-from simulation.cli import main
 from slm.lora import adapter_state
 from slm.tasks import Task
 

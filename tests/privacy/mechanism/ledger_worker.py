@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from client.train import train_adapter
+from fedslm.common.config import resolve
 from privacy.mechanism.ledger import fingerprint
 from privacy.mechanism.transaction import Release, SiteBudget, open_release
-from slm.config import resolve
 from slm.lora import LoraSpec, attach
 from slm.tasks import Task
 

@@ -12,12 +12,12 @@ import shutil
 
 import pytest
 
+from fedslm.cli.main import main
+from fedslm.common.config import resolve
+from fedslm.common.errors import UserError
 from privacy.mechanism.accountant import SgmEvent, epsilon
 from privacy.mechanism.ledger import DataVersion, Entry, Ledger, fingerprint
 from privacy.report.build import SCHEMA, build_report, write_report
-from simulation.cli import main
-from slm.config import resolve
-from slm.errors import UserError
 
 SIGMA = {"alpha": 1.0, "beta": 1.3}
 RATE, STEPS, DELTA, RECORDS = 0.1, 2, 1e-5, 40

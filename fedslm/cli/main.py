@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+from fedslm.cli import audit as audit_cmd
+from fedslm.common.errors import UserError
 from privacy.mechanism.ledger_file import LedgerError
-from simulation import audit_cmd
-from slm.errors import UserError
 from slm.quiet import quiet_libraries
 
 SIMULATION_FILE = "simulation.json"  # how a simulation was launched, for --resume
@@ -20,8 +20,8 @@ PARTIAL_EXIT = 3
 
 
 def cmd_simulate(args) -> int:
+    from fedslm.common.config import RUN_ID, RUN_ID_MAX, parse_assignment, resolve
     from simulation.scenarios import describe, get_scenario
-    from slm.config import RUN_ID, RUN_ID_MAX, parse_assignment, resolve
 
     if args.resume:
         quiet_libraries()
@@ -96,9 +96,9 @@ def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
 
 def _done_line(run_dir: Path, planned: int) -> tuple[str, int]:
     """The run's `done:` line from its files (the run itself ran in another process), and the rounds trained."""
+    from fedslm.common.jsonfiles import iter_json_lines
     from privacy.report.run_files import aggregated_update
     from server.console import closing_line
-    from slm.jsonfiles import iter_json_lines
 
     rows = list(iter_json_lines(run_dir / "metrics.jsonl"))
     events = list(iter_json_lines(run_dir / "events.jsonl")) if (run_dir / "events.jsonl").is_file() else []
@@ -111,7 +111,7 @@ def _done_line(run_dir: Path, planned: int) -> tuple[str, int]:
 
 def _resume(args) -> int:
     """Continue a run directory from its checkpoint, with the configuration it was started with."""
-    from slm.config import resolve
+    from fedslm.common.config import resolve
 
     run_dir = Path(args.resume).expanduser().resolve()
     try:
@@ -152,21 +152,21 @@ def cmd_budget(args) -> int:
 
 
 def cmd_flwr_run(args) -> int:
-    from simulation.flwr_run import run
+    from fedslm.cli.flwr_run import run
 
     return run(args.supernodes, args.run_config, keep_home=args.keep_home)
 
 
 def cmd_confirm_data(args) -> int:
     from client.confirm import confirm_data
-    from slm.config import parse_assignment
+    from fedslm.common.config import parse_assignment
 
     print(f"[fedslm] {confirm_data(Path(args.node_config), dict(parse_assignment(a) for a in args.set))}")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from simulation.compare import render, summarize
+    from fedslm.cli.compare import render, summarize
 
     summaries = [summarize(run) for run in args.runs]
     print(json.dumps(summaries, indent=1) if args.json else render(summaries))
@@ -182,8 +182,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from fedslm.common.config import resolve
     from server.ship import build_artifacts, parse_quants
-    from slm.config import resolve
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     try:
@@ -206,7 +206,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from simulation.data_cmd import show_data
+    from fedslm.cli.data import show_data
 
     print(show_data(args.file, args.set, clients=args.clients, scenario=args.scenario))
     return 0
@@ -226,7 +226,7 @@ def cmd_warm_start(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from slm.config import RANGES, SCHEMA
+    from fedslm.common.config import RANGES, SCHEMA
 
     for name, key in SCHEMA.items():
         choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
@@ -235,8 +235,20 @@ def cmd_keys(args) -> int:
     return 0
 
 
+# Who runs each command (`fedslm --help` lists them so; tests/fedslm/test_audiences.py keeps the groups and the commands
+# the same). Deploying a site or a SuperLink is deploy/'s: see deploy/README.md.
+AUDIENCES = {
+    "a site operator": ("budget", "confirm-data", "report", "chat"),
+    "a researcher or coordinator": ("simulate", "data", "warm-start", "flwr-run", "compare", "report", "audit",
+                                    "export", "keys"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedslm", description="Federated DP-LoRA fine-tuning of small LMs")
+    epilog = "\n".join(f"{who}: {', '.join(commands)}" for who, commands in AUDIENCES.items())
+    parser = argparse.ArgumentParser(prog="fedslm", description="Federated DP-LoRA fine-tuning of small LMs",
+                                     epilog=epilog + "\na site's deployment: python -m deploy.node_config --help "
+                                     "(deploy/README.md)", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a simulated federation on this machine")
     sim.add_argument("--scenario", default="hospital", help="tiny | hospital | phone (default: hospital)")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from simulation.data_cmd import show_data
-from slm.errors import UserError
+from fedslm.cli.data import show_data
+from fedslm.common.errors import UserError
 
 LABELS = ["Psoriasis", "Acne", "Asthma", "Flu", "Migraine", "Eczema"]
 

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 def add_parser(sub) -> None:
@@ -46,8 +46,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_audit(args) -> int:
-    from privacy.audit.run import AuditSpec
     from privacy.audit.doc import audit_sentences
+    from privacy.audit.run import AuditSpec
 
     config, out, run_dir = _config(args)
     try:
@@ -60,7 +60,7 @@ def cmd_audit(args) -> int:
     except ValueError as err:
         raise UserError(f"audit: {err}") from None
     doc = run(config, spec, base_records=args.base_records, log=lambda line: print(f"[fedslm] {line}", flush=True))
-    from slm.jsonfiles import write_json_atomic
+    from fedslm.common.jsonfiles import write_json_atomic
 
     write_json_atomic(out / "audit.json", doc)
     if args.json:
@@ -112,7 +112,7 @@ def _given(value, default):
 
 
 def _config(args) -> tuple[dict, Path, Path | None]:
-    from slm.config import parse_assignment, resolve
+    from fedslm.common.config import parse_assignment, resolve
 
     overrides = dict(parse_assignment(item) for item in args.set)
     if args.model:
@@ -123,7 +123,7 @@ def _config(args) -> tuple[dict, Path, Path | None]:
         path = run_dir / "config.json"
         if not path.is_file():
             raise UserError(f"audit --run {run_dir}: config.json is missing (not a fedslm run directory)")
-        from slm.jsonfiles import read_json
+        from fedslm.common.jsonfiles import read_json
 
         stored = read_json(path, "run config")
         config = resolve({**{k: v for k, v in stored.items() if k != "run.resume"}, **overrides})

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import simulation.engine
-from simulation import cli
+from fedslm.cli import main as cli
 
 ROW1_REFUSED = {"round": 1, "sampled": 2, "participants": [], "refused": [{"client": "a", "reason": "budget"}],
                 "failed": [], "rejected": [], "skipped": True}

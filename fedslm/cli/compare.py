@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 
 def summarize(run_dir: str) -> dict:

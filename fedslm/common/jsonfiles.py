@@ -12,8 +12,8 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from fedslm.common.errors import UserError
 from privacy.mechanism.ledger_file import replace_atomically
-from slm.errors import UserError
 
 UTF8_BOM = b"\xef\xbb\xbf"
 

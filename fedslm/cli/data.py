@@ -14,9 +14,9 @@ import statistics
 from collections import Counter
 from dataclasses import replace
 
+from fedslm.common.config import describe_fields, parse_assignment, resolve
 from simulation.preflight import check_data, fit_window
 from simulation.scenarios import describe_split, get_scenario
-from slm.config import describe_fields, parse_assignment, resolve
 from slm.tasks import IGNORE, Task, encode
 
 SHOWN_CLIENTS = 12  # a phone federation has 1,090: the first ones and a summary

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from simulation.cli import refuse_used
+from fedslm.cli.main import refuse_used
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "flwr", "ray", "peft", "opacus")
 # main() as the console script runs it, then which heavy modules it imported
-PROGRAM = ("import sys\nfrom simulation.cli import main\nrc = main(sys.argv[1:])\n"
+PROGRAM = ("import sys\nfrom fedslm.cli.main import main\nrc = main(sys.argv[1:])\n"
            f"print('heavy:', [m for m in {HEAVY!r} if m in sys.modules])\nsys.exit(rc)\n")
 
 

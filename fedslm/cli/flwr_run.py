@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from slm.errors import UserError
+from fedslm.common.errors import UserError
 
 APP_DIR = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,1 @@
+"""The ``fedslm`` command (main.py) and the commands that are not the simulation engine's."""
