@@ -101,7 +101,7 @@ def _round_config(name: str, profile: Profile) -> tuple[dict, dict]:
 
 
 def _schema() -> dict:
-    from fedslm.common.config import SCHEMA
+    from fedslm.common.vocabulary import SCHEMA
 
     return SCHEMA
 

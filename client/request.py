@@ -22,8 +22,9 @@ import re
 from dataclasses import dataclass
 
 from client.site import SitePolicy
-from fedslm.common.config import RANGES, SITE_OWNED, request_config
+from fedslm.common.config import request_config
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RANGES, SITE_OWNED
 from slm.tasks import check_template, parse_verbalizers
 
 AGGREGATIONS = ("fedavg", "ffa", "svd")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from client.data import DataSpec
 from client.units import PrivacyUnit
-from fedslm.common.config import DELTA, DEVICE, SITE_OWNED
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import DELTA, DEVICE, SITE_OWNED
 from slm.tasks import parse_verbalizers
 
 # node config key -> (type, default, meaning). Keys not listed here are refused (deploy/node_config.py at
@@ -279,7 +279,7 @@ class SitePolicy:
         """Site-owned settings the coordinator's run config tried to set (logged, never applied)."""
         if not self.deployment:
             return []
-        from fedslm.common.config import SCHEMA
+        from fedslm.common.vocabulary import SCHEMA
 
         mine = {"data.path": self.data_path, "dp.max-epsilon": self.max_epsilon, "dp.delta": self.delta,
                 "dp.enabled": True, "dp.noise-seed": -1, "dp.ledger-dir": str(self.ledger_dir),

@@ -17,20 +17,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fedslm.common.config import SCHEMA
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import toml_table
 
 SERVER_APP = "server.app:app"
 CLIENT_APP = "client.app:app"
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
 
 
 def write_app_dir(directory: Path, config: dict, client_app: str = CLIENT_APP) -> None:
@@ -38,7 +29,7 @@ def write_app_dir(directory: Path, config: dict, client_app: str = CLIENT_APP) -
              "[tool.flwr.app]", 'publisher = "fedslm"', "",
              "[tool.flwr.app.components]", f'serverapp = "{SERVER_APP}"', f'clientapp = "{client_app}"', "",
              "[tool.flwr.app.config]"]
-    lines += [f'"{key}" = {_toml_value(config[key])}' for key in SCHEMA]
+    lines += toml_table(config)
     (directory / "pyproject.toml").write_text("\n".join(lines) + "\n")
 
 

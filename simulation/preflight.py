@@ -3,7 +3,7 @@
 A bad file, field or batch size found inside a Ray worker surfaces as a remote traceback
 after the engine has spun up (and the run may still end "done"); checked here it is one
 clear line and exit 2. Key ranges were checked when the config was resolved
-(fedslm.common.config.RANGES); here come the checks that need the file, the number of clients and
+(fedslm.common.vocabulary.RANGES); here come the checks that need the file, the number of clients and
 the tokenizer. Also converts the default model once, in this process, before workers race
 to do it.
 """

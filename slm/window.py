@@ -25,7 +25,7 @@ from slm.tasks import Task, encode
 
 QUANTILE = 0.95  # the example the window must hold: longer ones (one in twenty) are cut, as encode says how
 STEP = 16  # windows are multiples of this (a shape the kernels like; a record more or less changes nothing)
-SMALLEST = 16  # config.RANGES' floor for model.max-length
+SMALLEST = 16  # fedslm.common.vocabulary.RANGES' floor for model.max-length
 UNCUT = 10**9  # a window no record reaches: the whole example
 
 

@@ -226,12 +226,21 @@ def cmd_warm_start(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from fedslm.common.config import RANGES, SCHEMA
+    from dataclasses import fields
 
-    for name, key in SCHEMA.items():
-        choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
-        bounds = f" ({RANGES[name]})" if name in RANGES else ""
-        print(f"{name} = {key.default!r}{choices}{bounds}  decided by the {key.owner}\n    {key.help}")
+    from fedslm.common.vocabulary import CONCEPTS, SCHEMA, defaults, flat_name, toml_table
+
+    if args.toml:
+        print("\n".join(["[tool.flwr.app.config]", *toml_table(defaults())]))
+        return 0
+    for concept in CONCEPTS:
+        print(f"# {concept.__doc__.strip()}")
+        for field in fields(concept):
+            name = flat_name(concept, field)
+            key = SCHEMA[name]
+            choices = f" [{'|'.join(key.choices)}]" if key.choices else ""
+            bounds = f" ({key.range})" if key.range else ""
+            print(f"{name} = {key.default!r}{choices}{bounds}  decided by the {key.owner}\n    {key.help}")
     return 0
 
 
@@ -318,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     warm.add_argument("--batch-size", type=int, default=8, help="expected batch (default 8)")
     warm.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     warm.set_defaults(func=cmd_warm_start)
-    keys = sub.add_parser("keys", help="list every config key with its default")
+    keys = sub.add_parser("keys", help="list every config key with its default, by concept")
+    keys.add_argument("--toml", action="store_true", help="the defaults as pyproject.toml's [tool.flwr.app.config]")
     keys.set_defaults(func=cmd_keys)
     return parser
 

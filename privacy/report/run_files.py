@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedslm.common.config import defaults
 from fedslm.common.errors import UserError
 from fedslm.common.jsonfiles import iter_json_lines, read_json
+from fedslm.common.vocabulary import defaults
 from privacy.mechanism.ledger import LEDGER_FILE, Ledger
 from privacy.mechanism.ledger_file import LedgerError
 

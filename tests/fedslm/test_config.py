@@ -3,15 +3,20 @@ from pathlib import Path
 
 import pytest
 
-from fedslm.common.config import RANGES, SCHEMA, defaults, parse_assignment, request_config, resolve
+from fedslm.common.config import parse_assignment, request_config, resolve
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RANGES, SCHEMA, Dp, Lora, RunConfig, defaults, toml_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_pyproject_defaults_mirror_the_schema():
-    """`flwr run .` reads pyproject; the simulator reads SCHEMA: they must never drift."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+def test_pyproject_defaults_are_the_generated_table():
+    """`flwr run .` reads pyproject; the simulator reads the vocabulary: pyproject holds `fedslm keys --toml`."""
+    text = (ROOT / "pyproject.toml").read_text()
+    table = ["[tool.flwr.app.config]", *toml_table(defaults())]
+    start = text.splitlines().index(table[0])
+    assert text.splitlines()[start:start + len(table) + 1] == [*table, ""], "run `fedslm keys --toml` into pyproject"
+    pyproject = tomllib.loads(text)
     assert pyproject["tool"]["flwr"]["app"]["config"] == defaults()
     components = pyproject["tool"]["flwr"]["app"]["components"]
     assert components == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
@@ -90,7 +95,7 @@ def test_every_key_has_an_owner_and_no_site_reads_a_server_key():
     import re
     from pathlib import Path
 
-    from fedslm.common.config import OWNERS, SCHEMA, SITE_OWNED
+    from fedslm.common.vocabulary import OWNERS, SCHEMA, SITE_OWNED
 
     assert all(key.owner in OWNERS for key in SCHEMA.values())
     assert {n for n, k in SCHEMA.items() if k.owner == "site"} == set(SITE_OWNED)
@@ -104,9 +109,23 @@ def test_every_key_has_an_owner_and_no_site_reads_a_server_key():
 def test_the_learning_rate_left_at_0_is_the_measured_best_for_dp_or_not_and_is_stored_resolved():
     """BENCHMARKS.md 17: 3e-2 under DP-SGD (1e-2 kept 25-30% of the demo's gain), 1e-2 without (3e-2 diverged).
     Resolved where the config is read, so config.json, a site's request and the report hold the number."""
-    from fedslm.common.config import DP_LR, PLAIN_LR, request_config
+    from fedslm.common.config import request_config
+    from fedslm.common.vocabulary import DP_LR, PLAIN_LR
 
     assert resolve()["train.lr"] == DP_LR == 3e-2
     assert resolve({"dp.enabled": False})["train.lr"] == PLAIN_LR == 1e-2
     assert resolve({"train.lr": 5e-3})["train.lr"] == 5e-3
     assert request_config({"dp.enabled": True})["train.lr"] == DP_LR  # what a site reads from a coordinator
+
+
+def test_the_typed_specs_are_the_flat_keys_and_back():
+    """Issue 26 item 1: each concept a frozen spec whose fields are its keys (type, default, range, owner)."""
+    config = resolve({"lora.target-modules": "q_proj", "dp.max-epsilon": 3, "data.path": "x.jsonl"})
+    specs = RunConfig.parse(config)
+    assert specs.lora == Lora(target_modules="q_proj") and specs.dp.max_epsilon == 3.0
+    assert specs.site_data.path == "x.jsonl" and specs.train.lr == 3e-2  # resolved, as config.json holds it
+    assert specs.flat() == config and list(specs.flat()) == list(SCHEMA)
+    with pytest.raises(Exception):
+        specs.dp.max_epsilon = 100  # frozen: a spec read is a fact, never a place to write
+    assert SCHEMA["dp.clip-norm"].owner == "coordinator" and SCHEMA["dp.max-epsilon"].owner == "site"
+    assert SCHEMA["dp.delta"].range is RANGES["dp.delta"] and Dp.__dataclass_fields__["delta"].default == 0.0
