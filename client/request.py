@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from client.site import SitePolicy
 from fedslm.common.config import request_config
 from fedslm.common.errors import UserError
-from fedslm.common.vocabulary import RANGES, SITE_OWNED
+from fedslm.common.vocabulary import AGGREGATIONS, RANGES, SITE_OWNED
 from slm.tasks import check_template, parse_verbalizers
 
-AGGREGATIONS = ("fedavg", "ffa", "svd")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")  # it is written to the site's log and ledger
 TASK_FIELDS = {"sft": ("data.prompt-field", "data.response-field"), "label": ("data.text-field", "data.label-field"),
                "next-word": ("data.text-field",)}

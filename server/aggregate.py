@@ -20,14 +20,7 @@ from __future__ import annotations
 
 import torch
 
-AGGREGATIONS = ("fedavg", "ffa", "svd")
-
-
-def resolve_aggregation(name: str, dp_enabled: bool) -> str:
-    """``auto`` means ffa under DP (exact, and noise stays linear) and fedavg otherwise."""
-    if name == "auto":
-        return "ffa" if dp_enabled else "fedavg"
-    return name
+from fedslm.common.vocabulary import AGGREGATIONS
 
 
 def _normalized(weights: list[float]) -> list[float]:

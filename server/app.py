@@ -13,7 +13,6 @@ from privacy.mechanism.ledger_file import LedgerError
 from privacy.report.build import write_report
 from privacy.report.text import starting_adapter
 from server import checkpoint
-from server.aggregate import resolve_aggregation
 from server.console import closing_line, say
 from server.initial_adapter import load_initial
 from server.rounds import Federation, initial_state
@@ -41,8 +40,7 @@ def main(grid: Grid, context: Context) -> None:
         state = checkpoint.load(rundir.path)
         rundir.keep_metrics_through(state.round)
     else:
-        config["server.aggregation"] = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
-        rundir.write_config(config)  # the facts the server decided (the aggregation used), not what was asked
+        rundir.write_config(config)  # resolved values (the aggregation used, the learning rate), not "auto" or 0
         # The initial adapter: every party derives the same one from the shared seed (lora.seed), and the run
         # starts from it, or from server.initial-adapter (checked against it: same tensors, under FFA the same A).
         model, _ = attach(config["model.name"], LoraSpec.from_config(config), config["model.dtype"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedslm.common.errors import UserError
-from server.aggregate import resolve_aggregation
 from server.secure_aggregation import check_config
 
 
@@ -22,7 +21,7 @@ class RoundSpec:
     @classmethod
     def from_config(cls, config: dict) -> "RoundSpec":
         """Also rejects combinations that cannot work, before any client is contacted."""
-        aggregation = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
+        aggregation = config["server.aggregation"]
         if config["user-dp.enabled"] and aggregation == "svd":
             raise UserError("user-dp.enabled needs server.aggregation fedavg or ffa: svd re-factorizes each "
                             "client's product, which a clipped, noised mean of updates does not provide")

@@ -32,7 +32,6 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
     from client.data import DataSpec, check_fields, load_local_data, resolve_verbalizers
     from client.records import read_table
     from fedslm.common.config import parse_assignment, resolve
-    from server.aggregate import resolve_aggregation
     from simulation.scenarios import get_scenario
     from slm.window import fit
 
@@ -59,7 +58,7 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
 
     config.update(fit(config, load_tokenizer(config["model.name"]), local.train[:400]).settings())
     task, lora = Task.from_config(config), LoraSpec.from_config(config)
-    aggregation = resolve_aggregation(config["server.aggregation"], config["dp.enabled"])
+    aggregation = config["server.aggregation"]
     model, tokenizer = attach(config["model.name"], lora, config["model.dtype"])
     seeded = {k: v.clone() for k, v in adapter_state(model).items()}  # the cached model is shared: restored below
     started = time.perf_counter()

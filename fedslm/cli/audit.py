@@ -16,6 +16,8 @@ from pathlib import Path
 
 from fedslm.common.errors import UserError
 
+AUDITED = {"dp.enabled": True}  # an audit trains as a DP site does, whatever the run asked (its "auto" = ffa)
+
 
 def add_parser(sub) -> None:
     audit = sub.add_parser("audit", help="empirical privacy audit: canaries, exposure, one-run epsilon lower bound")
@@ -79,7 +81,6 @@ def run(config: dict, spec, *, base_records: int = 0, log=print, train=None) -> 
     """The audit of ``config``'s client training (``train`` defaults to the client's own)."""
     from client.train import train_adapter
     from privacy.audit.run import run_audit
-    from server.aggregate import resolve_aggregation
     from slm.lora import LoraSpec, attach
     from slm.tasks import Task
 
@@ -90,7 +91,7 @@ def run(config: dict, spec, *, base_records: int = 0, log=print, train=None) -> 
     base = _base_records(config, base_records)
     lora = LoraSpec.from_config(config)
     model, tokenizer = attach(config["model.name"], lora, config["model.dtype"])
-    aggregation = resolve_aggregation(config["server.aggregation"], True)
+    aggregation = config["server.aggregation"]  # resolved as under DP: the audit's config has dp.enabled true
     describe = {"model": config["model.name"], "dtype": config["model.dtype"],
                 "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": ",".join(lora.target_modules),
                          "seed": lora.seed},
@@ -126,11 +127,11 @@ def _config(args) -> tuple[dict, Path, Path | None]:
         from fedslm.common.jsonfiles import read_json
 
         stored = read_json(path, "run config")
-        config = resolve({**{k: v for k, v in stored.items() if k != "run.resume"}, **overrides})
+        config = resolve({**{k: v for k, v in stored.items() if k != "run.resume"}, **overrides, **AUDITED})
     else:
         from simulation.scenarios import DEMO_DATA
 
-        config = resolve(overrides, base={"data.path": str(DEMO_DATA)})
+        config = resolve({**overrides, **AUDITED}, base={"data.path": str(DEMO_DATA)})
     if args.out:
         out = Path(args.out).expanduser().resolve()
     elif run_dir is not None:

@@ -69,8 +69,11 @@ def _typed(layers) -> dict:
     for name, key in SCHEMA.items():
         if key.choices and config[name] not in key.choices:
             raise UserError(f"config key '{name}': {config[name]!r} is not one of {', '.join(key.choices)}")
-    if config["train.lr"] == 0:  # resolved here, so config.json, the sites' requests and reports hold the number
+    # "Derive it" values are resolved here, so config.json, the sites' requests and reports hold what was used.
+    if config["train.lr"] == 0:
         config["train.lr"] = DP_LR if config["dp.enabled"] else PLAIN_LR
+    if config["server.aggregation"] == "auto":
+        config["server.aggregation"] = "ffa" if config["dp.enabled"] else "fedavg"
     return config
 
 

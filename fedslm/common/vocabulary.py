@@ -33,6 +33,7 @@ LABEL_LISTS = ("auto", "yes", "no")  # data.label-list: slm.tasks decides what e
 # 39-49% of the non-private loss gain and reached 62-83% accuracy where 1e-2 kept 25-30% and reached 32-37%;
 # without DP, 3e-2 diverged in the second round and 1e-2 is the measured best).
 DP_LR, PLAIN_LR = 3e-2, 1e-2
+AGGREGATIONS = ("fedavg", "ffa", "svd")  # server.aggregation once resolved (server.aggregate computes each)
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,8 @@ class Server:
         "the adapter round 1 starts from: a `fedslm warm-start` output (trained by the coordinator on a PUBLIC file) "
         "or a run's adapters/round-<k>; empty = the shared seed's (lora.seed)")
     aggregation: str = key("auto",
-        "auto = ffa with DP, else fedavg; svd = rank-r SVD of the mean product", choices=("auto", "fedavg", "ffa",
-        "svd"))
+        "auto = ffa with DP (exact, and the noise stays linear), else fedavg; svd = rank-r SVD of the mean product; "
+        "resolved once, when the config is read", choices=("auto", *AGGREGATIONS))
     wire_dtype: str = key("float16",
         "dtype of adapter tensors on the wire, both ways (float16 halves the bytes, rounding < 1e-3 relative; every "
         "party computes in fp32)", choices=("float16", "float32"), owner=COORDINATOR)

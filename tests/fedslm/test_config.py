@@ -129,3 +129,10 @@ def test_the_typed_specs_are_the_flat_keys_and_back():
         specs.dp.max_epsilon = 100  # frozen: a spec read is a fact, never a place to write
     assert SCHEMA["dp.clip-norm"].owner == "coordinator" and SCHEMA["dp.max-epsilon"].owner == "site"
     assert SCHEMA["dp.delta"].range is RANGES["dp.delta"] and Dp.__dataclass_fields__["delta"].default == 0.0
+
+
+def test_auto_aggregation_is_resolved_when_read_ffa_under_dp():
+    """config.json holds the aggregation used; the report never re-derives "auto" with today's rule."""
+    assert resolve()["server.aggregation"] == "ffa" and resolve({"dp.enabled": False})["server.aggregation"] == "fedavg"
+    assert resolve({"server.aggregation": "svd"})["server.aggregation"] == "svd"
+    assert resolve({"server.aggregation": "fedavg"})["server.aggregation"] == "fedavg"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from server.aggregate import aggregate, average_lora_factors, average_lora_products, lora_pairs, resolve_aggregation
+from server.aggregate import aggregate, average_lora_factors, average_lora_products, lora_pairs
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 
@@ -64,11 +64,6 @@ def test_svd_is_the_best_rank_r_approximation_of_the_mean():
     singular = torch.linalg.svdvals(mean)
     residual = (out[B].double() @ out[A].double() - mean).norm()
     torch.testing.assert_close(residual, singular[2:].norm(), rtol=1e-6, atol=1e-9)  # Eckart-Young
-
-
-def test_auto_is_ffa_under_dp():
-    assert resolve_aggregation("auto", True) == "ffa" and resolve_aggregation("auto", False) == "fedavg"
-    assert resolve_aggregation("svd", True) == "svd"
 
 
 def test_invalid_weights_and_unpaired_factors():
