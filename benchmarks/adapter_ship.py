@@ -29,6 +29,7 @@ def measure(run_dir: Path, server_round: int | None, quants: list[str], clients:
     from client.shipment import load_shipped
     from fedslm.common.config import resolve
     from fedslm.common.jsonfiles import read_json
+    from fedslm.common.vocabulary import RunConfig
     from server.ship import build_adapter, build_artifacts
     from slm.base import resolve_model_dir
     from slm.evaluate import evaluate
@@ -43,8 +44,9 @@ def measure(run_dir: Path, server_round: int | None, quants: list[str], clients:
     trained = next(r["eval_loss"] for r in rows if r["round"] == server_round)
     out = run_dir / "bench-adapter-ship"
     started = time.time()
-    bases = build_artifacts(run_dir, config, 0, quants, out=out / "base", stem="fedslm-base")
-    adapter = build_adapter(run_dir, config, server_round, out=out)
+    specs = RunConfig.parse(config)
+    bases = build_artifacts(run_dir, specs, 0, quants, out=out / "base", stem="fedslm-base")
+    adapter = build_adapter(run_dir, specs, server_round, out=out)
     export_s = time.time() - started
     records = held_out_records(config, clients, max_eval)
     task = Task.from_config(config)

@@ -40,7 +40,9 @@ def measure(run_dir: Path, server_round: int | None, quants: list[str], clients:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from fedslm.common.config import resolve
     from fedslm.common.jsonfiles import read_json
+    from fedslm.common.vocabulary import RunConfig
     from server.ship import build_artifacts
     from slm.evaluate import evaluate
     from slm.tasks import Task
@@ -51,7 +53,7 @@ def measure(run_dir: Path, server_round: int | None, quants: list[str], clients:
         server_round = rounds[-1]
     out = run_dir / "bench-quant"
     started = time.time()
-    artifacts = build_artifacts(run_dir, config, server_round, quants, out=out)
+    artifacts = build_artifacts(run_dir, RunConfig.parse(resolve(config)), server_round, quants, out=out)
     export_s = time.time() - started
     records = held_out_records(config, clients, max_eval)
     task = Task.from_config(config)

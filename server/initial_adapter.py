@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedslm.common.errors import UserError
 from fedslm.common.jsonfiles import read_json
+from fedslm.common.vocabulary import RunConfig, Task
 from slm.digest import sha256_of
 
 WARM_START_FILE = "warm_start.json"  # written by `fedslm warm-start` next to the adapter
@@ -34,7 +35,7 @@ def check_directory(directory: str) -> Path:
     return weights
 
 
-def load_initial(directory: str, seeded: dict, aggregation: str, config: dict) -> tuple[dict, dict]:
+def load_initial(directory: str, seeded: dict, specs: RunConfig) -> tuple[dict, dict]:
     """(the starting adapter, what initial_adapter.json records); ``seeded``: the shared seed's adapter."""
     import torch
     from safetensors import SafetensorError
@@ -60,8 +61,8 @@ def load_initial(directory: str, seeded: dict, aggregation: str, config: dict) -
         if not torch.isfinite(state[name]).all():
             raise UserError(f"{KEY}: {name} in {weights.parent} holds NaN or infinite values")
     state = {name: state[name].to(seeded[name].dtype) for name in seeded}
-    if aggregation == "ffa" and a_factor_digest(state) != a_factor_digest(seeded):
-        raise UserError(f"{KEY}: its A factors are not the shared seed's (lora.seed {config['lora.seed']}): under "
+    if specs.server.aggregation == "ffa" and a_factor_digest(state) != a_factor_digest(seeded):
+        raise UserError(f"{KEY}: its A factors are not the shared seed's (lora.seed {specs.lora.seed}): under "
                         "FFA-LoRA every site freezes the seed's A, so only B may be trained before the run "
                         "(`fedslm warm-start` with the run's settings does that)")
     warm = read_json(weights.parent / WARM_START_FILE, "warm start") if (weights.parent / WARM_START_FILE).exists() \
@@ -71,17 +72,15 @@ def load_initial(directory: str, seeded: dict, aggregation: str, config: dict) -
         if warm.get("adapter_sha256") != digest:
             raise UserError(f"{KEY}: {weights.parent / WARM_START_FILE} describes another adapter (sha256 "
                             f"{str(warm.get('adapter_sha256'))[:16]}, the file's is {digest[:16]})")
-        _same_task(warm, config, weights.parent)
+        _same_task(warm, specs.task, weights.parent)
     record = {"directory": str(weights.parent), "adapter_sha256": digest, "warm_start": warm}
     return state, record
 
 
-def _same_task(warm: dict, config: dict, where: Path) -> None:
+def _same_task(warm: dict, task: Task, where: Path) -> None:
     """A warm start for another task scores other candidates (or none): refused, naming what differs."""
-    if warm.get("task") != config["data.task"]:
-        raise UserError(f"{KEY}: {where} was warm-started for a {warm.get('task')} task; this run is "
-                        f"{config['data.task']}")
-    if config["data.task"] == "label" and config["data.verbalizers"] and \
-            warm.get("verbalizers") != config["data.verbalizers"]:
+    if warm.get("task") != task.task:
+        raise UserError(f"{KEY}: {where} was warm-started for a {warm.get('task')} task; this run is {task.task}")
+    if task.task == "label" and task.verbalizers and warm.get("verbalizers") != task.verbalizers:
         raise UserError(f"{KEY}: {where} was warm-started with verbalizers {warm.get('verbalizers')!r}; this run "
-                        f"scores {config['data.verbalizers']!r} (give the same data.verbalizers to both)")
+                        f"scores {task.verbalizers!r} (give the same data.verbalizers to both)")

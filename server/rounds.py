@@ -34,6 +34,7 @@ from dataclasses import replace
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedslm.common.vocabulary import RunConfig
 from privacy.report.run_files import aggregated_update
 from server import checkpoint
 from server.aggregate import aggregate
@@ -54,12 +55,12 @@ from slm.lora import LoraSpec, a_factor_digest, save_adapter, sent_tensors, thro
 
 
 class Federation:
-    """One run: the Grid, the config, the run directory and the evolving server state."""
+    """One run: the Grid, the run's typed specs, the run directory and the evolving server state."""
 
-    def __init__(self, grid, config: dict, rundir: RunDir, state: ServerState, base_model_path: str):
-        self.grid, self.config, self.rundir, self.state = grid, config, rundir, state
-        self.spec = RoundSpec.from_config(config)
-        self.lora = LoraSpec.from_config(config)
+    def __init__(self, grid, specs: RunConfig, rundir: RunDir, state: ServerState, base_model_path: str):
+        self.grid, self.specs, self.rundir, self.state = grid, specs, rundir, state
+        self.spec = RoundSpec.of(specs)
+        self.lora = LoraSpec.of(specs.lora)
         self.base_model_path = base_model_path
         self.view = PrivacyView.from_dict(state.privacy_view)
         self.committed_view = copy.deepcopy(state.privacy_view)  # the view as of the last completed round
@@ -68,12 +69,12 @@ class Federation:
         self.base_cfg = {"num-rounds": self.spec.rounds, "run-id": rundir.path.name, "run-dir": str(rundir.path),
                          "aggregation": self.spec.aggregation,
                          "lora-a-sha256": a_factor_digest(state.adapter)}
-        self.shipping = ShippingStep(grid, config, rundir, self.base_cfg, self.spec.timeout, self.evaluate)
+        self.shipping = ShippingStep(grid, specs, rundir, self.base_cfg, self.spec.timeout, self.evaluate)
 
     # ---- messaging -----------------------------------------------------------------
     def _send(self, node_ids, message_type: str, server_round: int) -> list[Message]:
         sent = sent_tensors(self.state.adapter, self.spec.aggregation)
-        content = RecordDict({"arrays": to_arrays(sent, self.config["server.wire-dtype"]),
+        content = RecordDict({"arrays": to_arrays(sent, self.specs.server.wire_dtype),
                               "config": ConfigRecord({**self.base_cfg, "server-round": server_round})})
         messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in node_ids]
         return send_and_receive(self.grid, messages, timeout=self.spec.timeout, what=f"round {server_round} "
@@ -106,7 +107,7 @@ class Federation:
         rejections by reason only. Duplicate site names are the exception: that rejection
         depends on configuration only, never on a site's data, and the operator must see it.
         """
-        wire, private = self.config["server.wire-dtype"], self.user_level is not None
+        wire, private = self.specs.server.wire_dtype, self.user_level is not None
         sent = through_wire(sent_tensors(self.state.adapter, self.spec.aggregation), wire)  # what clients get
         outcome = RoundOutcome(sampled=len(sampled))
         if self.spec.secure:
@@ -153,7 +154,7 @@ class Federation:
                         outcome: RoundOutcome) -> RoundOutcome:
         """One round through Flower's SecAgg+: the server learns the sum, the participation, the clear
         metrics and privacy records, never one site's B (its checks moved to the sites)."""
-        request = RecordDict({"arrays": to_arrays(sent, self.config["server.wire-dtype"]),
+        request = RecordDict({"arrays": to_arrays(sent, self.specs.server.wire_dtype),
                               "config": ConfigRecord({**self.base_cfg, "server-round": server_round})})
         cap = max_weight([int(r["records"]) for entries in self.view.clients.values() for r in entries
                           if r.get("records")])
@@ -195,13 +196,13 @@ class Federation:
             say(f"only {len(nodes)} clients connected, fewer than min-clients {self.spec.min_clients}; stopping")
             return {"stopped": "too few clients", "rounds_completed": self.state.round,
                     "rounds_trained": self._rounds_trained()}
-        user_dp = UserDpSpec.from_config(self.config, len(nodes))
+        user_dp = UserDpSpec.of(self.specs, len(nodes))
         if user_dp is not None:
-            self.user_level = UserLevelStep(user_dp, self.config["server.noise-seed"], self.state.user_dp_events,
+            self.user_level = UserLevelStep(user_dp, self.specs.server.noise_seed, self.state.user_dp_events,
                                             self.view.user_level)
         say(f"run directory {self.rundir.path}  ({len(nodes)} clients, {self.spec.rounds} rounds, "
             f"aggregation {self.spec.aggregation}{', user-level DP' if user_dp else ''})")
-        nodes = evaluation_sample(nodes, self.config["server.fraction-evaluate"], self.config["server.seed"])
+        nodes = evaluation_sample(nodes, self.specs.server.fraction_evaluate, self.specs.server.seed)
         started = time.time()
         if resumed:
             say(f"resuming after round {self.state.round}")
@@ -283,9 +284,9 @@ class Federation:
                     "fresh cohort and fresh noise")
 
 
-def initial_state(adapter: dict, config: dict) -> ServerState:
-    """Round 0. ``sampling`` serves the seeded selection without user-level DP only."""
-    return ServerState(round=0, adapter=adapter, sampling=random.Random(config["server.seed"]))
+def initial_state(adapter: dict, seed: int) -> ServerState:
+    """Round 0. ``sampling`` (server.seed) serves the seeded selection without user-level DP only."""
+    return ServerState(round=0, adapter=adapter, sampling=random.Random(seed))
 
 
 def _train_name(reply) -> str | None:

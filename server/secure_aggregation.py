@@ -63,6 +63,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
 
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 
 CLIPPING_RANGE = 8.0  # Flower's default; sites withhold any |B| above it (client.secure_aggregation)
 MODULUS = 2**32  # Flower's default and its documented maximum
@@ -70,14 +71,15 @@ FIRST_MAX_WEIGHT = 2**16  # W before any record count was reported
 RECONSTRUCTION = 0.75  # share of the cohort needed to unmask: > 1/2, tolerates a quarter dropping out
 
 
-def check_config(config: dict, aggregation: str) -> None:
+def check_config(specs: RunConfig) -> None:
     """Secure aggregation sums B factors: only FFA-LoRA's exact linear mean is such a sum."""
-    if not config["server.secure-aggregation"]:
+    if not specs.server.secure_aggregation:
         return
+    aggregation = specs.server.aggregation
     if aggregation != "ffa":
         raise UserError(f"server.secure-aggregation needs server.aggregation ffa (got {aggregation}): fedavg and svd "
                         "need each site's A and B factors, which a masked sum does not give")
-    if config["user-dp.enabled"]:
+    if specs.user_dp.enabled:
         raise UserError("server.secure-aggregation does not work with user-dp.enabled yet: user-level DP clips each "
                         "site's update on the server, which then never sees one")
 

@@ -33,6 +33,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedslm.common.errors import UserError
 from fedslm.common.jsonfiles import write_json_atomic
+from fedslm.common.vocabulary import RunConfig
 from privacy.report.shipped import worse_than_base
 from slm.base import resolve_model_dir, smollm2_gguf_path
 from slm.digest import sha256_of
@@ -108,28 +109,28 @@ def privacy_summary(run_dir: Path) -> dict:
     return summary
 
 
-def _common(run_dir: Path, config: dict, server_round: int, eval_metrics: dict | None) -> dict:
-    return {"base_model": config["model.name"], "base_path": str(resolve_model_dir(config["model.name"])),
+def _common(run_dir: Path, specs: RunConfig, server_round: int, eval_metrics: dict | None) -> dict:
+    return {"base_model": specs.model.name, "base_path": str(resolve_model_dir(specs.model.name)),
             "run_id": run_dir.name, "round": server_round, "eval": eval_metrics or {},
             "privacy": privacy_summary(run_dir)}
 
 
-def build_artifacts(run_dir: Path, config: dict, server_round: int, quants: list[str],
+def build_artifacts(run_dir: Path, specs: RunConfig, server_round: int, quants: list[str],
                     eval_metrics: dict | None = None, out: Path | None = None,
                     stem: str = "fedslm") -> list[Artifact]:
     """Merge round ``server_round``'s adapter and export it (into ``out``, default RUN_DIR/model)."""
     adapter = run_dir / "adapters" / f"round-{server_round}"
     if not (adapter / "adapter_model.safetensors").is_file():
         raise UserError(f"run directory {run_dir}: {adapter} has no adapter to export")
-    if config["model.name"] != "smollm2" and quants:
+    if specs.model.name != "smollm2" and quants:
         raise UserError("GGUF export needs the base's GGUF as a template: only the default smollm2 base "
                         "(export the merged HF directory with --quant '' for other bases)")
     out = out or run_dir / "model"
     started = time.time()
-    merged, tokenizer = merge_adapter(config["model.name"], adapter, out / "merged")
+    merged, tokenizer = merge_adapter(specs.model.name, adapter, out / "merged")
     # 4-bit rounding weighted by activation statistics of public calibration text (slm.imatrix)
     importance = importance_matrix(merged, tokenizer, calibration_texts(tokenizer)) if "q4_0" in quants else None
-    common = _common(run_dir, config, server_round, eval_metrics)
+    common = _common(run_dir, specs, server_round, eval_metrics)
     merged_bytes = sum(p.stat().st_size for p in (out / "merged").iterdir())
     write_json_atomic(out / "merged" / "manifest.json", {**common, "format": "hf-safetensors", "quantization": "f32",
                                                          "bytes": merged_bytes})
@@ -152,7 +153,7 @@ def build_artifacts(run_dir: Path, config: dict, server_round: int, quants: list
     return artifacts
 
 
-def device_bases(run_dir: Path, config: dict, quants: list[str]) -> list[Artifact]:
+def device_bases(run_dir: Path, specs: RunConfig, quants: list[str]) -> list[Artifact]:
     """The untrained base in each quantization, as devices hold it: exported once per run.
 
     Round 0's adapter has B = 0, so its merge is the base itself, through the very code
@@ -161,7 +162,7 @@ def device_bases(run_dir: Path, config: dict, quants: list[str]) -> list[Artifac
     out = run_dir / "model" / "base"
     paths = [out / f"fedslm-base-{quant}.gguf" for quant in quants]
     if not all(p.with_suffix(".manifest.json").is_file() for p in paths):
-        build_artifacts(run_dir, config, 0, quants, out=out, stem="fedslm-base")
+        build_artifacts(run_dir, specs, 0, quants, out=out, stem="fedslm-base")
     artifacts = []
     for quant, path in zip(quants, paths):
         manifest = json.loads(path.with_suffix(".manifest.json").read_text())
@@ -169,7 +170,7 @@ def device_bases(run_dir: Path, config: dict, quants: list[str]) -> list[Artifac
     return artifacts
 
 
-def build_adapter(run_dir: Path, config: dict, server_round: int, eval_metrics: dict | None = None,
+def build_adapter(run_dir: Path, specs: RunConfig, server_round: int, eval_metrics: dict | None = None,
                   out: Path | None = None) -> Artifact:
     """Round ``server_round``'s global adapter as a llama.cpp LoRA GGUF, with its manifest."""
     from safetensors.torch import load_file
@@ -182,16 +183,16 @@ def build_adapter(run_dir: Path, config: dict, server_round: int, eval_metrics: 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "fedslm-adapter.gguf"
     tmp = path.with_suffix(".gguf.tmp")
-    base_config = AutoConfig.from_pretrained(resolve_model_dir(config["model.name"]), local_files_only=True)
-    write_lora_gguf(load_file(str(adapter)), alpha=config["lora.alpha"], config=base_config, out=tmp,
+    base_config = AutoConfig.from_pretrained(resolve_model_dir(specs.model.name), local_files_only=True)
+    write_lora_gguf(load_file(str(adapter)), alpha=specs.lora.alpha, config=base_config, out=tmp,
                     name=f"fedslm {run_dir.name} round {server_round} adapter")
     tmp.replace(path)
     artifact = Artifact(path=path, quant="adapter", sha256=sha256_of(path), bytes=path.stat().st_size)
     write_json_atomic(path.with_suffix(".manifest.json"), {
-        **_common(run_dir, config, server_round, eval_metrics), "format": "gguf-lora", "file": path.name,
+        **_common(run_dir, specs, server_round, eval_metrics), "format": "gguf-lora", "file": path.name,
         "quantization": ADAPTER_DTYPE, "sha256": artifact.sha256, "bytes": artifact.bytes,
-        "lora": {"r": config["lora.r"], "alpha": config["lora.alpha"], "target_modules": config["lora.target-modules"]},
-        "applies_to": [f"fedslm-base-{q}.gguf" for q in parse_quants(config["ship.quantizations"])]})
+        "lora": {"r": specs.lora.r, "alpha": specs.lora.alpha, "target_modules": specs.lora.target_modules},
+        "applies_to": [f"fedslm-base-{q}.gguf" for q in parse_quants(specs.ship.quantizations)]})
     return artifact
 
 
@@ -202,18 +203,18 @@ def installed_bases(run_dir: Path) -> set[str]:
     return {label for row in rows for label in row.get("shipped", {}) if label.startswith("base ")}
 
 
-def plan_shipments(run_dir: Path, config: dict, server_round: int, eval_metrics: dict | None = None
+def plan_shipments(run_dir: Path, specs: RunConfig, server_round: int, eval_metrics: dict | None = None
                    ) -> list[Shipment]:
     """Export this round's files as ``ship.kind`` asks; the device bases go first, once per run."""
-    kind, quants = parse_kind(config["ship.kind"]), parse_quants(config["ship.quantizations"])
+    kind, quants = parse_kind(specs.ship.kind), parse_quants(specs.ship.quantizations)
     shipments = []
     if kind in ("merged", "both"):
         shipments += [Shipment(a.quant, a, "merged")
-                      for a in build_artifacts(run_dir, config, server_round, quants, eval_metrics)]
+                      for a in build_artifacts(run_dir, specs, server_round, quants, eval_metrics)]
     if kind in ("adapter", "both"):
         installed = installed_bases(run_dir)
-        bases = device_bases(run_dir, config, quants)
-        adapter = build_adapter(run_dir, config, server_round, eval_metrics)
+        bases = device_bases(run_dir, specs, quants)
+        adapter = build_adapter(run_dir, specs, server_round, eval_metrics)
         shipments += [Shipment(f"base {b.quant}", b, "base") for b in bases if f"base {b.quant}" not in installed]
         shipments += [Shipment(f"adapter+{b.quant}", adapter, "adapter", base=b) for b in bases]
     return shipments

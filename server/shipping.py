@@ -8,6 +8,7 @@ into metrics.jsonl as a ``shipped`` row. Nothing is shipped when ship.quantizati
 
 from __future__ import annotations
 
+from fedslm.common.vocabulary import RunConfig
 from server.console import say
 from server.exchange import send_and_receive
 from server.rundir import RunDir
@@ -15,22 +16,22 @@ from server.ship import parse_quants, plan_shipments, round0_eval_loss, ship_mes
 
 
 class ShippingStep:
-    def __init__(self, grid, config: dict, rundir: RunDir, base_cfg: dict, timeout: float, evaluate):
+    def __init__(self, grid, specs: RunConfig, rundir: RunDir, base_cfg: dict, timeout: float, evaluate):
         """``evaluate(server_round, nodes, replies, label)``: the round loop's summary of evaluation replies."""
-        self.grid, self.config, self.rundir, self.base_cfg = grid, config, rundir, base_cfg
+        self.grid, self.specs, self.rundir, self.base_cfg = grid, specs, rundir, base_cfg
         self.timeout, self.evaluate = timeout, evaluate
         self.last_trained, self.last_eval = 0, {}
 
     @property
     def enabled(self) -> bool:
-        return bool(parse_quants(self.config["ship.quantizations"]))
+        return bool(parse_quants(self.specs.ship.quantizations))
 
     def after_round(self, server_round: int, nodes, row: dict, trained: bool, rounds: int) -> None:
         """A trained round is remembered (the run ships the last one) and shipped every ship.every rounds."""
         if not trained:
             return
         self.last_trained, self.last_eval = server_round, row
-        every = self.config["ship.every"]
+        every = self.specs.ship.every
         if every and server_round % every == 0 and server_round < rounds:
             self.ship(server_round, nodes, row)
 
@@ -42,7 +43,7 @@ class ShippingStep:
         """Export this round's files, ship each to every client, record their evaluations."""
         if not self.enabled:
             return
-        shipments = plan_shipments(self.rundir.path, self.config, server_round,
+        shipments = plan_shipments(self.rundir.path, self.specs, server_round,
                                    eval_metrics={"eval_loss": fp32.get("eval_loss")})
         results = {"fp32": {k: fp32[k] for k in ("eval_loss", "eval_clients", "accuracy") if k in fp32}}
         untrained = round0_eval_loss(self.rundir.path)

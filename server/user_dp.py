@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedslm.common.vocabulary import RunConfig
 from privacy.mechanism.accountant import SgmEvent, epsilon
 from privacy.mechanism.randomness import DpRandom, round_key
 
@@ -51,12 +52,13 @@ class UserDpSpec:
     delta: float
 
     @classmethod
-    def from_config(cls, config: dict, num_clients: int) -> "UserDpSpec | None":
-        if not config["user-dp.enabled"]:
+    def of(cls, specs: RunConfig, num_clients: int) -> "UserDpSpec | None":
+        user = specs.user_dp
+        if not user.enabled:
             return None
-        delta = config["user-dp.delta"] or min(1e-5, 0.1 / max(num_clients, 1))
-        spec = cls(clip_norm=config["user-dp.clip-norm"], noise_multiplier=config["user-dp.noise-multiplier"],
-                   sample_rate=config["server.fraction-train"], delta=delta)
+        delta = user.delta or min(1e-5, 0.1 / max(num_clients, 1))
+        spec = cls(clip_norm=user.clip_norm, noise_multiplier=user.noise_multiplier,
+                   sample_rate=specs.server.fraction_train, delta=delta)
         if spec.clip_norm <= 0 or spec.noise_multiplier < 0 or not 0 < spec.sample_rate <= 1:
             from fedslm.common.errors import UserError
 

@@ -16,6 +16,7 @@ from client.data import DataSpec, LocalData, check_fields, held_out_table, load_
 from client.records import read_table
 from client.units import group_by_unit, sample_rate
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from slm.tasks import Task, encode
 from slm.window import Fit, fit
 
@@ -39,8 +40,9 @@ def preflight(config: dict, num_clients: int) -> list[str]:
     from slm.base import resolve_model_dir
     from slm.lora import LoraSpec
 
-    LoraSpec.from_config(config)
-    RoundSpec.from_config(config)
+    specs = RunConfig.parse(config)
+    LoraSpec.of(specs.lora)
+    RoundSpec.of(specs)
     if config["dp.privacy-unit-field"] and config["dp.enabled"] and config["train.grad-sample-mode"] == "ghost":
         raise UserError("config key 'train.grad-sample-mode' = ghost cannot train with dp.privacy-unit-field: a "
                         "unit's gradient is the mean of its records' gradients, which ghost clipping never forms; "

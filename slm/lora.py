@@ -26,6 +26,7 @@ from peft import (
 
 from fedslm.common.errors import UserError
 from fedslm.common.jsonfiles import write_json_atomic
+from fedslm.common.vocabulary import Lora, concept
 from slm.base import hub_id, load_base
 
 
@@ -39,22 +40,22 @@ class LoraSpec:
     layers: int = 0  # adapters in the top N decoder layers only; 0 = every layer
 
     @classmethod
-    def from_config(cls, config: dict) -> "LoraSpec":
-        targets = tuple(t.strip() for t in config["lora.target-modules"].split(",") if t.strip())
-        if config["lora.r"] < 1:
+    def of(cls, keys: Lora) -> "LoraSpec":
+        """The run config's LoRA keys, with the module list split (at a site: the coordinator's request)."""
+        targets = tuple(t.strip() for t in keys.target_modules.split(",") if t.strip())
+        if keys.r < 1:
             raise UserError("config key 'lora.r': must be at least 1")
         if not targets:
             raise UserError("config key 'lora.target-modules': no module names given")
-        if not 0.0 <= config["lora.dropout"] < 1.0:
+        if not 0.0 <= keys.dropout < 1.0:
             raise UserError("config key 'lora.dropout': must be in [0, 1)")
-        return cls(
-            r=config["lora.r"],
-            alpha=config["lora.alpha"],
-            dropout=config["lora.dropout"],
-            target_modules=targets,
-            seed=config["lora.seed"],
-            layers=config["lora.layers"],
-        )
+        return cls(r=keys.r, alpha=keys.alpha, dropout=keys.dropout, target_modules=targets, seed=keys.seed,
+                   layers=keys.layers)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LoraSpec":
+        """From a flat config, for the rooms that do not pass typed specs yet."""
+        return cls.of(concept(Lora, config))
 
     def peft_config(self, num_layers: int):
         """PEFT's config; with ``layers`` the adapters sit in the top ``layers`` of ``num_layers`` only."""

@@ -183,16 +183,17 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from fedslm.common.config import resolve
+    from fedslm.common.vocabulary import RunConfig
     from server.ship import build_artifacts, parse_quants
 
     run_dir = Path(args.run_dir).expanduser().resolve()
     try:
-        config = resolve(json.loads((run_dir / "config.json").read_text()))
+        specs = RunConfig.parse(resolve(json.loads((run_dir / "config.json").read_text())))
     except FileNotFoundError:
         raise UserError(f"run directory {run_dir}: config.json is missing") from None
     rounds = sorted(int(p.name.split("-")[1]) for p in (run_dir / "adapters").glob("round-*"))
     server_round = args.round if args.round is not None else (rounds[-1] if rounds else 0)
-    build_artifacts(run_dir, config, server_round, parse_quants(args.quant))
+    build_artifacts(run_dir, specs, server_round, parse_quants(args.quant))
     print(f"[fedslm] wrote {run_dir / 'model'}")
     return 0
 

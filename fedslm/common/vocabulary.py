@@ -339,6 +339,11 @@ def flat_name(concept, field: dataclasses.Field) -> str:
     return f"{concept.PREFIX}.{field.name.replace('_', '-')}"
 
 
+def concept(kind, flat: Mapping[str, object]):
+    """One concept's spec (``kind``, e.g. ``Lora``) from a resolved flat config."""
+    return kind(**{f.name: flat[flat_name(kind, f)] for f in dataclasses.fields(kind)})
+
+
 def _keys() -> dict[str, Key]:
     keys = {}
     for concept in CONCEPTS:
@@ -392,9 +397,11 @@ class RunConfig:
     @classmethod
     def parse(cls, flat: Mapping[str, object]) -> RunConfig:
         """``flat`` as resolved by fedslm.common.config (every key present, typed, checked)."""
-        specs = [concept(**{f.name: flat[flat_name(concept, f)] for f in dataclasses.fields(concept)})
-                 for concept in CONCEPTS]
-        return cls(*specs)
+        return cls(*(concept(kind, flat) for kind in CONCEPTS))
+
+    def changed(self, concept: str, **values) -> RunConfig:
+        """A copy with ``values`` changed in one concept: ``specs.changed("run", id="x")``."""
+        return dataclasses.replace(self, **{concept: dataclasses.replace(getattr(self, concept), **values)})
 
     def flat(self) -> dict[str, object]:
         return {flat_name(type(spec), f): getattr(spec, f.name)

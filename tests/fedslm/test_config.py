@@ -136,3 +136,15 @@ def test_auto_aggregation_is_resolved_when_read_ffa_under_dp():
     assert resolve()["server.aggregation"] == "ffa" and resolve({"dp.enabled": False})["server.aggregation"] == "fedavg"
     assert resolve({"server.aggregation": "svd"})["server.aggregation"] == "svd"
     assert resolve({"server.aggregation": "fedavg"})["server.aggregation"] == "fedavg"
+
+
+def test_the_rooms_on_typed_specs_read_no_raw_keys():
+    """Issue 26 item 1: where a room takes RunConfig, a config["..."] read would be a second way in.
+
+    server/ parses once (server/app.py) and passes the specs down."""
+    import re
+
+    typed = sorted((ROOT / "server").glob("*.py"))
+    raw = [f"{path.relative_to(ROOT)}: {match}" for path in typed
+           for match in re.findall(r'config\[["\'][a-z-]+\.[a-z-]+["\']\]', path.read_text())]
+    assert typed and raw == []

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, model_cache):
     from fedslm.common.config import resolve
+    from fedslm.common.vocabulary import RunConfig
     from server.ship import build_artifacts
     from simulation.scenarios import DEMO_DATA
     from slm.base import resolve_model_dir
@@ -23,7 +24,7 @@ def exported(tmp_path_factory, model_cache):
     state = {k: (v if ".lora_A." in k else torch.randn_like(v) * 0.02) for k, v in adapter_state(model).items()}
     save_adapter(state, LoraSpec.from_config(config), str(resolve_model_dir("smollm2")), run / "adapters" / "round-1")
     (run / "config.json").write_text(json.dumps(config))
-    artifacts = build_artifacts(run, config, 1, ["q8_0", "f16"], eval_metrics={"eval_loss": 2.0})
+    artifacts = build_artifacts(run, RunConfig.parse(config), 1, ["q8_0", "f16"], eval_metrics={"eval_loss": 2.0})
     return run, config, {a.quant: a for a in artifacts}
 
 

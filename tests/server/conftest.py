@@ -7,6 +7,7 @@ import pytest
 from fake_grid import FakeMessage, initial_adapter
 
 from fedslm.common.config import resolve
+from fedslm.common.vocabulary import RunConfig
 from server import rounds
 from server.rundir import RunDir
 
@@ -30,7 +31,7 @@ def make_federation(tmp_path, released):
         config = resolve({"model.name": "tiny", "server.min-clients": 1, "server.rounds": 3, "server.timeout": 5.0,
                           "run.root": str(tmp_path), "run.id": "run", **overrides})
         rundir = RunDir.create(config["run.root"], config["run.id"])
-        state = state or rounds.initial_state(initial_adapter(), config)
-        return rounds.Federation(grid, config, rundir, state, "base")
+        state = state or rounds.initial_state(initial_adapter(), config["server.seed"])
+        return rounds.Federation(grid, RunConfig.parse(config), rundir, state, "base")
 
     return make

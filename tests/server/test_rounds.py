@@ -36,7 +36,7 @@ def test_user_level_cohorts_come_from_os_entropy_not_from_server_seed(make_feder
     before = [fed.state.sampling.getstate() for fed in feds]
     cohorts = []
     for fed in feds:
-        fed.user_level = UserLevelStep(UserDpSpec.from_config(fed.config, 256), -1, [], [])
+        fed.user_level = UserLevelStep(UserDpSpec.of(fed.specs, 256), -1, [], [])
         cohorts.append(fed.sample(list(range(256))))
     # same server.seed, same state: a seeded draw would give the same cohort (chance of a tie: 2^-256)
     assert cohorts[0] != cohorts[1] and 64 < len(cohorts[0]) < 192

@@ -12,6 +12,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.secure_aggregation import OUT_OF_BOUNDS, masked_train
 from fedslm.common.config import resolve
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from server.aggregate import aggregate
 from server.intake import check_secure_training
 from server.round_spec import RoundSpec
@@ -149,8 +150,8 @@ def test_the_quantized_sum_cannot_wrap():
 def test_secure_aggregation_needs_ffa_without_user_level_dp(overrides):
     config = resolve({"server.secure-aggregation": True, **overrides})  # auto without DP resolves to fedavg
     with pytest.raises(UserError, match="server.secure-aggregation"):
-        RoundSpec.from_config(config)
-    assert RoundSpec.from_config(resolve({"server.secure-aggregation": True})).secure
+        RoundSpec.of(RunConfig.parse(config))
+    assert RoundSpec.of(RunConfig.parse(resolve({"server.secure-aggregation": True}))).secure
 
 
 def test_sites_that_bound_the_protocol_take_part_in_an_honest_round():

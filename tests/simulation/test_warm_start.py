@@ -8,6 +8,7 @@ import torch
 
 from fedslm.common.config import resolve
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from server.initial_adapter import load_initial
 from simulation.warm_start import warm_start
 from slm.lora import LoraSpec, a_factor_digest, adapter_state, attach
@@ -44,7 +45,7 @@ def test_a_warm_start_trains_b_only_under_ffa_and_records_its_public_file(warm):
     out, record = warm
     config = run_config()
     seeded = seeded_adapter(config)
-    state, start = load_initial(str(out), seeded, "ffa", config)
+    state, start = load_initial(str(out), seeded, RunConfig.parse(config))
     assert a_factor_digest(state) == a_factor_digest(seeded)  # the sites' frozen A
     assert any(state[k].abs().sum() > 0 for k in state if ".lora_B." in k)  # B starts at 0 and was trained
     assert record["trained"] == "B factors only (FFA-LoRA)" and record["steps"] == 12 and record["task"] == "sft"
@@ -61,17 +62,18 @@ def test_the_server_refuses_a_starting_adapter_that_does_not_fit_the_run(warm, t
     config = run_config()
     seeded = seeded_adapter(config)
     with pytest.raises(UserError, match="holds no adapter_model.safetensors"):
-        load_initial(str(tmp_path), seeded, "ffa", config)
+        load_initial(str(tmp_path), seeded, RunConfig.parse(config))
     other = run_config(**{"lora.r": 4})
     with pytest.raises(UserError, match=r"lora_A.*is \(8, .*the run's is \(4, .*other lora.r"):
-        load_initial(str(out), seeded_adapter(other), "ffa", other)
+        load_initial(str(out), seeded_adapter(other), RunConfig.parse(other))
     reseeded = run_config(**{"lora.seed": 1})
+    fedavg = RunConfig.parse({**reseeded, "server.aggregation": "fedavg"})
     with pytest.raises(UserError, match="A factors are not the shared seed's"):
-        load_initial(str(out), seeded_adapter(reseeded), "ffa", reseeded)
-    load_initial(str(out), seeded_adapter(reseeded), "fedavg", reseeded)  # both factors travel: any A will do
+        load_initial(str(out), seeded_adapter(reseeded), RunConfig.parse(reseeded))
+    load_initial(str(out), seeded_adapter(reseeded), fedavg)  # both factors travel: any A will do
     label = run_config(**{"data.task": "label", "data.verbalizers": "0=no,1=yes"})
     with pytest.raises(UserError, match="warm-started for a sft task; this run is label"):
-        load_initial(str(out), seeded, "ffa", label)
+        load_initial(str(out), seeded, RunConfig.parse(label))
 
 
 def test_a_swapped_adapter_file_is_refused(warm, tmp_path):
@@ -89,11 +91,11 @@ def test_a_swapped_adapter_file_is_refused(warm, tmp_path):
     save_file(state, str(copy / "adapter_model.safetensors"))
     config = run_config()
     with pytest.raises(UserError, match="describes another adapter"):
-        load_initial(str(copy), seeded_adapter(config), "ffa", config)
+        load_initial(str(copy), seeded_adapter(config), RunConfig.parse(config))
     state[name] = state[name] * float("nan")
     save_file(state, str(copy / "adapter_model.safetensors"))
     with pytest.raises(UserError, match="NaN or infinite"):
-        load_initial(str(copy), seeded_adapter(config), "ffa", config)
+        load_initial(str(copy), seeded_adapter(config), RunConfig.parse(config))
 
 
 def test_a_warm_start_never_writes_into_a_used_directory(warm, tmp_path):

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def q4_export(tmp_path_factory, model_cache):
     from fedslm.common.config import resolve
+    from fedslm.common.vocabulary import RunConfig
     from server.ship import build_artifacts
     from slm.base import resolve_model_dir
     from slm.lora import LoraSpec, adapter_state, attach, save_adapter
@@ -23,7 +24,7 @@ def q4_export(tmp_path_factory, model_cache):
     state = {k: (v if ".lora_A." in k else torch.randn(v.shape, generator=generator) * 0.02)
              for k, v in adapter_state(model).items()}
     save_adapter(state, LoraSpec.from_config(config), str(resolve_model_dir("smollm2")), run / "adapters" / "round-1")
-    (artifact,) = build_artifacts(run, config, 1, ["q4_0"], out=run / "export")
+    (artifact,) = build_artifacts(run, RunConfig.parse(config), 1, ["q4_0"], out=run / "export")
     return run, artifact
 
 
