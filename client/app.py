@@ -35,6 +35,7 @@ from client.site import SitePolicy, is_deployment
 from client.train import train_adapter
 from client.units import largest_unit, training_units
 from fedslm.common.config import request_config
+from fedslm.common.vocabulary import RunConfig
 from privacy.mechanism.ledger import Entry, fingerprint
 from privacy.mechanism.policy import MAX_PARTICIPATIONS
 from privacy.mechanism.randomness import round_key
@@ -76,29 +77,29 @@ def admitted(context: Context, round_cfg, parse) -> tuple[SitePolicy, Request, L
             raise Refused(Reason.OUT_OF_BOUNDS, "; ".join(problems), PrivacyRecord(client=policy.name, status=REJECTED))
         for ignored in policy.ignored_requests(context.run_config):
             site_log(policy.name, f"ignored the coordinator's {ignored}: that is the site's setting")
-        verbalizers = policy.verbalizers if request.config["data.task"] == "label" else ""
-        config = {**request.config, "data.verbalizers": verbalizers}
-        local = replace(load_local_data(policy.data_spec(config), 0, 1), name=policy.name)
-        return policy, replace(request, config=config), local
-    config = request_config(context.run_config)  # the researcher's own file: a bad key is an error
-    local = load_local_data(DataSpec.from_config(config), int(context.node_config.get("partition-id", 0)),
+        verbalizers = policy.verbalizers if request.specs.task.task == "label" else ""
+        specs = request.specs.changed("task", verbalizers=verbalizers)
+        local = replace(load_local_data(policy.data_spec(specs), 0, 1), name=policy.name)
+        return policy, replace(request, specs=specs), local
+    specs = RunConfig.parse(request_config(context.run_config))  # the researcher's own file: a bad key is an error
+    local = load_local_data(DataSpec.of(specs), int(context.node_config.get("partition-id", 0)),
                             int(context.node_config.get("num-partitions", 1)))
-    config = {**config, "data.verbalizers": local.verbalizers}
-    policy = SitePolicy.for_simulation(config, local.name, str(round_cfg.get("run-dir", "")))
+    specs = specs.changed("task", verbalizers=local.verbalizers)
+    policy = SitePolicy.for_simulation(specs, local.name, str(round_cfg.get("run-dir", "")))
     request, problems = parse({**context.run_config, "data.verbalizers": local.verbalizers}, round_cfg, policy)
     if problems:
         raise Refused(Reason.OUT_OF_BOUNDS, "; ".join(problems), PrivacyRecord(client=local.name, status=REJECTED))
-    return policy, replace(request, config=config), local
+    return policy, replace(request, specs=specs), local
 
 
-def _model(config: dict, policy: SitePolicy, msg: Message, aggregation: str):
+def _model(specs: RunConfig, policy: SitePolicy, msg: Message, aggregation: str):
     """The base with the received adapter; with FFA-LoRA, our own A factors must be the server's."""
     round_cfg = msg.content["config"]
-    device = resolve_device(policy.device_name(config),
+    device = resolve_device(policy.device_name(specs),
                             "node config key 'device'" if policy.device else "config key 'model.device'")
-    if config["model.return-freed-memory"]:
+    if specs.model.return_freed_memory:
         return_freed_memory()  # process-wide, before the base is loaded
-    model, tokenizer = attach(policy.model_name(config), LoraSpec.from_config(config), config["model.dtype"], device)
+    model, tokenizer = attach(policy.model_name(specs), LoraSpec.of(specs.lora), specs.model.dtype, device)
     received = from_arrays(msg.content["arrays"])
     if aggregation == "ffa":
         if a_factor_digest(adapter_state(model)) != round_cfg["lora-a-sha256"]:
@@ -141,9 +142,9 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
                         "require-secure-aggregation): a clear reply would show the coordinator its update")
     if problems:
         raise Refused(Reason.OUT_OF_BOUNDS, "; ".join(problems), record)
-    config = request.config
-    model, tokenizer = _model(config, policy, msg, request.aggregation)
-    task = Task.from_config(config)
+    specs, train = request.specs, request.specs.train
+    model, tokenizer = _model(specs, policy, msg, request.aggregation)
+    task = Task.of(specs)
     # The site's own records must encode before anything is reserved; training takes them encoded.
     examples = [encode(task, tokenizer, r, where=f"#{i}") for i, r in enumerate(local.train)]
     started, records = time.time(), len(local.train)
@@ -152,21 +153,21 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
     if policy.dp_enabled:
         grant = _reserve(policy, request, local, q, digest_of(msg.content["arrays"]), record, count, group)
     with frozen_a_factors(model, freeze=request.aggregation == "ffa"), \
-            recomputed_layers(model, config["train.recompute"]):  # a memory setting: same gradients
+            recomputed_layers(model, train.recompute):  # a memory setting: same gradients
         result = train_adapter(model, tokenizer, task, examples, steps=request.local_steps,
                                batch_size=request.batch_size, lr=request.lr,
                                noise_multiplier=grant.noise_multiplier if grant else None,
                                clip_norm=request.clip_norm,
                                seed=round_key(policy.noise_seed, local.name, request.run_id, request.server_round),
-                               grad_sample_mode=config["train.grad-sample-mode"], autocast=config["train.autocast"],
+                               grad_sample_mode=train.grad_sample_mode, autocast=train.autocast,
                                # a memory setting, never the update's: a negative request runs in one piece
-                               physical_batch_size=max(0, config["train.physical-batch-size"]),
-                               on_step=_progress(policy, config).step, units=units,
+                               physical_batch_size=max(0, train.physical_batch_size),
+                               on_step=_progress(policy, specs).step, units=units,
                                max_records_per_unit=policy.unit.max_records,
-                               make_optimizer=optimizer_for(config["train.optimizer"], request.lr,
+                               make_optimizer=optimizer_for(train.optimizer, request.lr,
                                                             grant.noise_multiplier if grant else None,
                                                             request.clip_norm, request.batch_size))
-    if config["model.return-freed-memory"]:
+    if specs.model.return_freed_memory:
         trim_freed_memory()  # what training left in the heap, before this process evaluates
     metrics = {"num-examples": records, "steps": result.steps}
     if grant is not None:
@@ -178,7 +179,7 @@ def train_clear(msg: Message, context: Context, masked: bool = False) -> Message
         record = replace(record, status=NO_DP, sample_rate=q, steps=request.local_steps, records=records,
                          units=count)
         metrics.update({"train_loss": result.loss, "seconds": time.time() - started})
-    arrays = to_arrays(sent_tensors(adapter_state(model), request.aggregation), config["server.wire-dtype"])
+    arrays = to_arrays(sent_tensors(adapter_state(model), request.aggregation), specs.server.wire_dtype)
     content = RecordDict({"privacy": ConfigRecord(record.to_config()), "metrics": MetricRecord(metrics),
                           "arrays": arrays})
     return Message(content=content, reply_to=msg)
@@ -218,8 +219,8 @@ def _log(policy: SitePolicy, text: str) -> None:
         site_log(policy.name, text)
 
 
-def _progress(policy: SitePolicy, config: dict):
-    return site_progress(policy, config, lambda text: _log(policy, text))
+def _progress(policy: SitePolicy, specs: RunConfig):
+    return site_progress(policy, specs.user_dp.enabled, lambda text: _log(policy, text))
 
 
 @app.evaluate("ship")
@@ -230,14 +231,15 @@ def evaluate_shipped(msg: Message, context: Context) -> Message:
     policy, request, local = admitted(context, announced, parse_evaluation)
     if policy.deployment and not policy.shipped_dir:  # else the coordinator's run-dir would pick the directory
         raise Refused(Reason.OUT_OF_BOUNDS, "a shipped model: no shipped-dir in the node config")
-    config = {**request.config, "model.name": policy.model_name(request.config), "ship.dir": policy.shipped_dir}
+    specs = request.specs.changed("model", name=policy.model_name(request.specs))
+    specs = specs.changed("ship", dir=policy.shipped_dir)
     site = _site_evaluation(policy, local, request, str(announced.get("sha256", "")))
 
     def site_rules(model, tokenizer, task, records) -> dict:  # after the verified file is stored
         site.admit(task)
         return site.metrics(model, tokenizer, task)
 
-    path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, config, local,
+    path, metrics = receive_and_evaluate(msg.content["artifact"]["file"].numpy(), announced, specs, local,
                                          evaluate_fn=site_rules if site is not None else evaluate)
     content = RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(local.test)}),
                           "info": ConfigRecord({"client": local.name, "stored": path.name,  # never the site's path
@@ -254,11 +256,11 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     round_cfg = msg.content["config"]
     policy, request, local = admitted(context, round_cfg, parse_evaluation)
     site = _site_evaluation(policy, local, request, digest_of(msg.content["arrays"]))
-    task = Task.from_config(request.config)
+    task = Task.of(request.specs)
     if site is not None:
         site.admit(task)  # refused before the model is built; the DP charge reserved before the records are read
-    model, tokenizer = _model(request.config, policy, msg, request.aggregation)
-    progress = _progress(policy, request.config)
+    model, tokenizer = _model(request.specs, policy, msg, request.aggregation)
+    progress = _progress(policy, request.specs)
     if site is None:
         metrics = evaluate(model, tokenizer, task, local.test, on_progress=progress.evaluated)
     else:

@@ -18,6 +18,7 @@ from client.site import SitePolicy
 from client.units import training_units
 from fedslm.common.config import resolve
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from privacy.mechanism.ledger import Ledger, fingerprint
 from privacy.mechanism.ledger_file import LedgerError
 from privacy.mechanism.policy import default_delta
@@ -32,7 +33,8 @@ def confirm_data(node_config_path: Path, request_overrides: dict | None = None) 
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"node config {node_config_path}: not valid TOML ({err})") from None
     policy = SitePolicy.from_node_config(node_config, where=f"node config {node_config_path}")
-    local = replace(load_local_data(policy.data_spec(resolve(request_overrides or {})), 0, 1), name=policy.name)
+    request = RunConfig.parse(resolve(request_overrides or {}))
+    local = replace(load_local_data(policy.data_spec(request), 0, 1), name=policy.name)
     units = training_units(policy.unit, local.train)
     records = len(local.train) if units is None else len(units)
     what = "training records" if units is None else f"{policy.unit.word}s ({len(local.train)} training records)"

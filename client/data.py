@@ -18,6 +18,7 @@ from pathlib import Path
 from client.records import as_dataset, read_table
 from client.units import group_by_unit
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from slm.tasks import derive_verbalizers, parse_verbalizers, uncovered
 
 
@@ -43,27 +44,21 @@ class DataSpec:
     unit_field: str = ""  # whom a record is about (client.units): the held-out split keeps each unit whole
 
     @classmethod
-    def from_config(cls, config: dict) -> "DataSpec":
+    def of(cls, specs: RunConfig) -> "DataSpec":
         """The file is named, never implied: a site's is its node config's data-path, a simulation's is its
         scenario's (simulation/examples holds the demo's); an empty ``data.path`` is an error when read."""
-        return cls(
-            path=config["data.path"],
-            task=config["data.task"],
-            prompt_field=config["data.prompt-field"],
-            response_field=config["data.response-field"],
-            text_field=config["data.text-field"],
-            label_field=config["data.label-field"],
-            verbalizers=config["data.verbalizers"],
-            partition=config["data.partition"],
-            partition_by=config["data.partition-by"],
-            dirichlet_alpha=config["data.dirichlet-alpha"],
-            test_fraction=config["data.test-fraction"],
-            max_train=config["data.max-train-examples"],
-            max_eval=config["data.max-eval-examples"],
-            seed=config["data.seed"],
-            eval_path=config["data.eval-path"],
-            unit_field=config["dp.privacy-unit-field"] or config["dp.group-field"],
-        )
+        task, site, split = specs.task, specs.site_data, specs.partition
+        return cls(path=site.path, task=task.task, prompt_field=task.prompt_field, response_field=task.response_field,
+                   text_field=task.text_field, label_field=task.label_field, verbalizers=task.verbalizers,
+                   partition=split.partition, partition_by=split.partition_by, dirichlet_alpha=split.dirichlet_alpha,
+                   test_fraction=site.test_fraction, max_train=site.max_train_examples,
+                   max_eval=site.max_eval_examples, seed=split.seed, eval_path=site.eval_path,
+                   unit_field=specs.dp.privacy_unit_field or specs.dp.group_field)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "DataSpec":
+        """From a resolved flat config, for the rooms that do not pass typed specs yet."""
+        return cls.of(RunConfig.parse(config))
 
     def required_fields(self) -> list[str]:
         if self.task == "sft":

@@ -49,10 +49,11 @@ class Progress:
             self.last = now
 
 
-def site_progress(policy: SitePolicy, config: dict, site_log: Callable[[str], None]) -> Progress:
-    """The progress lines of this site: to its own log, the researcher's console, or nowhere (see above)."""
+def site_progress(policy: SitePolicy, user_dp: bool, site_log: Callable[[str], None]) -> Progress:
+    """The progress lines of this site: to its own log, the researcher's console, or nowhere (see above);
+    ``user_dp``: the run's user-dp.enabled."""
     if policy.deployment:
         return Progress(site_log)
-    if config["user-dp.enabled"]:
+    if user_dp:
         return Progress(None)
     return Progress(lambda text: print(f"[fedslm] {policy.name}: {text}", flush=True))

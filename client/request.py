@@ -24,19 +24,19 @@ from dataclasses import dataclass
 from client.site import SitePolicy
 from fedslm.common.config import request_config
 from fedslm.common.errors import UserError
-from fedslm.common.vocabulary import AGGREGATIONS, RANGES, SITE_OWNED
+from fedslm.common.vocabulary import AGGREGATIONS, RANGES, SITE_OWNED, RunConfig
 from slm.tasks import check_template, parse_verbalizers
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}")  # it is written to the site's log and ledger
-TASK_FIELDS = {"sft": ("data.prompt-field", "data.response-field"), "label": ("data.text-field", "data.label-field"),
-               "next-word": ("data.text-field",)}
+TASK_FIELDS = {"sft": ("prompt_field", "response_field"), "label": ("text_field", "label_field"),
+               "next-word": ("text_field",)}  # the task concept's fields naming a column of the site's records
 
 
 @dataclass(frozen=True)
 class Request:
     """The parts of a train or evaluation request the site uses, as sent and then checked."""
 
-    config: dict  # the coordinator's run config, typed and range-checked (fedslm.common.config)
+    specs: RunConfig  # the coordinator's run config, typed and range-checked (fedslm.common.config)
     run_id: str
     server_round: int
     aggregation: str
@@ -66,16 +66,16 @@ def parse_round(run_config, round_cfg, policy: SitePolicy) -> tuple[RoundRequest
     The expected batch against the record count is the one check left for after the
     records are read (client.app), before the ledger.
     """
-    config, found = _typed(run_config)
-    if config is None:
+    specs, found = _typed(run_config)
+    if specs is None:
         return None, found
     try:
         request = RoundRequest(
-            config=config, run_id=str(round_cfg["run-id"]), server_round=int(round_cfg["server-round"]),
+            specs=specs, run_id=str(round_cfg["run-id"]), server_round=int(round_cfg["server-round"]),
             aggregation=str(round_cfg["aggregation"]), num_rounds=int(round_cfg["num-rounds"]),
-            local_steps=config["train.local-steps"], batch_size=config["train.batch-size"], lr=config["train.lr"],
-            clip_norm=config["dp.clip-norm"], requested_sigma=config["dp.noise-multiplier"],
-            target_epsilon=config["dp.target-epsilon"])
+            local_steps=specs.train.local_steps, batch_size=specs.train.batch_size, lr=specs.train.lr,
+            clip_norm=specs.dp.clip_norm, requested_sigma=specs.dp.noise_multiplier,
+            target_epsilon=specs.dp.target_epsilon)
     except (KeyError, TypeError, ValueError) as err:
         return None, [f"malformed round fields ({type(err).__name__}: {err})"]
     found += _common(request, policy)
@@ -85,18 +85,18 @@ def parse_round(run_config, round_cfg, policy: SitePolicy) -> tuple[RoundRequest
 
 def parse_evaluation(run_config, round_cfg, policy: SitePolicy) -> tuple[Request | None, list[str]]:
     """(the evaluation request, []) or (None or the request, the reasons it cannot be honoured)."""
-    config, found = _typed(run_config)
-    if config is None:
+    specs, found = _typed(run_config)
+    if specs is None:
         return None, found
     try:
-        request = Request(config=config, run_id=str(round_cfg["run-id"]),
+        request = Request(specs=specs, run_id=str(round_cfg["run-id"]),
                           server_round=int(round_cfg["server-round"]), aggregation=str(round_cfg["aggregation"]))
     except (KeyError, TypeError, ValueError) as err:
         return None, [f"malformed round fields ({type(err).__name__}: {err})"]
     return request, _common(request, policy)
 
 
-def _typed(run_config) -> tuple[dict | None, list[str]]:
+def _typed(run_config) -> tuple[RunConfig | None, list[str]]:
     """The run config typed (unknown keys, types, choices) and its numbers in their ranges."""
     try:
         config = request_config(run_config)
@@ -104,41 +104,41 @@ def _typed(run_config) -> tuple[dict | None, list[str]]:
         return None, [str(err)]
     found = [f"config key '{name}': must be {rule}, got {config[name]!r}"  # site-owned keys are ignored, not checked
              for name, rule in RANGES.items() if name not in SITE_OWNED and not rule.admits(config[name])]
-    return config, found
+    return RunConfig.parse(config), found
 
 
 def _common(request: Request, policy: SitePolicy) -> list[str]:
     """What every request must satisfy: identity, aggregation, the task, the model's shape and numerics."""
-    config, found = request.config, []
+    specs, found = request.specs, []
+    task = specs.task
     if not RUN_ID.fullmatch(request.run_id):
         found.append("run id must be 1-128 letters, digits or . _ : + - (it goes into the site's log and ledger)")
     if request.aggregation not in AGGREGATIONS:
         found.append(f"aggregation {request.aggregation[:40]!r} is not one of {', '.join(AGGREGATIONS)}")
-    kind = config["data.task"]
+    kind = task.task
+    columns = {getattr(task, name) for name in TASK_FIELDS[kind]}
     if policy.fields is not None:
-        named = sorted({config[key] for key in TASK_FIELDS[kind]} - set(policy.fields))
+        named = sorted(columns - set(policy.fields))
         if named:
             found.append(f"task field(s) {', '.join(map(repr, named))} are not among the columns the site allows "
                          "(node config fields)")
-    if policy.person_field and policy.person_field in {config[key] for key in TASK_FIELDS[kind]}:
+    if policy.person_field and policy.person_field in columns:
         found.append("a task field names the site's privacy unit column: whom a record is about never becomes "
                      "training text or a label")
     if kind == "label" and policy.deployment:
-        found += _verbalizers(config["data.verbalizers"], policy.verbalizers)
+        found += _verbalizers(task.verbalizers, policy.verbalizers)
     try:
-        check_template(kind, config["data.prompt-template"])
+        check_template(kind, task.prompt_template)
     except UserError as err:
         found.append(str(err))
-    window = config["model.max-length"] or config["model.max-length-cap"]
-    if window > policy.max_window:
-        found.append(f"a window of {window} tokens: the site allows at most {policy.max_window} (node config "
-                     "max-window)")
-    if not config["lora.dropout"] <= policy.max_lora_dropout:
-        found.append(f"LoRA dropout {config['lora.dropout']:g}: the site allows at most {policy.max_lora_dropout:g}")
-    if config["server.wire-dtype"] not in policy.wire_dtypes:
-        found.append(f"wire dtype {config['server.wire-dtype']}: the site sends {', '.join(policy.wire_dtypes)}")
-    if config["train.grad-sample-mode"] == "ghost" and (config["model.dtype"] != "float32"
-                                                        or config["train.autocast"] != "none"):
+    if specs.model.window > policy.max_window:
+        found.append(f"a window of {specs.model.window} tokens: the site allows at most {policy.max_window} (node "
+                     "config max-window)")
+    if not specs.lora.dropout <= policy.max_lora_dropout:
+        found.append(f"LoRA dropout {specs.lora.dropout:g}: the site allows at most {policy.max_lora_dropout:g}")
+    if specs.server.wire_dtype not in policy.wire_dtypes:
+        found.append(f"wire dtype {specs.server.wire_dtype}: the site sends {', '.join(policy.wire_dtypes)}")
+    if specs.train.grad_sample_mode == "ghost" and (specs.model.dtype != "float32" or specs.train.autocast != "none"):
         found.append("ghost clipping needs a float32 base without autocast: it recomputes the clipped sum in a "
                      "second backward pass, whose rounding lets a clipped gradient exceed the clip norm")
     return found
@@ -173,10 +173,10 @@ def _training(request: RoundRequest, policy: SitePolicy) -> list[str]:
         found.append(f"requested noise multiplier {request.requested_sigma!r} is not a number >= 0")
     if not (math.isfinite(request.target_epsilon) and request.target_epsilon >= 0):
         found.append(f"target epsilon {request.target_epsilon!r} is not a number >= 0")
-    bound = request.config["server.max-update-norm"]
+    bound = request.specs.server.max_update_norm
     if not (math.isfinite(bound) and bound >= 0):
         found.append(f"update bound {bound!r} is not a number >= 0")
-    if not policy.unit.record_level and request.config["train.grad-sample-mode"] == "ghost":
+    if not policy.unit.record_level and request.specs.train.grad_sample_mode == "ghost":
         found.append("ghost clipping with a privacy unit: a unit's gradient is the mean of its records' gradients, "
                      "which ghost clipping never forms (use hooks or functorch)")
     return found

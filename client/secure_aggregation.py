@@ -63,6 +63,7 @@ from flwr.compat.common import recorddict_compat as compat
 from client.outbound import site_log
 from client.site import SitePolicy, is_deployment
 from fedslm.common.config import from_run_config
+from fedslm.common.vocabulary import RunConfig
 from privacy.mechanism.record import REJECTED, PrivacyRecord, Reason
 from slm.lora import from_arrays
 
@@ -215,9 +216,9 @@ def bounded(msg: Message, context: Context, reply: Message) -> Message:
     if privacy.get("status") in ("refused", "rejected"):
         state, why = None, f"the site {privacy['status']} the round"
     else:
-        config = from_run_config(context.run_config)
+        bound = RunConfig.parse(from_run_config(context.run_config)).server.max_update_norm
         state = from_arrays(reply.content["arrays"])
-        why = problem(state, expected, config["server.max-update-norm"], float(protocol["clipping_range"]))
+        why = problem(state, expected, bound, float(protocol["clipping_range"]))
     weight = 0
     if why is None:
         weight = min(int(reply.content["metrics"]["num-examples"]), int(protocol["max_weight"]))

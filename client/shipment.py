@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from slm.digest import sha256_of
 
 
@@ -49,7 +50,7 @@ def verify_and_store(payload: np.ndarray, *, expected_sha256: str, expected_byte
     return target
 
 
-def receive_and_evaluate(payload: np.ndarray, announced: dict, config: dict, local,
+def receive_and_evaluate(payload: np.ndarray, announced: dict, specs: RunConfig, local,
                          evaluate_fn=None) -> tuple[Path, dict]:
     """Verify and store a shipped file in this client's model directory, then evaluate it on its test split.
 
@@ -62,16 +63,16 @@ def receive_and_evaluate(payload: np.ndarray, announced: dict, config: dict, loc
     from slm.evaluate import evaluate
     from slm.tasks import Task
 
-    directory = Path(config["ship.dir"] or Path(str(announced["run-dir"])) / "shipped") / local.name
+    directory = Path(specs.ship.dir or Path(str(announced["run-dir"])) / "shipped") / local.name
     path = verify_and_store(payload, expected_sha256=str(announced["sha256"]), expected_bytes=int(announced["bytes"]),
                             directory=directory, name=str(announced["file"]))
     if str(announced.get("role", "merged")) == "adapter":
         model, context = _on_device_base(path, announced, directory)
     else:
         model, context = load_shipped(path, str(announced["sha256"])), nullcontext()
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(config["model.name"]), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(specs.model.name), local_files_only=True)
     with context:
-        return path, (evaluate_fn or evaluate)(model, tokenizer, Task.from_config(config), local.test)
+        return path, (evaluate_fn or evaluate)(model, tokenizer, Task.of(specs), local.test)
 
 
 def _on_device_base(adapter: Path, announced: dict, directory: Path):

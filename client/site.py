@@ -22,7 +22,7 @@ from pathlib import Path
 from client.data import DataSpec
 from client.units import PrivacyUnit
 from fedslm.common.errors import UserError
-from fedslm.common.vocabulary import DELTA, DEVICE, SITE_OWNED
+from fedslm.common.vocabulary import DELTA, DEVICE, SITE_OWNED, RunConfig
 from slm.tasks import parse_verbalizers
 
 # node config key -> (type, default, meaning). Keys not listed here are refused (deploy/node_config.py at
@@ -176,20 +176,18 @@ class SitePolicy:
         return policy
 
     @classmethod
-    def for_simulation(cls, config: dict, name: str, run_dir: str) -> "SitePolicy":
+    def for_simulation(cls, specs: RunConfig, name: str, run_dir: str) -> "SitePolicy":
         """A simulated client: the researcher's run config is its policy."""
-        ledger_root = Path(config["dp.ledger-dir"] or Path(run_dir) / "ledgers")
+        dp, site = specs.dp, specs.site_data
+        ledger_root = Path(dp.ledger_dir or Path(run_dir) / "ledgers")
         policy = cls(
-            name=name, deployment=False, ledger_dir=ledger_root / name, max_epsilon=config["dp.max-epsilon"],
-            delta=config["dp.delta"], max_noise_multiplier=config["dp.max-noise-multiplier"], max_rounds=10**6,
-            max_local_steps=10**6, dp_enabled=config["dp.enabled"], noise_seed=config["dp.noise-seed"],
-            evaluate="clear", require_secure_aggregation=False, model_dir="", device="", shipped_dir=config["ship.dir"],
-            data_path=config["data.path"],
-            test_data_path="", test_fraction=config["data.test-fraction"],
-            max_train=config["data.max-train-examples"], max_eval=config["data.max-eval-examples"],
-            unit=PrivacyUnit(config["dp.privacy-unit-field"], config["dp.max-records-per-unit"],
-                             config["dp.privacy-unit-name"]),
-            group_field=config["dp.group-field"])
+            name=name, deployment=False, ledger_dir=ledger_root / name, max_epsilon=dp.max_epsilon, delta=dp.delta,
+            max_noise_multiplier=dp.max_noise_multiplier, max_rounds=10**6, max_local_steps=10**6,
+            dp_enabled=dp.enabled, noise_seed=dp.noise_seed, evaluate="clear", require_secure_aggregation=False,
+            model_dir="", device="", shipped_dir=specs.ship.dir, data_path=site.path, test_data_path="",
+            test_fraction=site.test_fraction, max_train=site.max_train_examples, max_eval=site.max_eval_examples,
+            unit=PrivacyUnit(dp.privacy_unit_field, dp.max_records_per_unit, dp.privacy_unit_name),
+            group_field=dp.group_field)
         policy.check("run config")
         return policy
 
@@ -251,9 +249,9 @@ class SitePolicy:
                     bad(key, f"must be an absolute path, got {value!r}")
 
     # ---- what the rest of the client reads -----------------------------------------
-    def data_spec(self, request_config: dict, partition_id: int = 0, num_partitions: int = 1) -> DataSpec:
+    def data_spec(self, request: RunConfig) -> DataSpec:
         """How to read this site's records: the task's fields from the request, the rest from the site."""
-        spec = DataSpec.from_config(request_config)
+        spec = DataSpec.of(request)
         if not self.deployment:
             return spec
         return DataSpec(
@@ -268,12 +266,12 @@ class SitePolicy:
         """The column naming whom a record is about ('' = unknown): the held-out split keeps a person whole."""
         return self.unit.field or self.group_field
 
-    def model_name(self, request_config: dict) -> str:
-        return self.model_dir or request_config["model.name"]
+    def model_name(self, request: RunConfig) -> str:
+        return self.model_dir or request.model.name
 
-    def device_name(self, request_config: dict) -> str:
+    def device_name(self, request: RunConfig) -> str:
         """The site's device, else the run config's model.device (the hardware is the site's)."""
-        return self.device or request_config["model.device"]
+        return self.device or request.model.device
 
     def ignored_requests(self, run_config) -> list[str]:
         """Site-owned settings the coordinator's run config tried to set (logged, never applied)."""

@@ -53,7 +53,7 @@ def preflight(config: dict, num_clients: int) -> list[str]:
 
         check_directory(config["server.initial-adapter"])
     for local in clients:
-        SitePolicy.for_simulation(config, local.name, run_dir="")
+        SitePolicy.for_simulation(specs, local.name, run_dir="")
     lines = [f"{local.name}: {len(local.train)} train / {len(local.test)} test records" for local in clients]
     return [*lines, window_line(config, clients)]
 

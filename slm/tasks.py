@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 
 IGNORE = -100
 
@@ -67,24 +68,22 @@ class Task:
             object.__setattr__(self, "prompt_template", template)
 
     @classmethod
-    def from_config(cls, config: dict) -> "Task":
+    def of(cls, specs: RunConfig) -> "Task":
         """The task of a run config; a label task's data.verbalizers must be resolved already
         (simulation.preflight from the whole file, client.data from a site's own records)."""
-        kind = config["data.task"]
-        if kind == "label" and not config["data.verbalizers"].strip():
+        keys, kind = specs.task, specs.task.task
+        if kind == "label" and not keys.verbalizers.strip():
             raise UserError("config key 'data.verbalizers': empty; the labels are taken from the data file "
                             "before training (or give value=word pairs)")
-        return cls(
-            kind=kind,
-            max_length=config["model.max-length"] or config["model.max-length-cap"],
-            prompt_field=config["data.prompt-field"],
-            response_field=config["data.response-field"],
-            text_field=config["data.text-field"],
-            label_field=config["data.label-field"],
-            verbalizers=parse_verbalizers(config["data.verbalizers"]) if kind == "label" else (),
-            prompt_template=check_template(kind, config["data.prompt-template"]),
-            label_list=config["data.label-list"],
-        )
+        return cls(kind=kind, max_length=specs.model.window, prompt_field=keys.prompt_field,
+                   response_field=keys.response_field, text_field=keys.text_field, label_field=keys.label_field,
+                   verbalizers=parse_verbalizers(keys.verbalizers) if kind == "label" else (),
+                   prompt_template=check_template(kind, keys.prompt_template), label_list=keys.label_list)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Task":
+        """From a resolved flat config, for the rooms that do not pass typed specs yet."""
+        return cls.of(RunConfig.parse(config))
 
     @property
     def words(self) -> str:

@@ -118,6 +118,11 @@ class Model:
         "where a client trains: auto (cuda if available, else cpu), cpu, cuda or cuda:N; a deployed site's node config"
         " key device wins")
 
+    @property
+    def window(self) -> int:
+        """Tokens per example: max-length, or where it is 0 (fitted to data no one has fitted) the cap."""
+        return self.max_length or self.max_length_cap
+
 
 @dataclass(frozen=True)
 class Lora:

@@ -125,14 +125,15 @@ def test_a_patients_records_are_all_trained_on_or_all_held_out(site):
     from client.data import load_local_data
     from client.site import SitePolicy
     from fedslm.common.config import resolve
+    from fedslm.common.vocabulary import RunConfig
 
     policy = SitePolicy.from_node_config(site.node_config)
-    local = load_local_data(policy.data_spec(resolve({})), 0, 1)
+    local = load_local_data(policy.data_spec(RunConfig.parse(resolve({}))), 0, 1)
     train = Counter(r["patient_id"] for r in local.train)
     test = Counter(r["patient_id"] for r in local.test)
     assert test and train and not set(train) & set(test)
     assert {**train, **test} == PATIENTS  # every record of every patient on one side
-    sim = load_local_data(replace(policy.data_spec(resolve({})), split="seeded", seed=3), 0, 1)
+    sim = load_local_data(replace(policy.data_spec(RunConfig.parse(resolve({}))), split="seeded", seed=3), 0, 1)
     assert not {r["patient_id"] for r in sim.train} & {r["patient_id"] for r in sim.test}
 
 

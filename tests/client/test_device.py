@@ -5,7 +5,9 @@ import torch
 
 from client.site import SitePolicy
 from client.train import train_adapter
+from fedslm.common.config import resolve
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from slm.base import resolve_device
 from slm.lora import adapter_state, frozen_a_factors
 from slm.tasks import Task
@@ -28,8 +30,8 @@ def test_bad_device_names_the_key():
 
 
 def test_the_sites_device_wins_over_the_run_config():
-    assert SitePolicy.from_node_config({**NODE, "device": "cpu"}).device_name({"model.device": "cuda"}) == "cpu"
-    assert SitePolicy.from_node_config(NODE).device_name({"model.device": "cuda:1"}) == "cuda:1"
+    assert SitePolicy.from_node_config({**NODE, "device": "cpu"}).device_name(asking("cuda")) == "cpu"
+    assert SitePolicy.from_node_config(NODE).device_name(asking("cuda:1")) == "cuda:1"
 
 
 class _LosesUpdates(torch.optim.SGD):
@@ -90,3 +92,7 @@ def test_cuda_step_releases_the_cpu_step_update(config, qa_records):
         set_adapter_state(model, initial)
     for key in updates[0]:
         torch.testing.assert_close(updates[1][key], updates[0][key], rtol=1e-3, atol=1e-5)
+
+
+def asking(device: str) -> RunConfig:
+    return RunConfig.parse(resolve({"model.device": device}))

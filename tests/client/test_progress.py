@@ -5,6 +5,7 @@ from dataclasses import replace
 from client.progress import Progress, site_progress
 from client.site import SitePolicy
 from fedslm.common.config import resolve
+from fedslm.common.vocabulary import RunConfig
 
 
 def test_lines_when_done_and_every_interval():
@@ -21,10 +22,10 @@ def test_lines_when_done_and_every_interval():
 
 def test_a_simulated_site_prints_unless_user_level_dp_and_a_deployed_one_logs_only_to_itself(capsys):
     config = resolve({"model.name": "tiny"})
-    policy = SitePolicy.for_simulation(config, "GARD", "/tmp/run")
+    policy = SitePolicy.for_simulation(RunConfig.parse(config), "GARD", "/tmp/run")
     site_log = []
-    site_progress(policy, config, site_log.append).step(5, 5)
+    site_progress(policy, False, site_log.append).step(5, 5)
     assert capsys.readouterr().out == "[fedslm] GARD: step 5/5\n"
-    site_progress(policy, {**config, "user-dp.enabled": True}, site_log.append).step(5, 5)
-    site_progress(replace(policy, deployment=True), config, site_log.append).step(5, 5)
+    site_progress(policy, True, site_log.append).step(5, 5)
+    site_progress(replace(policy, deployment=True), False, site_log.append).step(5, 5)
     assert capsys.readouterr().out == "" and site_log == ["step 5/5"]

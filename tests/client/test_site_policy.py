@@ -23,10 +23,10 @@ def site_config(tmp_path, **extra) -> dict:
 
 
 def site_and_data(context, run_dir: str = "") -> tuple:
-    """(the request's config, the site's policy, its records), as the ClientApp admits an evaluation request."""
+    """(the request's specs, the site's policy, its records), as the ClientApp admits an evaluation request."""
     policy, request, local = admitted(context, {"run-id": "run-1", "server-round": 1, "aggregation": "ffa",
                                                 "run-dir": run_dir}, parse_evaluation)
-    return request.config, policy, local
+    return request.specs, policy, local
 
 
 def test_a_site_keeps_dp_on_with_os_entropy_its_budget_delta_ledger_and_split(tmp_path, capsys):

@@ -95,14 +95,23 @@ def test_every_key_has_an_owner_and_no_site_reads_a_server_key():
     import re
     from pathlib import Path
 
-    from fedslm.common.vocabulary import OWNERS, SCHEMA, SITE_OWNED
+    import dataclasses
+
+    from fedslm.common.vocabulary import CONCEPTS, OWNERS, SCHEMA, SITE_OWNED
 
     assert all(key.owner in OWNERS for key in SCHEMA.values())
     assert {n for n, k in SCHEMA.items() if k.owner == "site"} == set(SITE_OWNED)
     root = Path(__file__).resolve().parents[2]
-    read = {m for path in [*(root / "client").glob("*.py"), *(root / "deploy").glob("*.py")]
-            for m in re.findall(r'config\["([a-z-]+\.[a-z-]+)"\]', path.read_text())}
-    assert read and not {name for name in read if SCHEMA[name].owner == "server"}
+    prefixes = {f.name: kind.PREFIX for f, kind in zip(dataclasses.fields(RunConfig), CONCEPTS)}
+    read, aliased = set(), []  # a site reads typed specs: specs.server.wire_dtype is server.wire-dtype
+    for path in [*(root / "client").glob("*.py"), *(root / "deploy").glob("*.py")]:
+        text = path.read_text()
+        for concept_name, field in re.findall(rf"\bspecs\.({'|'.join(prefixes)})\.([a-z_]+)\b", text):
+            read |= {f"{prefixes[concept_name]}.{field.replace('_', '-')}"} & set(SCHEMA)
+        aliased += re.findall(r"=\s*(?:request\.)?specs\.(?:server|user_dp|ship|run)\b(?!\.)", text)
+    assert not aliased, "read the server's concepts as specs.server.<field>, so this test sees each key"
+    assert {"server.wire-dtype", "server.max-update-norm", "user-dp.enabled", "train.lr"} <= read
+    assert not {name for name in read if SCHEMA[name].owner == "server"}
     assert SCHEMA["server.rounds"].owner == "server" and SCHEMA["server.wire-dtype"].owner == "coordinator"
 
 
@@ -141,10 +150,11 @@ def test_auto_aggregation_is_resolved_when_read_ffa_under_dp():
 def test_the_rooms_on_typed_specs_read_no_raw_keys():
     """Issue 26 item 1: where a room takes RunConfig, a config["..."] read would be a second way in.
 
-    server/ parses once (server/app.py) and passes the specs down."""
+    server/ parses once (server/app.py) and passes the specs down; client/ parses the coordinator's request once
+    (client/request.py) and its own simulation config once (client/app.py)."""
     import re
 
-    typed = sorted((ROOT / "server").glob("*.py"))
+    typed = sorted([*(ROOT / "server").glob("*.py"), *(ROOT / "client").glob("*.py")])
     raw = [f"{path.relative_to(ROOT)}: {match}" for path in typed
            for match in re.findall(r'config\[["\'][a-z-]+\.[a-z-]+["\']\]', path.read_text())]
     assert typed and raw == []

@@ -66,6 +66,7 @@ def test_client_verifies_stores_and_evaluates_a_shipment(exported, tmp_path):
     from client.data import DataSpec, load_local_data
     from client.shipment import receive_and_evaluate
     from fedslm.common.errors import UserError
+    from fedslm.common.vocabulary import RunConfig
 
     run, config, artifacts = exported
     artifact = artifacts["q8_0"]
@@ -73,10 +74,10 @@ def test_client_verifies_stores_and_evaluates_a_shipment(exported, tmp_path):
     local = load_local_data(DataSpec.from_config(config), 1, 4)
     announced = {"run-dir": str(run), "sha256": artifact.sha256, "bytes": artifact.bytes, "file": artifact.path.name}
     payload = np.fromfile(artifact.path, dtype=np.uint8)  # what the server's ship message carries
-    path, metrics = receive_and_evaluate(payload, announced, config, local)
+    path, metrics = receive_and_evaluate(payload, announced, RunConfig.parse(config), local)
     assert path == tmp_path / "GHR" / artifact.path.name and path.read_bytes() == artifact.path.read_bytes()
     assert 0 < metrics["eval_loss"] < 10 and metrics["eval_examples"] == 4
 
     with pytest.raises(UserError, match="does not match"):
-        receive_and_evaluate(payload, {**announced, "sha256": "0" * 64}, config, local)
+        receive_and_evaluate(payload, {**announced, "sha256": "0" * 64}, RunConfig.parse(config), local)
     assert path.read_bytes() == artifact.path.read_bytes()  # nothing replaced

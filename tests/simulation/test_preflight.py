@@ -38,7 +38,7 @@ def test_verbalizers_are_resolved_once_from_the_whole_file_into_the_config(tmp_p
     for pid in range(3):
         context = SimpleNamespace(run_config=config, node_config={"partition-id": pid, "num-partitions": 3})
         round_cfg = {"run-id": "r", "server-round": 1, "aggregation": "ffa", "run-dir": str(tmp_path)}
-        assert admitted(context, round_cfg, parse_evaluation)[1].config["data.verbalizers"] == \
+        assert admitted(context, round_cfg, parse_evaluation)[1].specs.task.verbalizers == \
             config["data.verbalizers"]
 
 
