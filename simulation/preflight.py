@@ -82,7 +82,7 @@ def window_line(config: dict, clients: list[LocalData]) -> str:
 
 def fit_window(config: dict, clients: list[LocalData], tokenizer) -> Fit:
     """model.max-length and data.label-list fitted to the training records, written into ``config``."""
-    fitted = fit(config, tokenizer, training_sample(clients))
+    fitted = fit(RunConfig.parse(config), tokenizer, training_sample(clients))
     config.update(fitted.settings())
     return fitted
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 from server.initial_adapter import WARM_START_FILE
 from slm.digest import sha256_of
 
@@ -56,7 +57,7 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
     from slm.tasks import Task
     from slm.tokenizer import load_tokenizer
 
-    config.update(fit(config, load_tokenizer(config["model.name"]), local.train[:400]).settings())
+    config.update(fit(RunConfig.parse(config), load_tokenizer(config["model.name"]), local.train[:400]).settings())
     task, lora = Task.from_config(config), LoraSpec.from_config(config)
     aggregation = config["server.aggregation"]
     model, tokenizer = attach(config["model.name"], lora, config["model.dtype"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from fedslm.common.vocabulary import RunConfig
 from slm.tasks import Task, encode
 
 QUANTILE = 0.95  # the example the window must hold: longer ones (one in twenty) are cut, as encode says how
@@ -65,18 +66,18 @@ def quantile_length(task: Task, tokenizer, records: list[dict]) -> int:
     return lengths[max(0, math.ceil(QUANTILE * len(lengths)) - 1)]
 
 
-def fit(config: dict, tokenizer, records: list[dict]) -> Fit:
+def fit(specs: RunConfig, tokenizer, records: list[dict]) -> Fit:
     """The window and the label list for ``records`` (a sample of the training records, not empty)."""
-    cap = config["model.max-length"] or config["model.max-length-cap"]
-    task = Task.from_config(config)
-    label_list, listed_tokens = config["data.label-list"], 0
-    if task.kind == "label" and not config["data.prompt-template"] and label_list == "auto":
+    cap = specs.model.window
+    task = Task.of(specs)
+    label_list, listed_tokens = specs.task.label_list, 0
+    if task.kind == "label" and not specs.task.prompt_template and label_list == "auto":
         listed_tokens = quantile_length(replace(task, prompt_template="", label_list="yes"), tokenizer, records)
         label_list = "yes" if listed_tokens <= cap else "no"
         listed_tokens = 0 if label_list == "yes" else listed_tokens
-    chosen = Task.from_config({**config, "data.label-list": label_list})
+    chosen = Task.of(specs.changed("task", label_list=label_list))
     tokens = quantile_length(chosen, tokenizer, records)
-    fitted = config["model.max-length"] == 0
+    fitted = specs.model.max_length == 0
     window = min(cap, max(SMALLEST, math.ceil(tokens / STEP) * STEP)) if fitted else cap
     return Fit(max_length=window, label_list=label_list, sampled=len(records), quantile_tokens=tokens,
                fitted=fitted, cap=cap, listed_tokens=listed_tokens)

@@ -2,6 +2,7 @@
 fit dropped, never the text; and without data, a list that would take more than half the window dropped."""
 
 from fedslm.common.config import resolve
+from fedslm.common.vocabulary import RunConfig
 from slm.tasks import DEFAULT_TEMPLATES, UNLISTED_TEMPLATE, Task, encode, label_template, parse_verbalizers
 from slm.tiny import build_tiny_tokenizer
 from slm.window import fit
@@ -19,7 +20,7 @@ def next_word(**keys):
 
 def test_the_window_is_the_smallest_multiple_of_16_holding_the_95th_percentile_example():
     records = texts(range(10, 210, 10))  # 20 records: 11..201 tokens with the start token
-    fitted = fit(next_word(**{"model.max-length-cap": 512}), TOKENIZER, records)
+    fitted = fit(RunConfig.parse(next_word(**{"model.max-length-cap": 512})), TOKENIZER, records)
     assert fitted.quantile_tokens == 191  # the 19th of 20 (nearest rank)
     assert fitted.max_length == 192 and fitted.fitted
     cut = [encode(Task(kind="next-word", max_length=fitted.max_length), TOKENIZER, r).cut for r in records]
@@ -28,13 +29,13 @@ def test_the_window_is_the_smallest_multiple_of_16_holding_the_95th_percentile_e
 
 def test_the_cap_bounds_a_fitted_window_and_a_set_window_is_kept():
     records = texts(range(10, 210, 10))
-    capped = fit(next_word(), TOKENIZER, records)
+    capped = fit(RunConfig.parse(next_word()), TOKENIZER, records)
     assert capped.max_length == 128  # the default cap
     assert capped.describe() == ("128 tokens, model.max-length-cap (95% of 20 sampled training records take at most "
                                  "191: a larger cap cuts fewer)")
-    short = fit(next_word(), TOKENIZER, texts([3] * 20))
+    short = fit(RunConfig.parse(next_word()), TOKENIZER, texts([3] * 20))
     assert short.max_length == 16  # never below the key's floor
-    set_by_user = fit(next_word(**{"model.max-length": 48}), TOKENIZER, records)
+    set_by_user = fit(RunConfig.parse(next_word(**{"model.max-length": 48})), TOKENIZER, records)
     assert set_by_user.max_length == 48 and not set_by_user.fitted
     assert set_by_user.describe() == "48 tokens (model.max-length)"
 
@@ -52,9 +53,9 @@ def label_records(labels):
 
 
 def test_a_label_list_that_fits_is_kept_and_one_that_does_not_is_dropped_never_the_text():
-    few = fit(label_config(LABELS[:2]), TOKENIZER, label_records(LABELS[:2]))
+    few = fit(RunConfig.parse(label_config(LABELS[:2])), TOKENIZER, label_records(LABELS[:2]))
     assert few.label_list == "yes" and few.listed_tokens == 0
-    many = fit(label_config(LABELS), TOKENIZER, label_records(LABELS))
+    many = fit(RunConfig.parse(label_config(LABELS)), TOKENIZER, label_records(LABELS))
     assert many.label_list == "no" and many.listed_tokens > 256 >= many.max_length
     assert "the labels are not listed in the prompt" in many.describe()
     task = Task.from_config({**label_config(LABELS), **many.settings()})
@@ -66,7 +67,8 @@ def test_a_label_list_that_fits_is_kept_and_one_that_does_not_is_dropped_never_t
 
 def test_a_users_own_template_is_never_changed():
     template = "{text}\nOne of: {labels}?"
-    fitted = fit(label_config(LABELS, **{"data.prompt-template": template}), TOKENIZER, label_records(LABELS))
+    asked = RunConfig.parse(label_config(LABELS, **{"data.prompt-template": template}))
+    fitted = fit(asked, TOKENIZER, label_records(LABELS))
     assert fitted.label_list == "auto" and fitted.listed_tokens == 0
     task = Task.from_config({**label_config(LABELS, **{"data.prompt-template": template}), **fitted.settings()})
     assert label_template(task, TOKENIZER) == template
