@@ -32,7 +32,7 @@ from pathlib import Path
 
 from fedslm.common.errors import UserError
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]  # the project (its pyproject.toml): fedslm/cli/flwr_run.py
 
 
 def free_port() -> int:
