@@ -5,7 +5,7 @@ Flower hands the ServerApp and each ClientApp a flat ``run_config`` (dotted keys
 the user's ``--set``. The keys, types, ranges and owners are fedslm.common.vocabulary's.
 Unknown keys and wrongly typed values are rejected with one line naming the key, because a
 typo in a privacy setting must never be ignored. Values that mean "derive it" are derived
-here, once (``train.lr`` 0), so config.json, a site's request and the report hold the number.
+here, once (``train.lr`` 0, ``lora.target-modules`` and ``server.aggregation`` auto), so config.json, a site's request and the report hold the number.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 
 from fedslm.common.errors import UserError
-from fedslm.common.vocabulary import DP_LR, PLAIN_LR, RANGES, SCHEMA, defaults
+from fedslm.common.vocabulary import DP_LR, LABEL_TARGETS, PLAIN_LR, RANGES, SCHEMA, TARGETS, defaults
 
 # A run id: what sites accept (client.request.RUN_ID, 128 characters) less room for the '-N' a re-used id gets.
 RUN_ID_MAX = 120
@@ -72,6 +72,8 @@ def _typed(layers) -> dict:
     # "Derive it" values are resolved here, so config.json, the sites' requests and reports hold what was used.
     if config["train.lr"] == 0:
         config["train.lr"] = DP_LR if config["dp.enabled"] else PLAIN_LR
+    if config["lora.target-modules"] == "auto":
+        config["lora.target-modules"] = LABEL_TARGETS if config["data.task"] == "label" else TARGETS
     if config["server.aggregation"] == "auto":
         config["server.aggregation"] = "ffa" if config["dp.enabled"] else "fedavg"
     return config

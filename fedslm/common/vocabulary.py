@@ -33,6 +33,10 @@ LABEL_LISTS = ("auto", "yes", "no")  # data.label-list: slm.tasks decides what e
 # 39-49% of the non-private loss gain and reached 62-83% accuracy where 1e-2 kept 25-30% and reached 32-37%;
 # without DP, 3e-2 diverged in the second round and 1e-2 is the measured best).
 DP_LR, PLAIN_LR = 3e-2, 1e-2
+# lora.target-modules = auto resolves by data.task (BENCHMARKS.md 18: on the 14-class label task at eps 8, adapters
+# on all four attention projections beat q, v in 6 of 8 seeds, +5.6 +- 3.6 points, for 1.16x the training time; on
+# the instruction task q, v was better in both seeds, by 0.014-0.021 eval loss, with half the adapter and the wire).
+LABEL_TARGETS, TARGETS = "q_proj,k_proj,v_proj,o_proj", "q_proj,v_proj"
 AGGREGATIONS = ("fedavg", "ffa", "svd")  # server.aggregation once resolved (server.aggregate computes each)
 
 
@@ -134,7 +138,10 @@ class Lora:
     r: int = key(8, "LoRA rank", range=AT_LEAST_ONE)
     alpha: int = key(16, "LoRA scaling numerator (scale = alpha / r)", range=POSITIVE)
     dropout: float = key(0.0, "LoRA dropout", range=Range(0, 1, high_open=True))
-    target_modules: str = key("q_proj,v_proj", "comma-separated module names that get adapters")
+    target_modules: str = key(
+        "auto", "comma-separated module names that get adapters; auto = the measured best for the task "
+        f"(BENCHMARKS.md 18): {LABEL_TARGETS} for a label task, {TARGETS} otherwise; resolved once, when the "
+        "config is read")
     seed: int = key(0, "seed of the initial adapter (A factors), shared by the federation")
     layers: int = key(0,
         "adapters in the top N decoder layers only (0 = every layer); the frozen layers below run once per record, not"

@@ -158,3 +158,11 @@ def test_the_rooms_on_typed_specs_read_no_raw_keys():
     raw = [f"{path.relative_to(ROOT)}: {match}" for path in typed
            for match in re.findall(r'config\[["\'][a-z-]+\.[a-z-]+["\']\]', path.read_text())]
     assert typed and raw == []
+
+
+def test_auto_target_modules_are_the_measured_best_for_the_task_kind():
+    """BENCHMARKS.md 18: all four attention projections for a label task, q and v otherwise; an explicit list wins."""
+    assert resolve({"data.task": "label"})["lora.target-modules"] == "q_proj,k_proj,v_proj,o_proj"
+    assert resolve()["lora.target-modules"] == resolve({"data.task": "next-word"})["lora.target-modules"] == \
+        "q_proj,v_proj"
+    assert resolve({"data.task": "label", "lora.target-modules": "q_proj"})["lora.target-modules"] == "q_proj"
