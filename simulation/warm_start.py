@@ -39,13 +39,13 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
     target = Path(out).expanduser().resolve()
     if target.exists() and any(target.iterdir()):
         raise UserError(f"--out {target}: not empty; a warm start writes a new directory")
-    config = resolve({**dict(parse_assignment(item) for item in assignments), "data.path": path},
-                     base=get_scenario(scenario).overrides)
-    spec = DataSpec.from_config(config)
+    specs = RunConfig.parse(resolve({**dict(parse_assignment(item) for item in assignments), "data.path": path},
+                                    base=get_scenario(scenario).overrides))
+    spec = DataSpec.of(specs)
     table = read_table(spec.path)
     check_fields(table, spec)
-    config["data.verbalizers"] = resolve_verbalizers(spec, table)
-    local = load_local_data(DataSpec.from_config(config), 0, 1)
+    specs = specs.changed("task", verbalizers=resolve_verbalizers(spec, table))
+    local = load_local_data(DataSpec.of(specs), 0, 1)
     if not local.test:
         raise UserError(f"data file {path}: no held-out records (data.test-fraction {spec.test_fraction:g})")
     import torch
@@ -57,33 +57,31 @@ def warm_start(path: str, out: str, assignments: list[str], scenario: str = "hos
     from slm.tasks import Task
     from slm.tokenizer import load_tokenizer
 
-    config.update(fit(RunConfig.parse(config), load_tokenizer(config["model.name"]), local.train[:400]).settings())
-    task, lora = Task.from_config(config), LoraSpec.from_config(config)
-    aggregation = config["server.aggregation"]
-    model, tokenizer = attach(config["model.name"], lora, config["model.dtype"])
+    specs = fit(specs, load_tokenizer(specs.model.name), local.train[:400]).applied(specs)
+    task, lora, aggregation = Task.of(specs), LoraSpec.of(specs.lora), specs.server.aggregation
+    model, tokenizer = attach(specs.model.name, lora, specs.model.dtype)
     seeded = {k: v.clone() for k, v in adapter_state(model).items()}  # the cached model is shared: restored below
     started = time.perf_counter()
     try:
         before = evaluate(model, tokenizer, task, local.test)
         with frozen_a_factors(model, freeze=aggregation == "ffa"), torch.random.fork_rng():
-            torch.manual_seed(config["data.seed"])
+            torch.manual_seed(specs.partition.seed)
             train_adapter(model, tokenizer, task, local.train, steps=steps,
                           batch_size=min(batch_size, len(local.train)), lr=lr, noise_multiplier=None, clip_norm=0.0,
-                          seed=config["data.seed"],
-                          physical_batch_size=config["train.physical-batch-size"],
+                          seed=specs.partition.seed, physical_batch_size=specs.train.physical_batch_size,
                           on_step=lambda step, total: say(f"[fedslm] warm start: step {step}/{total}")
                           if step % 20 == 0 or step == total else None)
         after = evaluate(model, tokenizer, task, local.test)
         state = {k: v.detach().clone() for k, v in adapter_state(model).items()}
     finally:
         set_adapter_state(model, seeded)
-    save_adapter(state, lora, str(resolve_model_dir(config["model.name"])), target)
+    save_adapter(state, lora, str(resolve_model_dir(specs.model.name)), target)
     record = {
         "adapter_sha256": sha256_of(target / "adapter_model.safetensors"), "file": Path(path).name,
         "file_sha256": sha256_of(Path(path)), "train_records": len(local.train), "held_out_records": len(local.test),
-        "steps": steps, "batch_size": batch_size, "lr": lr, "model": config["model.name"], "task": task.kind,
-        "verbalizers": config["data.verbalizers"], "max_length": task.max_length, "lora_r": lora.r,
-        "lora_seed": config["lora.seed"], "aggregation": aggregation,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "model": specs.model.name, "task": task.kind,
+        "verbalizers": specs.task.verbalizers, "max_length": task.max_length, "lora_r": lora.r,
+        "lora_seed": specs.lora.seed, "aggregation": aggregation,
         "trained": "B factors only (FFA-LoRA)" if aggregation == "ffa" else "A and B",
         "held_out_before": _metric(before), "held_out_after": _metric(after),
         "seconds": round(time.perf_counter() - started, 1)}

@@ -45,6 +45,10 @@ class Fit:
     def settings(self) -> dict:
         return {"model.max-length": self.max_length, "data.label-list": self.label_list}
 
+    def applied(self, specs: RunConfig) -> RunConfig:
+        """``specs`` with the fitted window and label list."""
+        return specs.changed("model", max_length=self.max_length).changed("task", label_list=self.label_list)
+
     def describe(self) -> str:
         held = f"{QUANTILE:.0%} of {self.sampled} sampled training records take at most {self.quantile_tokens}"
         if not self.fitted:
