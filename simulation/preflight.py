@@ -31,8 +31,9 @@ def preflight(config: dict, num_clients: int) -> list[str]:
     The file is checked first, with nothing heavier than the standard library imported: a
     bad file is one line within a second; torch, peft and the model come after.
     """
-    if config["server.min-clients"] > num_clients:
-        raise UserError(f"config key 'server.min-clients': {config['server.min-clients']} is more than the "
+    least = RunConfig.parse(config).server.min_clients
+    if least > num_clients:
+        raise UserError(f"config key 'server.min-clients': {least} is more than the "
                         f"{num_clients} clients: every round would be skipped")
     clients = check_data(config, num_clients)
     from client.site import SitePolicy
@@ -43,15 +44,15 @@ def preflight(config: dict, num_clients: int) -> list[str]:
     specs = RunConfig.parse(config)
     LoraSpec.of(specs.lora)
     RoundSpec.of(specs)
-    if config["dp.privacy-unit-field"] and config["dp.enabled"] and config["train.grad-sample-mode"] == "ghost":
+    if specs.dp.privacy_unit_field and specs.dp.enabled and specs.train.grad_sample_mode == "ghost":
         raise UserError("config key 'train.grad-sample-mode' = ghost cannot train with dp.privacy-unit-field: a "
                         "unit's gradient is the mean of its records' gradients, which ghost clipping never forms; "
                         "use hooks or functorch")
-    resolve_model_dir(config["model.name"])
-    if config["server.initial-adapter"]:
+    resolve_model_dir(specs.model.name)
+    if specs.server.initial_adapter:
         from server.initial_adapter import check_directory
 
-        check_directory(config["server.initial-adapter"])
+        check_directory(specs.server.initial_adapter)
     for local in clients:
         SitePolicy.for_simulation(specs, local.name, run_dir="")
     lines = [f"{local.name}: {len(local.train)} train / {len(local.test)} test records" for local in clients]
@@ -67,7 +68,7 @@ def window_line(config: dict, clients: list[LocalData]) -> str:
     """
     from slm.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(config["model.name"])
+    tokenizer = load_tokenizer(RunConfig.parse(config).model.name)
     fitted = fit_window(config, clients, tokenizer)
     task = Task.from_config(config)
     sample = training_sample(clients)
@@ -106,17 +107,17 @@ def check_data(config: dict, num_clients: int) -> list[LocalData]:
     held = held_out_table(spec)
     config["data.verbalizers"] = resolve_verbalizers(spec, table, *held)
     check_record_count(spec, num_clients, table, *held)
-    Task.from_config(config)  # the prompt template's placeholders
-    spec = DataSpec.from_config(config)
+    specs = RunConfig.parse(config)
+    Task.of(specs)  # the prompt template's placeholders
+    spec, unit, batch = DataSpec.of(specs), specs.dp.privacy_unit_field, specs.train.batch_size
     clients = []
     for pid in range(num_clients):
         local = load_local_data(spec, pid, num_clients)
-        if config["dp.privacy-unit-field"]:  # the batch counts expected units (client.unit_sgd)
-            units = group_by_unit(local.train, config["dp.privacy-unit-field"], f"data file {spec.path}")
-            sample_rate(config["train.batch-size"], len(units), where=f"client '{local.name}'",
-                        what=f"units ({config['dp.privacy-unit-field']})")
+        if unit:  # the batch counts expected units (client.unit_sgd)
+            units = group_by_unit(local.train, unit, f"data file {spec.path}")
+            sample_rate(batch, len(units), where=f"client '{local.name}'", what=f"units ({unit})")
         else:
-            sample_rate(config["train.batch-size"], len(local.train), where=f"client '{local.name}'")
+            sample_rate(batch, len(local.train), where=f"client '{local.name}'")
         if not local.test:
             raise UserError(f"data file {spec.path}: client '{local.name}' has no held-out records "
                             f"({len(local.train)} records; data.test-fraction {spec.test_fraction:g})")
