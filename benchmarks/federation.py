@@ -169,7 +169,8 @@ class Federation:
                 sent.append(sent_tensors(adapter_state(model), recipe.aggregation))
                 losses.append(result.loss)
             state = {**state, **aggregate(recipe.aggregation, sent, [len(t) for t in sites])}
-            row = {"round": number, "lr": lr, "train_loss": sum(losses) / len(losses), "train_s": time.perf_counter() - started}
+            row = {"round": number, "lr": lr, "train_loss": sum(losses) / len(losses),
+                   "train_s": time.perf_counter() - started}
             if every_round or number == recipe.rounds:
                 set_adapter_state(model, state)
                 row.update(self.score(model, tokenizer, task))
