@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import RunConfig
 
 AUDITED = {"dp.enabled": True}  # an audit trains as a DP site does, whatever the run asked (its "auto" = ffa)
 
@@ -52,16 +53,17 @@ def cmd_audit(args) -> int:
     from privacy.audit.run import AuditSpec
 
     config, out, run_dir = _config(args)
+    specs = RunConfig.parse(config)
     try:
         spec = AuditSpec(canaries=args.canaries, digits=args.digits, steps=args.steps,
-                         batch_size=_given(args.batch_size, config["train.batch-size"]),
-                         lr=_given(args.lr, config["train.lr"]), clip_norm=_given(args.clip_norm, config["dp.clip-norm"]),
-                         epsilons=() if args.no_dp else tuple(args.epsilon or [config["dp.target-epsilon"] or 8.0]),
+                         batch_size=_given(args.batch_size, specs.train.batch_size),
+                         lr=_given(args.lr, specs.train.lr), clip_norm=_given(args.clip_norm, specs.dp.clip_norm),
+                         epsilons=() if args.no_dp else tuple(args.epsilon or [specs.dp.target_epsilon or 8.0]),
                          baseline=not args.no_baseline, beta=args.beta, candidates=args.candidates,
                          exposure_canaries=args.exposure_canaries, seed=args.seed)
     except ValueError as err:
         raise UserError(f"audit: {err}") from None
-    doc = run(config, spec, base_records=args.base_records, log=lambda line: print(f"[fedslm] {line}", flush=True))
+    doc = run(specs, spec, base_records=args.base_records, log=lambda line: print(f"[fedslm] {line}", flush=True))
     from fedslm.common.jsonfiles import write_json_atomic
 
     write_json_atomic(out / "audit.json", doc)
@@ -77,32 +79,38 @@ def cmd_audit(args) -> int:
     return 1 if any(t["verdict"] == "violation" for t in doc["trials"]) else 0
 
 
-def run(config: dict, spec, *, base_records: int = 0, log=print, train=None) -> dict:
-    """The audit of ``config``'s client training (``train`` defaults to the client's own)."""
+def audit_task(specs: RunConfig):
+    """Canaries are SFT records: the run's prompt and response fields, at its window (model.max-length 0, fitted
+    to data the audit does not read, is the cap, as at a deployed site)."""
+    from slm.tasks import Task
+
+    task = specs.task
+    return Task(kind="sft", max_length=specs.model.window, prompt_field=task.prompt_field,
+                response_field=task.response_field)
+
+
+def run(specs: RunConfig, spec, *, base_records: int = 0, log=print, train=None) -> dict:
+    """The audit of ``specs``' client training (``train`` defaults to the client's own)."""
     from client.train import train_adapter
     from privacy.audit.run import run_audit
     from slm.lora import LoraSpec, attach
-    from slm.tasks import Task
 
-    if config["data.task"] != "sft" and base_records:
+    if specs.task.task != "sft" and base_records:
         raise UserError("audit --base-records: needs sft data (data.task=sft); canaries are sft records")
-    task = Task(kind="sft", max_length=config["model.max-length"], prompt_field=config["data.prompt-field"],
-                response_field=config["data.response-field"])
-    base = _base_records(config, base_records)
-    lora = LoraSpec.from_config(config)
-    model, tokenizer = attach(config["model.name"], lora, config["model.dtype"])
-    aggregation = config["server.aggregation"]  # resolved as under DP: the audit's config has dp.enabled true
-    describe = {"model": config["model.name"], "dtype": config["model.dtype"],
+    task = audit_task(specs)
+    base = _base_records(specs, base_records)
+    lora = LoraSpec.of(specs.lora)
+    model, tokenizer = attach(specs.model.name, lora, specs.model.dtype)
+    aggregation = specs.server.aggregation  # resolved as under DP: the audit's config has dp.enabled true
+    describe = {"model": specs.model.name, "dtype": specs.model.dtype,
                 "lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": ",".join(lora.target_modules),
                          "seed": lora.seed},
                 "aggregation": aggregation}
-    # the client's own training options, where this version of the config has them
-    options = {arg: config[key] for arg, key in (("grad_sample_mode", "train.grad-sample-mode"),
-                                                  ("autocast", "train.autocast")) if key in config}
+    options = {"grad_sample_mode": specs.train.grad_sample_mode, "autocast": specs.train.autocast}  # the client's own
     describe["trainer_options"] = options
     try:
         return run_audit(model, tokenizer, task, spec, train=train or functools.partial(train_adapter, **options),
-                         base_records=base, delta=config["dp.delta"] or None,
+                         base_records=base, delta=specs.dp.delta or None,
                          freeze_a=aggregation == "ffa", describe=describe, log=log)
     except ValueError as err:
         raise UserError(f"audit: {err}") from None
@@ -141,13 +149,13 @@ def _config(args) -> tuple[dict, Path, Path | None]:
     return config, out, run_dir  # created when audit.json is written
 
 
-def _base_records(config: dict, count: int) -> list[dict]:
+def _base_records(specs: RunConfig, count: int) -> list[dict]:
     """The first ``count`` training records of the configured data file, read as one client's whole file."""
     if count <= 0:
         return []
     from client.data import DataSpec, load_local_data
 
-    local = load_local_data(DataSpec.from_config(config), 0, 1)
+    local = load_local_data(DataSpec.of(specs), 0, 1)
     if len(local.train) < count:
         raise UserError(f"audit --base-records {count}: the data file has only {len(local.train)} training records")
     return list(local.train[:count])

@@ -85,3 +85,15 @@ def test_cli_writes_the_audit_into_a_run_and_the_report_shows_it(tmp_path, model
     (run / "audit.json").write_text('{"schema": "something-else/1"}')
     with pytest.raises(Exception, match="not a fedslm audit"):
         write_report(run)
+
+
+def test_the_audits_canaries_take_the_runs_window_and_the_cap_when_it_is_fitted():
+    """`fedslm audit` as docs/AUDIT.md shows it, without --set model.max-length: 0 (fitted to data the audit never
+    reads) is the cap, as at a deployed site, never a window of 0 tokens that no canary fits."""
+    from fedslm.cli.audit import audit_task
+    from fedslm.common.config import resolve
+    from fedslm.common.vocabulary import RunConfig
+
+    assert audit_task(RunConfig.parse(resolve())).max_length == 128
+    fixed = audit_task(RunConfig.parse(resolve({"model.max-length": 96, "data.prompt-field": "q"})))
+    assert fixed.max_length == 96 and fixed.prompt_field == "q" and fixed.kind == "sft"
