@@ -98,3 +98,15 @@ def test_peft_registers_the_int8_base_custom_module():
     from peft import LoraConfig
 
     assert list(inspect.signature(LoraConfig._register_custom_module).parameters) == ["self", "mapping"]
+
+
+def test_opacus_prv_sizes_its_grid_where_the_accountant_sizes_it():
+    """privacy/mechanism/accountant.py overrides PRVAccountant._get_domain with the half-width it computed
+    from cached RDP curves, which is compute_safe_domain_size's: both must still be what Opacus calls."""
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import domain
+
+    assert list(inspect.signature(PRVAccountant._get_domain).parameters) == [
+        "self", "prvs", "num_self_compositions", "eps_error", "delta_error"]
+    assert "self._get_domain(" in source(PRVAccountant._get_dprv)
+    assert "return max(L_max, eps_error) + 3" in source(domain.compute_safe_domain_size)

@@ -48,6 +48,34 @@ def test_rdp_cross_check_is_an_upper_bound(sigma, q, steps, delta):
     assert epsilon([event], delta=delta, accountant="rdp") >= pld_epsilon([event], delta) * 0.995
 
 
+HISTORIES = [  # merged histories as the ledger composes them: one round, several rounds, a DP evaluation's q = 1
+    [(1.0, 0.01, 1000)],
+    [(0.609375, 0.125, 3), (0.604375, 0.125, 3)],
+    [(0.9 + 0.01 * i, 0.02, 50) for i in range(6)],
+    [(1.2, 0.05, 40), (7.07, 1.0, 1)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_the_cached_curves_answer_exactly_as_opacus_own_accountants(history):
+    """The RDP curves are cached and PRV's grid is sized from them: the answers must not move by one bit."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    events = [SgmEvent(*event) for event in history]
+    for _ in range(2):  # cold, then from the cache
+        prv, rdp = PRVAccountant(), RDPAccountant()
+        prv.history, rdp.history = list(history), list(history)
+        assert epsilon(events, delta=1e-5) == prv.get_epsilon(delta=1e-5)
+        orders = accountant.RDP_ORDERS
+        assert epsilon(events, delta=1e-5, accountant="rdp") == rdp.get_epsilon(delta=1e-5, alphas=orders)
+
+
+def test_a_cached_curve_cannot_be_changed_in_place():
+    curve = accountant._curve(1.0, 0.01, tuple(accountant.RDP_ORDERS))
+    with pytest.raises(ValueError):
+        curve[0] = 0.0
+
+
 def test_reference_numbers_from_dp_notes():
     assert epsilon([SgmEvent(1.0, 0.01, 1000)], delta=1e-5) == pytest.approx(1.838, abs=0.01)
     assert epsilon([SgmEvent(1.0, 0.01, 1000)], delta=1e-5, accountant="rdp") == pytest.approx(2.101, rel=0.01)
