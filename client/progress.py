@@ -8,7 +8,7 @@ lines per site and a slow one a line every 20 s.
 
 Where they go decides what they reveal (docs/THREAT-MODEL.md):
 
-- in a deployment, the site's own log (``client.app.site_log``: the SuperNode's stderr),
+- in a deployment, the site's own log (``client.outbound.site_log``: the SuperNode's stderr),
   never the coordinator's console;
 - in a simulation, the researcher's console (stdout: Ray forwards a worker's stdout);
 - in a simulation with user-level DP (``user-dp.enabled``), nowhere: a line naming the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from client.outbound import site_log
 from client.site import SitePolicy
 
 
@@ -49,11 +50,23 @@ class Progress:
             self.last = now
 
 
-def site_progress(policy: SitePolicy, user_dp: bool, site_log: Callable[[str], None]) -> Progress:
+def site_progress(policy: SitePolicy, user_dp: bool, log: Callable[[str], None]) -> Progress:
     """The progress lines of this site: to its own log, the researcher's console, or nowhere (see above);
     ``user_dp``: the run's user-dp.enabled."""
     if policy.deployment:
-        return Progress(site_log)
+        return Progress(log)
     if user_dp:
         return Progress(None)
     return Progress(lambda text: print(f"[fedslm] {policy.name}: {text}", flush=True))
+
+
+def site_note(policy: SitePolicy, text: str) -> None:
+    """A line in a deployed site's own log. A simulated site keeps quiet: its console is the researcher's,
+    where lines naming who trained would sit next to a user-level DP run's cohort-size-only lines."""
+    if policy.deployment:
+        site_log(policy.name, text)
+
+
+def round_progress(policy: SitePolicy, specs) -> Progress:
+    """This site's progress lines for a round of the run ``specs`` (a RunConfig)."""
+    return site_progress(policy, specs.user_dp.enabled, lambda text: site_note(policy, text))

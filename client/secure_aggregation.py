@@ -65,7 +65,6 @@ from client.site import SitePolicy, is_deployment
 from fedslm.common.config import from_run_config
 from fedslm.common.vocabulary import RunConfig
 from privacy.mechanism.record import REJECTED, PrivacyRecord, Reason
-from slm.lora import from_arrays
 
 SECURE_RECORD = "secure"  # in clear: whether the site's update is in the sum, and why not
 GUARD_RECORD = "fedslm_secagg_bounds"  # context state: what this site accepted in the current protocol run
@@ -210,6 +209,8 @@ def refusal(msg: Message, policy: SitePolicy, stage: str, why: str) -> Message:
 
 def bounded(msg: Message, context: Context, reply: Message) -> Message:
     """``reply`` with the legacy fit result the mod masks: the checked B, or zeros with weight 0."""
+    from slm.lora import from_arrays  # torch and peft, loaded by the round that just trained (client.app)
+
     expected = from_arrays(msg.content["arrays"])  # what the coordinator sent: names, shapes
     protocol = context.state.config_records[RECORD_KEY_STATE]
     privacy = reply.content["privacy"]

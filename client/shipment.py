@@ -32,7 +32,8 @@ def verify_and_store(payload: np.ndarray, *, expected_sha256: str, expected_byte
                      name: str) -> Path:
     data = payload.tobytes()
     if len(data) != expected_bytes:
-        raise UserError(f"shipped model {name}: {len(data)} bytes, announced {expected_bytes}; rejected, nothing replaced")
+        raise UserError(f"shipped model {name}: {len(data)} bytes, announced {expected_bytes}; rejected, "
+                        "nothing replaced")
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected_sha256:
         raise UserError(f"shipped model {name}: sha256 {digest[:16]}... does not match the announced "

@@ -376,13 +376,13 @@ def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, 
     import numpy as np
     import torch
 
-    import client.app
+    import client.train_round
 
     site = Site(tmp_path / "permissive", extra={"min-clip-norm": 1e-12, "max-lora-dropout": 0.9,
                                                  "wire-dtypes": "float16,float32"})
     worst = {"dp.clip-norm": 1e-11, "server.wire-dtype": "float32", "train.local-steps": 3,
              "train.optimizer": optimizer}
-    real = client.app.train_adapter
+    real = client.train_round.train_adapter
 
     def no_default_generators(*args, **kwargs):
         def refuse(*_, **__):
@@ -396,7 +396,7 @@ def test_a_worst_case_release_draws_no_default_generator(tmp_path, coordinator, 
                 patch.setattr(np.random, name, refuse)
             return real(*args, **kwargs)
 
-    monkeypatch.setattr(client.app, "train_adapter", no_default_generators)
+    monkeypatch.setattr(client.train_round, "train_adapter", no_default_generators)
     replies = [coordinator.train(site, worst, wire="float32", run_id=f"worst-{i}") for i in range(2)]
     assert [status(r) for r in replies] == ["committed", "committed"]
     first, second = ({k: v.numpy().astype(np.float64) for k, v in r.content["arrays"].items()} for r in replies)
