@@ -149,6 +149,12 @@ def _noise(args):
                      [float(x) for x in _strs(args.dg_sigmas)], args.seed)
 
 
+def _accountant(args):
+    from benchmarks import accountant
+
+    return accountant.run()
+
+
 def _privacy_unit(args):
     from benchmarks import privacy_unit
 
@@ -272,6 +278,8 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> None:
     pun.add_argument("--eval-examples", type=int, default=32, help="held-out records per site")
     pun.add_argument("--repeats", type=int, default=5, help="timed steps per configuration (median)")
     pun.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
+    add("accountant", _accountant, "a site's calibration and reservation per round: cached RDP curves against "
+        "Opacus' stock accountants, in one process and in a fresh process per round (same answers checked)")
     nz = add("noise", _noise, "the DP noise generator per DP-SGD step: ChaCha20 vs torch's Mersenne Twister "
              "(Gaussian noise, Poisson mask, share of a SmolLM2 step), and an exact discrete Gaussian's cost")
     nz.add_argument("--repeats", type=int, default=7, help="timed draws per configuration (median)")

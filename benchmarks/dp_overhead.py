@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.measure import table
 from client.train import GRAD_SAMPLE_MODES, make_private, take_step
 from privacy.mechanism.randomness import DpRandom, seed_key
-from benchmarks.measure import table
 from slm.lora import LoraSpec, adapter_state, attach, set_adapter_state
 
 

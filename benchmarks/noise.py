@@ -30,8 +30,8 @@ from functools import partial
 
 import torch
 
-from privacy.mechanism.randomness import DpRandom, round_key
 from benchmarks.measure import table
+from privacy.mechanism.randomness import DpRandom, round_key
 
 # SmolLM2-135M: 30 decoder layers, hidden 576, k/v projections 576 -> 192 (3 KV heads x 64)
 LAYERS, HIDDEN, KV, RANK = 30, 576, 192, 8

@@ -175,7 +175,6 @@ def run(round_name: str = "dp", profiles=("fp32", "int8", "phone"), steps: int =
 
             raise UserError(f"python -m benchmarks phone-memory --profiles: unknown profile {name!r} "
                             f"(choose from {', '.join(PROFILES)})")
-        profile = PROFILES[name]()
         out = subprocess.run([sys.executable, "-m", "benchmarks.phone_memory", round_name, name, str(steps),
                               data_file],
                              check=True, capture_output=True, text=True).stdout

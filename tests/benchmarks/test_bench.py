@@ -85,6 +85,18 @@ def test_noise_bench_times_both_generators_against_the_recorded_steps(capsys):
     assert "x MT" in out and "% of step" in out and "discrete Gaussian" in out
 
 
+def test_accountant_bench_restores_the_cache_and_finds_the_stock_answers_equal(capsys):
+    """A small plan: the same sigmas and epsilons from cached curves and from Opacus' stock accountants."""
+    from benchmarks import accountant as bench
+    from privacy.mechanism import accountant
+
+    cached = accountant._curve
+    (result,) = bench.run(plans=[("small", 0.1, 2, 1, 8.0)])["plans"]
+    assert result["same_answers"] and len(result["sigmas"]) == 1
+    assert all(result["seconds"][name] > 0 for name in ("stock", "fresh process", "one process"))
+    assert accountant._curve is cached and "same sigmas and epsilons" in capsys.readouterr().out
+
+
 def test_discrete_gaussian_of_the_noise_bench_has_its_pmf():
     """sigma^2 = 1: P(y) = exp(-y^2/2) / sum_z exp(-z^2/2); 3,000 draws from a seeded keystream, loose bounds."""
     from fractions import Fraction
@@ -265,9 +277,10 @@ def test_the_federation_sweep_calibrates_each_site_and_aggregates_as_the_server_
         federation.Recipe.parse("schedule=step")
     cosine = federation.Recipe.parse("rounds=3;lr=0.04;schedule=cosine")
     assert [cosine.lr_at(r) for r in (1, 2, 3)] == pytest.approx([0.04, 0.03, 0.01])
-    untrained, ffa, fedavg, still = federation.sweep(
-        tmp_path / "medquad.json", ["rounds=2;steps=2;batch=4;clip=1", "rounds=1;steps=2;batch=4;aggregation=fedavg",
-                                    "rounds=1;steps=1;batch=4;lr=0;epsilon=inf"], device="cpu", out=tmp_path / "rows.jsonl")
+    points = ["rounds=2;steps=2;batch=4;clip=1", "rounds=1;steps=2;batch=4;aggregation=fedavg",
+              "rounds=1;steps=1;batch=4;lr=0;epsilon=inf"]
+    untrained, ffa, fedavg, still = federation.sweep(tmp_path / "medquad.json", points, device="cpu",
+                                                     out=tmp_path / "rows.jsonl")
     for sigma in ffa["sigmas"]:
         spent = epsilon([SgmEvent(sample_rate=4 / 16, noise_multiplier=sigma, steps=4)], delta=default_delta(16))
         assert 7.9 < spent <= 8.0
@@ -280,3 +293,19 @@ def test_the_federation_sweep_calibrates_each_site_and_aggregates_as_the_server_
                             out=tmp_path / "rows.jsonl", deadline_s=1e-9, untrained=False)
     assert late == [{"task": "medquad", "text": "rounds=1;steps=1;batch=4", "skipped": "deadline"}]
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 5
+
+
+def test_the_readme_lists_every_benchmark():
+    """The README's `python -m benchmarks NAME` line names exactly the benchmarks there are."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from benchmarks.cli import add_bench_parser
+
+    parser = argparse.ArgumentParser()
+    add_bench_parser(parser)
+    (names,) = [action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    listed = re.search(r"-m benchmarks NAME +# ([a-z, -]+) \(BENCHMARKS\.md\)", readme).group(1).split(", ")
+    assert sorted(listed) == sorted(names)
