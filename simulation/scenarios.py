@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedslm.common.errors import UserError
+from fedslm.common.vocabulary import Partition, RunConfig
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"  # package data: the scenarios' records, never a site's
 DEMO_DATA = EXAMPLES / "medquad_4_institutes.jsonl"  # the hospital demo's (and the tiny scenario's) 4 institutes
@@ -114,24 +115,25 @@ SCENARIOS = {
 }
 
 
-def describe(scenario: Scenario, config: dict, clients: int, overrides: dict) -> str:
+def describe(scenario: Scenario, specs: RunConfig, clients: int, overrides: dict) -> str:
     """The banner's words: the scenario's own, unless the user changed its data, model or clients;
-    then the file, task, fields, labels and split actually used (``config`` as the preflight left it)."""
+    then the file, task, fields, labels and split actually used (``specs`` as the preflight left them)."""
     changed = clients != scenario.clients or any(key.startswith(("data.", "model.name")) for key in overrides)
     if not changed:
         return scenario.about
     from fedslm.common.config import describe_fields
 
-    file = "the packaged MedQuAD excerpt" if config["data.path"] == str(DEMO_DATA) else Path(config["data.path"]).name
-    return (f"{config['model.name']}, {file}, {config['data.task']} task ({describe_fields(config)}), "
-            f"{describe_split(config, clients)}")
+    path = specs.site_data.path
+    file = "the packaged MedQuAD excerpt" if path == str(DEMO_DATA) else Path(path).name
+    return (f"{specs.model.name}, {file}, {specs.task.task} task ({describe_fields(specs.task)}), "
+            f"{describe_split(specs.partition, clients)}")
 
 
-def describe_split(config: dict, clients: int) -> str:
-    by = config["data.partition-by"]
-    split = {"iid": "iid split", "natural": f"natural split by '{by}'",
-             "dirichlet": f"dirichlet split by '{by}' (alpha {config['data.dirichlet-alpha']:g})"}
-    return f"{split[config['data.partition']]} over {clients} clients"
+def describe_split(split: Partition, clients: int) -> str:
+    by = split.partition_by
+    words = {"iid": "iid split", "natural": f"natural split by '{by}'",
+             "dirichlet": f"dirichlet split by '{by}' (alpha {split.dirichlet_alpha:g})"}
+    return f"{words[split.partition]} over {clients} clients"
 
 
 def get_scenario(name: str) -> Scenario:

@@ -145,7 +145,8 @@ def _config(args) -> tuple[dict, Path, Path | None]:
     elif run_dir is not None:
         out = run_dir
     else:
-        out = Path(config["run.root"]).expanduser().resolve() / f"audit-{time.strftime('%Y%m%d-%H%M%S')}"
+        root = RunConfig.parse(config).run.root
+        out = Path(root).expanduser().resolve() / f"audit-{time.strftime('%Y%m%d-%H%M%S')}"
     return config, out, run_dir  # created when audit.json is written
 
 

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import replace
 
 from fedslm.common.config import describe_fields, parse_assignment, resolve
+from fedslm.common.vocabulary import RunConfig
 from simulation.preflight import check_data, fit_window
 from simulation.scenarios import describe_split, get_scenario
 from slm.tasks import IGNORE, Task, encode
@@ -30,16 +31,18 @@ def show_data(path: str, assignments: list[str], clients: int | None = None, sce
     overrides = {**dict(parse_assignment(item) for item in assignments), "data.path": path}
     config = resolve(overrides, base=chosen.overrides)
     clients = clients if clients is not None else chosen.clients
-    shares = check_data(config, clients)
-    tokenizer = load_tokenizer(config["model.name"])
-    fitted = fit_window(config, shares, tokenizer)
-    task = Task.from_config(config)
+    shares = check_data(config, clients)  # resolves a label task's verbalizers into config
+    tokenizer = load_tokenizer(RunConfig.parse(config).model.name)
+    fitted = fit_window(config, shares, tokenizer)  # and the window
+    specs = RunConfig.parse(config)
+    task = Task.of(specs)
     uncut = replace(task, max_length=10**9)  # the whole example, to count what max-length cuts
-    column = config["data.label-field"] if task.kind == "label" else config["data.partition-by"]
-    lines = [f"data {path}: {config['data.task']} task ({describe_fields(config)}), {describe_split(config, clients)}"
-             f", {config['data.test-fraction']:g} of each held out; tokens of model {config['model.name']}"]
+    column = specs.task.label_field if task.kind == "label" else specs.partition.partition_by
+    lines = [f"data {path}: {specs.task.task} task ({describe_fields(specs.task)}), "
+             f"{describe_split(specs.partition, clients)}, {specs.site_data.test_fraction:g} of each held out; "
+             f"tokens of model {specs.model.name}"]
     if task.kind == "label":
-        lines.append(f"verbalizers (value=word, as every client scores them): {config['data.verbalizers']}")
+        lines.append(f"verbalizers (value=word, as every client scores them): {specs.task.verbalizers}")
     lines.append(f"window: {fitted.describe()}")
     for local in shares[:SHOWN_CLIENTS]:
         records = local.train + local.test
@@ -49,7 +52,7 @@ def show_data(path: str, assignments: list[str], clients: int | None = None, sce
         line = (f"{local.name}: {len(local.train)} train / {len(local.test)} held out; tokens min {lengths[0]} / "
                 f"median {statistics.median(lengths):g} / max {lengths[-1]}, {over} over the window "
                 f"{task.max_length}")
-        if column in records[0] and (task.kind == "label" or config["data.partition"] != "iid"):
+        if column in records[0] and (task.kind == "label" or specs.partition.partition != "iid"):
             counts = Counter(str(r[column]).strip() for r in records).most_common()
             shown = ", ".join(f"{value} {n}" for value, n in counts[:SHOWN_VALUES])
             more = f", and {len(counts) - SHOWN_VALUES} more values" if len(counts) > SHOWN_VALUES else ""

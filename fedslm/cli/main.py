@@ -21,6 +21,7 @@ PARTIAL_EXIT = 3
 
 def cmd_simulate(args) -> int:
     from fedslm.common.config import RUN_ID, RUN_ID_MAX, parse_assignment, resolve
+    from fedslm.common.vocabulary import RunConfig
     from simulation.scenarios import describe, get_scenario
 
     if args.resume:
@@ -38,19 +39,20 @@ def cmd_simulate(args) -> int:
         if not RUN_ID.fullmatch(out.name):
             raise UserError(f"--out {args.out}: the directory's name is the run id, which sites write to their ledger: "
                             f"use 1-{RUN_ID_MAX} letters, digits or . _ : + -")
-        overrides["run.root"], overrides["run.id"] = str(out.parent), out.name
+        overrides.update({"run.root": str(out.parent), "run.id": out.name})
     overrides.setdefault("run.scenario", scenario.name)
-    config = resolve(overrides, base=scenario.overrides)
-    if not config["run.id"]:
-        config["run.id"] = f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    config["run.root"] = str(Path(config["run.root"]).expanduser().resolve())
-    run_dir = Path(config["run.root"]) / config["run.id"]
+    specs = RunConfig.parse(resolve(overrides, base=scenario.overrides))
+    specs = specs.changed("run", id=specs.run.id or f"{scenario.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                          root=str(Path(specs.run.root).expanduser().resolve()))
+    config = specs.flat()  # the flat form Flower's run config takes
+    run_dir = Path(specs.run.root) / specs.run.id
     refuse_used(run_dir, "--out" if args.out else "run directory")  # in milliseconds: nothing heavy imported yet
     quiet_libraries()
     from simulation.preflight import preflight
 
     *lines, window = preflight(config, clients)  # resolves a label task's verbalizers into config
-    print(f"[fedslm] scenario {scenario.name}: {describe(scenario, config, clients, overrides)}", flush=True)
+    banner = describe(scenario, RunConfig.parse(config), clients, overrides)
+    print(f"[fedslm] scenario {scenario.name}: {banner}", flush=True)
     lines = lines if len(lines) <= 12 else [*lines[:5], f"... and {len(lines) - 5} more clients"]
     for line in [*lines, window]:
         print(f"[fedslm]   {line}", flush=True)
@@ -78,6 +80,7 @@ def refuse_used(run_dir: Path, flag: str) -> None:
 
 
 def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
+    from fedslm.common.vocabulary import RunConfig
     from simulation.engine import run_in_simulation
 
     started = time.time()
@@ -86,8 +89,9 @@ def _simulate(config: dict, clients: int, args, run_dir: Path) -> int:
     if not (run_dir / "metrics.jsonl").is_file():
         raise UserError(f"the simulation ended without writing {run_dir / 'metrics.jsonl'} (see the log above)")
     print(f"[fedslm] finished in {time.time() - started:.0f}s; run directory: {run_dir}", flush=True)
-    done, trained = _done_line(run_dir, config["server.rounds"])
-    if trained < config["server.rounds"]:
+    planned = RunConfig.parse(config).server.rounds
+    done, trained = _done_line(run_dir, planned)
+    if trained < planned:
         print(f"[fedslm] {done}; exit code {PARTIAL_EXIT}", flush=True)
         return PARTIAL_EXIT
     print(f"[fedslm] {done}", flush=True)
@@ -112,6 +116,7 @@ def _done_line(run_dir: Path, planned: int) -> tuple[str, int]:
 def _resume(args) -> int:
     """Continue a run directory from its checkpoint, with the configuration it was started with."""
     from fedslm.common.config import resolve
+    from fedslm.common.vocabulary import RunConfig
 
     run_dir = Path(args.resume).expanduser().resolve()
     try:
@@ -123,11 +128,12 @@ def _resume(args) -> int:
         raise UserError(f"--resume {run_dir}: corrupt JSON ({err})") from None
     if args.set or args.rounds or args.clients or args.model or args.out:
         raise UserError("--resume takes no other run options: a resumed run keeps its configuration")
-    config.update({"run.root": str(run_dir.parent), "run.id": run_dir.name, "run.resume": True})
-    if not config["data.path"]:  # a run started before the scenarios named their packaged file stored ""
+    specs = RunConfig.parse(config).changed("run", root=str(run_dir.parent), id=run_dir.name, resume=True)
+    if not specs.site_data.path:  # a run started before the scenarios named their packaged file stored ""
         from simulation.scenarios import DEMO_DATA
 
-        config["data.path"] = str(DEMO_DATA)
+        specs = specs.changed("site_data", path=str(DEMO_DATA))
+    config = specs.flat()
     args.client_app = setup.get("client_app") or args.client_app
     print(f"[fedslm] resuming {run_dir}", flush=True)
     return _simulate(config, setup["clients"], args, run_dir)

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 
 from fedslm.common.errors import UserError
-from fedslm.common.vocabulary import DP_LR, LABEL_TARGETS, PLAIN_LR, RANGES, SCHEMA, TARGETS, defaults
+from fedslm.common.vocabulary import DP_LR, LABEL_TARGETS, PLAIN_LR, RANGES, SCHEMA, TARGETS, Task, defaults
 
 # A run id: what sites accept (client.request.RUN_ID, 128 characters) less room for the '-N' a re-used id gets.
 RUN_ID_MAX = 120
@@ -102,17 +102,15 @@ def parse_assignment(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def describe_fields(config: Mapping[str, object]) -> str:
+def describe_fields(task: Task) -> str:
     """The fields a run reads from its data file (and a label task's label count), in words.
 
     For the console banner and the privacy report: they describe the data actually used.
     """
-    task = config["data.task"]
-    if task == "sft":
-        return f"prompt field '{config['data.prompt-field']}', response field '{config['data.response-field']}'"
-    text = f"text field '{config['data.text-field']}'"
-    if task != "label":
+    if task.task == "sft":
+        return f"prompt field '{task.prompt_field}', response field '{task.response_field}'"
+    text = f"text field '{task.text_field}'"
+    if task.task != "label":
         return text
-    labels = len([pair for pair in str(config["data.verbalizers"]).split(",") if pair.strip()])
-    return f"{text}, label field '{config['data.label-field']}', " + (f"{labels} labels" if labels else
-                                                                       "labels from the file")
+    labels = len([pair for pair in task.verbalizers.split(",") if pair.strip()])
+    return f"{text}, label field '{task.label_field}', " + (f"{labels} labels" if labels else "labels from the file")

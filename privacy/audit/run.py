@@ -35,9 +35,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from privacy.audit import one_run_bound
-from privacy.mechanism.accountant import SgmEvent, epsilon
-from privacy.audit.doc import SCHEMA, verdict
-from privacy.mechanism.calibrate import noise_for_budget
 from privacy.audit.canaries import (
     PROMPT,
     CanarySet,
@@ -49,6 +46,9 @@ from privacy.audit.canaries import (
     score_canaries,
     summarize,
 )
+from privacy.audit.doc import SCHEMA, verdict
+from privacy.mechanism.accountant import SgmEvent, epsilon
+from privacy.mechanism.calibrate import noise_for_budget
 from privacy.mechanism.policy import default_delta
 from slm.lora import adapter_state, frozen_a_factors, set_adapter_state
 from slm.tasks import Task, encode

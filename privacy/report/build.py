@@ -104,11 +104,11 @@ def build_report(run_dir: str | Path) -> tuple[dict, dict[str, bytes]]:
                                                    for r in a.rounds},
                                        units={a.unit for a in accounts.values() if a.dp},
                                        aggregation=run["aggregation"], user=user,
-                                       server_noise_seed=files.config["server.noise-seed"],
+                                       server_noise_seed=files.specs.server.noise_seed,
                                        dp_enabled=run["dp_enabled"],
                                        train_metrics_in_clear=_train_metrics_in_clear(files.rows)),
         "audit": read_audit(files.path),  # <run>/audit.json of `fedslm audit --run`, else None
-        "secure_aggregation": secure_aggregation_doc(files.config, files.rows),  # null when updates were in clear
+        "secure_aggregation": secure_aggregation_doc(files.specs.server, files.rows),  # null when updates were in clear
     }
     doc["protection"].append(secure_note(doc["secure_aggregation"]))
     if files.start is not None:

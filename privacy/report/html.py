@@ -14,8 +14,8 @@ import json
 import os
 from pathlib import Path
 
-from privacy.report import plots
 from privacy.audit.doc import audit_sentences
+from privacy.report import plots
 from privacy.report.neighbouring import STATEMENT
 from privacy.report.text import EPSILON_HELP, fmt_budget, fmt_delta, protection_notes
 
@@ -294,15 +294,15 @@ def _accounting_section(doc: dict) -> str:
 
 
 def _settings(run: dict) -> str:
-    config = run["config"]
+    training, asked = run["training"], run["dp_asked"]
     rows = [["model", run["model"]], ["task", run["task"]], ["data", f"{run['data']}, {run['partition']}"],
             ["LoRA", f"rank {run['lora']['r']}, alpha {run['lora']['alpha']}, on {run['lora']['target_modules']}"],
             ["aggregation", run["aggregation"] or "not recorded (the run predates server.aggregation)"],
             ["rounds", f"{run['rounds_completed']} of {run['rounds_planned']} planned"],
-            ["local training", f"{config['train.local-steps']} DP-SGD steps per round, expected batch "
-                               f"{config['train.batch-size']}, learning rate {config['train.lr']:g}"],
-            ["DP asked by the server", f"target epsilon {config['dp.target-epsilon']:g} over the planned rounds, "
-                                       f"sigma floor {config['dp.noise-multiplier']:g}, clip {config['dp.clip-norm']:g}"
+            ["local training", f"{training['local_steps']} DP-SGD steps per round, expected batch "
+                               f"{training['batch_size']}, learning rate {training['lr']:g}"],
+            ["DP asked by the server", f"target epsilon {asked['target_epsilon']:g} over the planned rounds, "
+                                       f"sigma floor {asked['noise_multiplier']:g}, clip {asked['clip_norm']:g}"
              if run["dp_enabled"] else "off"]]
     return table(["setting", "value"], rows)
 

@@ -17,7 +17,9 @@ must know which file to look at: every missing or unreadable file is one
 
 Old configurations lack keys added later; the current defaults fill them in, and
 ``recorded`` says which keys the run really had (a default for a setting that did not
-exist yet may not describe what the run did).
+exist yet may not describe what the run did). The report reads the settings as typed specs
+(``specs``, fedslm.common.vocabulary): config.json already holds resolved values (the
+aggregation used, the learning rate), so nothing is resolved again with today's rules.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from fedslm.common.errors import UserError
 from fedslm.common.jsonfiles import iter_json_lines, read_json
-from fedslm.common.vocabulary import defaults
+from fedslm.common.vocabulary import RunConfig, defaults
 from privacy.mechanism.ledger import LEDGER_FILE, Ledger
 from privacy.mechanism.ledger_file import LedgerError
 
@@ -43,7 +45,8 @@ def aggregated_update(row: dict) -> bool:
 @dataclass(frozen=True)
 class RunFiles:
     path: Path
-    config: dict  # config.json over the current defaults
+    config: dict  # config.json over the current defaults (also in report.json, as the run's settings)
+    specs: RunConfig  # the same, typed
     recorded: frozenset[str]  # the keys config.json itself holds (a key added later was not a setting then)
     rows: list[dict]  # metrics.jsonl, one per round, round 0 first
     view: dict  # privacy/ledger.json: {"clients": {name: [record...]}, "user_level": [...], "exhausted": [...]}
@@ -53,7 +56,7 @@ class RunFiles:
 
     @property
     def run_id(self) -> str:
-        return self.config.get("run.id") or self.path.name
+        return self.specs.run.id or self.path.name
 
     @classmethod
     def read(cls, run_dir: str | Path) -> "RunFiles":
@@ -74,7 +77,9 @@ class RunFiles:
                 raise UserError(f"{view_path}: missing field 'clients'")
         else:
             view = {"clients": {}}
-        files = cls(path=path, config={**defaults(), **stored}, recorded=frozenset(stored), rows=rows, view=view,
+        config = {**defaults(), **stored}
+        files = cls(path=path, config=config, specs=RunConfig.parse(config), recorded=frozenset(stored), rows=rows,
+                    view=view,
                     events=_jsonl(path / "events.jsonl", required=False),
                     start=_json(path / "initial_adapter.json", dict) if (path / "initial_adapter.json").exists()
                     else None)
@@ -101,8 +106,8 @@ def _jsonl(path: Path, *, required: bool) -> list[dict]:
 def _client_ledgers(files: RunFiles, names: list[str]) -> dict[str, Ledger]:
     """Each client's ledger holding this run's entries (one per site: <ledger root>/<name>/ledger.json)."""
     roots = [files.path / "ledgers"]
-    if files.config.get("dp.ledger-dir"):
-        roots.append(Path(files.config["dp.ledger-dir"]).expanduser())
+    if files.specs.dp.ledger_dir:
+        roots.append(Path(files.specs.dp.ledger_dir).expanduser())
     found = {}
     for name in names:
         for root in roots:

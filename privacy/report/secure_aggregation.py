@@ -8,6 +8,8 @@ protocol assumes a coordinator that follows it (it relays the sites' public keys
 
 from __future__ import annotations
 
+from fedslm.common.vocabulary import Server
+
 SERVER_LEARNS = ["the weighted sum (mean) of the sites' B factors, once per round",
                  "participation: which sites were sampled, which replied, refused, withheld or dropped out",
                  "each site's clear metrics: record count (the weight) and steps",
@@ -21,9 +23,9 @@ NOT_PROTECTED = ("A coordinator that deviates from the protocol (substitutes the
                  "DP-SGD; user-level DP would still need the server's noise.")
 
 
-def secure_aggregation_doc(config: dict, rows: list[dict]) -> dict | None:
-    """report.json's "secure_aggregation" (null when the run aggregated in clear)."""
-    if not config.get("server.secure-aggregation"):
+def secure_aggregation_doc(server: Server, rows: list[dict]) -> dict | None:
+    """report.json's "secure_aggregation" (null when the run aggregated in clear); ``server``: the run's spec."""
+    if not server.secure_aggregation:
         return None
     rounds = [{"round": row["round"], **row["secure_aggregation"], "skipped": bool(row.get("skipped"))}
               for row in rows if "secure_aggregation" in row]

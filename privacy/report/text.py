@@ -46,9 +46,9 @@ def fmt_budget(budget: float, remaining: float) -> str:
 
 def describe_run(files: RunFiles) -> dict:
     """What was trained, on what, and how far the run got (PARTIAL when it stopped short)."""
-    config, rows = files.config, files.rows
-    model = config["model.name"]
-    planned, completed = config["server.rounds"], rows[-1]["round"]
+    specs, rows = files.specs, files.rows
+    model = specs.model.name
+    planned, completed = specs.server.rounds, rows[-1]["round"]
     last = files.events[-1] if files.events else None
     trained = len({r["round"] for r in rows if aggregated_update(r)})
     partial, reasons = completed < planned or trained < planned, []
@@ -60,32 +60,36 @@ def describe_run(files: RunFiles) -> dict:
                        "of the run: it crashed, was interrupted, or is still running")
     if partial and trained < completed:
         reasons.append(_untrained_reasons(rows, completed - trained))
-    data = (config["data.path"] or "the packaged MedQuAD excerpt of medical questions and answers") \
-        + f" ({describe_fields(config)})"
-    partition = {"natural": f"one client per value of '{config['data.partition-by']}'",
-                 "dirichlet": f"a skewed split by '{config['data.partition-by']}' "
-                              f"(Dirichlet alpha {config['data.dirichlet-alpha']:g})",
-                 "iid": "split at random"}.get(config["data.partition"], config["data.partition"])
+    data = (specs.site_data.path or "the packaged MedQuAD excerpt of medical questions and answers") \
+        + f" ({describe_fields(specs.task)})"
+    split = specs.partition
+    partition = {"natural": f"one client per value of '{split.partition_by}'",
+                 "dirichlet": f"a skewed split by '{split.partition_by}' (Dirichlet alpha {split.dirichlet_alpha:g})",
+                 "iid": "split at random"}.get(split.partition, split.partition)
     sites = {name: records[-1] for name, records in files.view.get("clients", {}).items() if records}
     if sites and all(r.get("deployed") for r in sites.values()):  # what the sites said, not the run config's file
         data = ("each site's own file, which the coordinator never sees (" + ", ".join(
             f"{name}: {r['records']} training records" if r.get("records") else f"{name}: record count not reported"
-            for name, r in sorted(sites.items())) + f"; task fields {describe_fields(config)})")
+            for name, r in sorted(sites.items())) + f"; task fields {describe_fields(specs.task)})")
         partition = "none: each site trained on its own records, split into training and held-out by the site"
     return {
-        "id": files.run_id, "dir": str(files.path), "scenario": config.get("run.scenario"),
+        "id": files.run_id, "dir": str(files.path), "scenario": specs.run.scenario,
         "model": MODELS.get(model, model), "model_name": model,
-        "task": TASKS.get(config["data.task"], config["data.task"]),
+        "task": TASKS.get(specs.task.task, specs.task.task),
         "data": data, "partition": partition,
-        "lora": {"r": config["lora.r"], "alpha": config["lora.alpha"], "target_modules": config["lora.target-modules"]},
+        "lora": {"r": specs.lora.r, "alpha": specs.lora.alpha, "target_modules": specs.lora.target_modules},
         "aggregation": recorded_aggregation(files),
         "starting_adapter": starting_adapter(files.start), "started_from_public_data": bool(
             files.start and files.start.get("warm_start")),
-        "dp_enabled": config["dp.enabled"], "user_dp_enabled": config["user-dp.enabled"],
+        "dp_enabled": specs.dp.enabled, "user_dp_enabled": specs.user_dp.enabled,
+        "training": {"local_steps": specs.train.local_steps, "batch_size": specs.train.batch_size,
+                     "lr": specs.train.lr},
+        "dp_asked": {"target_epsilon": specs.dp.target_epsilon, "noise_multiplier": specs.dp.noise_multiplier,
+                     "clip_norm": specs.dp.clip_norm},
         "rounds_planned": planned, "rounds_completed": completed, "rounds_trained": trained,
         "rounds_skipped": [r["round"] for r in rows if r.get("skipped")],
         "partial": partial, "partial_reason": "; ".join(reasons) or None,
-        "events": files.events, "config": config,
+        "events": files.events, "config": files.config,
     }
 
 
@@ -348,7 +352,7 @@ def recorded_aggregation(files: RunFiles) -> str | None:
     """
     if "server.aggregation" not in files.recorded:
         return None
-    name = files.config["server.aggregation"]
+    name = files.specs.server.aggregation
     return name if name != "auto" else "auto (recorded as asked: ffa under DP, fedavg otherwise when it ran)"
 
 

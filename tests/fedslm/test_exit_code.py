@@ -7,6 +7,7 @@ import pytest
 
 import simulation.engine
 from fedslm.cli import main as cli
+from fedslm.common.config import resolve
 
 ROW1_REFUSED = {"round": 1, "sampled": 2, "participants": [], "refused": [{"client": "a", "reason": "budget"}],
                 "failed": [], "rejected": [], "skipped": True}
@@ -33,6 +34,6 @@ def test_simulate_exits_3_when_fewer_rounds_trained_than_planned(tmp_path, monke
     monkeypatch.setattr(simulation.engine, "run_in_simulation", fake_run(rows, event))
     (tmp_path / "run").mkdir()
     args = argparse.Namespace(cpus_per_client=None, client_app="client.app:app", gpus_per_client=0.0, ray_address=None)
-    config = {"run.root": str(tmp_path), "run.id": "run", "server.rounds": 2}
+    config = resolve({"run.root": str(tmp_path), "run.id": "run", "server.rounds": 2})
     assert cli._simulate(config, 2, args, tmp_path / "run") == code
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == last

@@ -59,16 +59,17 @@ def test_a_bad_value_stops_the_preflight_with_one_line(tmp_path, extra, clients,
 
 
 def test_the_banner_describes_the_data_actually_used(tmp_path):
+    from fedslm.common.vocabulary import RunConfig
     from simulation.scenarios import describe, get_scenario
 
     hospital = get_scenario("hospital")
-    assert describe(hospital, resolve(base=hospital.overrides), 4, {}) == hospital.about
+    assert describe(hospital, RunConfig.parse(resolve(base=hospital.overrides)), 4, {}) == hospital.about
     overrides = {"data.path": str(label_csv(tmp_path / "med.csv")), "data.task": "label", "data.partition": "dirichlet",
                  "data.partition-by": "label", "model.name": "tiny", "model.max-length": 128,
                  "train.batch-size": 2}
     config = resolve(overrides, base=hospital.overrides)
     preflight(config, 4)
-    assert describe(hospital, config, 4, overrides) == (
+    assert describe(hospital, RunConfig.parse(config), 4, overrides) == (
         "tiny, med.csv, label task (text field 'text', label field 'label', 6 labels), "
         "dirichlet split by 'label' (alpha 0.5) over 4 clients")
 

@@ -7,8 +7,8 @@ import pytest
 from privacy.mechanism.accountant import SgmEvent, epsilon
 from privacy.mechanism.calibrate import noise_for_budget, planned_epsilon
 from privacy.mechanism.ledger import Entry, Ledger, fingerprint
-from privacy.mechanism.policy import decide, default_delta
 from privacy.mechanism.ledger_file import LedgerError
+from privacy.mechanism.policy import decide, default_delta
 
 BUDGET = 1e9  # the policy's budget checks are tested separately
 
