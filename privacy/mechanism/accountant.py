@@ -39,8 +39,12 @@ either holds; the fallback is looser (it may refuse a round PRV would admit: the
 Histories below these bounds get PRV's answer exactly as before: every single-event history
 in tests/privacy/mechanism (grids of 4e4-8e5 points), and a ledger of 20 rounds at distinct
 sigmas plus its plan (9e5 points x 21 mechanisms: 16 s, 0.9 GB). The bounds are on the work,
-not on the clock: the same events give the same epsilon on every machine, which the ledger
-and the reports (privacy/report/reconcile.py recomputes every stored epsilon) rely on.
+not on the clock: the same events give the same work, hence the same epsilon, on every
+machine, which the ledger and the reports (privacy/report/reconcile.py recomputes every
+stored epsilon) rely on. "The same" is to the last bit within one installation; another
+NumPy/SciPy build moves PRV's answer in its last digits (measured across two machines,
+NumPy 2.4.6/SciPy 1.17.1 and 2.5.2/1.18.1: at most 2e-9 relative, RDP values and every
+calibrated sigma identical; BENCHMARKS.md 19), far inside the report's tolerance of 1e-3.
 
 What one evaluation costs in time is mostly RDP curves, not PRV's convolution (measured on
 a site's first calibration: 74% of its ClientApp's time was Opacus' RDP series). A curve at

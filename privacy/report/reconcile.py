@@ -13,8 +13,9 @@ report never repeats that number on trust. It recomputes epsilon from the DP-SGD
   client with earlier spend (other runs) reports, so the report takes the larger,
   reported number and says it could not be recomputed from this run's files.
 
-Same events give the same number to ~1e-12 (the accountant is deterministic); a
-difference above ``TOLERANCE`` means another history or another accountant version.
+Same events give the same number to the last bit on one installation, and to 2e-9 relative
+across NumPy/SciPy builds (measured, BENCHMARKS.md 19); a difference above ``TOLERANCE``
+means another history or another accountant version.
 
 All of these are add/remove-one-record epsilons; each account also carries the
 replace-one epsilon of the same events (privacy.report.neighbouring), None where the
