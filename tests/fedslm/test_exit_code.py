@@ -6,7 +6,7 @@ import json
 import pytest
 
 import simulation.engine
-from fedslm.cli import main as cli
+from fedslm.cli import simulate as cli
 from fedslm.common.config import resolve
 
 ROW1_REFUSED = {"round": 1, "sampled": 2, "participants": [], "refused": [{"client": "a", "reason": "budget"}],

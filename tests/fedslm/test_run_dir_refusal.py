@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedslm.cli.main import refuse_used
+from fedslm.cli.simulate import refuse_used
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "flwr", "ray", "peft", "opacus")
