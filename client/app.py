@@ -15,9 +15,9 @@ only.
 
 This module imports neither torch nor peft nor Opacus; those rooms do, and are imported only
 for a message that reaches them. A deployed site runs every message in a fresh
-``flwr-clientapp`` process, and three of the four messages of a SecAgg+ round (setup, share
-keys, unmask) train nothing, as a request refused at admission does not: measured, the
-import alone took 3.5 s of CPU per message (a phone's battery, a site's queue).
+``flwr-clientapp`` process; three of the four messages of a SecAgg+ round (setup, share
+keys, unmask) train nothing, and a request refused at admission never builds the model.
+Measured, the import alone took 3.5 s of CPU per message (a phone's battery, a site's queue).
 """
 
 from __future__ import annotations
@@ -102,6 +102,6 @@ def evaluate_shipped(msg: Message, context: Context) -> Message:
 def evaluate_adapter(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on the site's held-out records (client.evaluation: what a deployed site allows)."""
     policy, request, local = admitted(context, msg.content["config"], parse_evaluation)
-    from client import evaluate_round
+    from client.evaluate_round import evaluate_received
 
-    return evaluate_round.evaluate_adapter(msg, policy, request, local)
+    return evaluate_received(msg, policy, request, local)

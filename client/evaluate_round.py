@@ -46,7 +46,7 @@ def evaluate_shipment(msg: Message, policy: SitePolicy, request: Request, local:
     return Message(content=content, reply_to=msg)
 
 
-def evaluate_adapter(msg: Message, policy: SitePolicy, request: Request, local: LocalData) -> Message:
+def evaluate_received(msg: Message, policy: SitePolicy, request: Request, local: LocalData) -> Message:
     """Evaluate the received adapter on the site's held-out records (client.evaluation: what a deployed site allows)."""
     site = _site_evaluation(policy, local, request, digest_of(msg.content["arrays"]))
     task = Task.of(request.specs)

@@ -65,6 +65,7 @@ from dataclasses import asdict, dataclass
 
 ACCOUNTANTS = ("prv", "rdp")
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 1025, 8))
+_RDP_ORDERS = tuple(RDP_ORDERS)  # the cache's key (privacy.mechanism.accountant._curve)
 EPSILON_CEILING = 1000.0  # an RDP epsilon above this is answered by RDP: exp(1000) bounds nothing anyway
 BEYOND_BUDGET, BEYOND_SLACK = 4.0, 4.0  # RDP above 4 x budget + 4: does not fit, PRV not asked
 PRV_EPS_ERROR = 0.01  # PRV's error as Opacus defaults it: what every normal history gets
@@ -163,8 +164,8 @@ def _prv_plan(history: list[tuple[float, float, int]], delta: float,
         return None
 
     def over(eps_error: float) -> float:  # how many times too large PRV's grid would be (<= 1: fine)
-        size = Domain.create_aligned(-_half_width(tail, eps_error), _half_width(tail, eps_error),
-                                     _mesh(eps_error, delta_error, compositions)).size
+        half = _half_width(tail, eps_error)
+        size = Domain.create_aligned(-half, half, _mesh(eps_error, delta_error, compositions)).size
         return max(size / PRV_MAX_GRID, size * len(history) / PRV_MAX_CELLS)
 
     if over(PRV_EPS_ERROR) <= 1:
@@ -205,8 +206,7 @@ def _rdp(history: list[tuple[float, float, int]], delta: float) -> float:
 
     Opacus' default orders stop at 63; low-noise, few-step histories need higher ones.
     """
-    orders = tuple(RDP_ORDERS)
-    return _spent(orders, sum(_curve(sigma, q, orders) * steps for sigma, q, steps in history), delta)
+    return _spent(_RDP_ORDERS, sum(_curve(sigma, q, _RDP_ORDERS) * steps for sigma, q, steps in history), delta)
 
 
 @functools.lru_cache(maxsize=1024)  # at most ~2 MiB of curves (272 orders each)
